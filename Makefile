@@ -1,0 +1,28 @@
+# `make demo` trains a small GPT on toy_data and samples from it; `make test` runs the tests.
+# Both create .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build is enough for the demo and the tests; override for CUDA, e.g. TORCH=torch.
+TORCH ?= torch==2.13.0
+DEMO_DIR := runs/demo
+
+.PHONY: demo test test-slow clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,177 @@
+"""Every option of gptlab as a typed, validated field: the only place configuration lives.
+
+The command line and config files (YAML or JSON) are two ways of filling these models;
+everything downstream receives them as arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gptlab.errors import GptlabError
+
+
+class _Config(BaseModel):
+    # Unknown keys are typos; catch them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Config):
+    """The shape of a GPT. Stored in every checkpoint, so generation never re-types it."""
+
+    embed_dim: int = Field(384, gt=0, description="Width of the residual stream.")
+    tgt_vocab_size: int | None = Field(
+        None, gt=0, description="Embedding rows; None means the tokenizer's vocabulary size."
+    )
+    seq_len: int = Field(256, gt=0, description="Context length in tokens.")
+    num_layers: int = Field(6, gt=0, description="Number of Transformer blocks.")
+    expansion_factor: int = Field(4, gt=0, description="MLP hidden width = expansion_factor * embed_dim.")
+    n_heads: int = Field(6, gt=0, description="Attention heads; must divide embed_dim.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
+    bias: bool = Field(False, description="Biases in linear layers and norms.")
+    pos_encoding: Literal["rope", "sinusoidal", "learned"] = Field("rope", description="Positional encoding.")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation layer.")
+    activation: Literal["gelu", "relu2", "swiglu"] = Field("gelu", description="MLP nonlinearity.")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalisation layers.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.embed_dim % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide embed_dim ({self.embed_dim})")
+        if self.pos_encoding == "rope" and (self.embed_dim // self.n_heads) % 2:
+            raise ValueError("rope needs an even head size (embed_dim / n_heads)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.n_heads
+
+
+class DatasetConfig(_Config):
+    """How windows of the token file are batched."""
+
+    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
+    shuffle: bool = Field(True, description="Reorder the windows every epoch (seeded).")
+
+
+class TrainConfig(_Config):
+    """The optimisation run: schedule, evaluation, checkpoints, logging, device."""
+
+    epochs: int = Field(100, gt=0, description="Passes over the training windows.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor, as a fraction of the peak.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    eval_interval: int = Field(500, gt=0, description="Evaluate every this many steps (and at each epoch end).")
+    eval_batches: int = Field(20, gt=0, description="Batches per evaluation.")
+    checkpoint_every: int = Field(5, gt=0, description="Save a checkpoint every this many epochs.")
+    experiment_name: str = Field("gpt_experiment", min_length=1, description="Names checkpoints and logs.")
+    checkpoint_dir: str = Field(".", description="Where <experiment_name>_e<epoch>.pth files go.")
+    log_dir: str = Field("runs", description="TensorBoard logs go to <log_dir>/<experiment_name>/.")
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    seed: int = Field(1337, description="Seeds weights, shuffling and dropout.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds ('10m', '1h' accepted).")
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if "/" in name or "\\" in name:
+            raise ValueError("must be a plain name, without a directory (use checkpoint_dir)")
+        return name
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _parse_duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+class SampleConfig(_Config):
+    """How text is sampled from a trained model."""
+
+    max_new_tokens: int = Field(200, gt=0, description="Tokens to generate.")
+    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
+    top_k: int | None = Field(None, gt=0, description="Keep only the k most likely tokens.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Keep the smallest set with this total probability.")
+    greedy: bool = Field(False, description="Always take the most likely token.")
+    num_samples: int = Field(1, gt=0, description="Independent samples of the same prompt.")
+    seed: int | None = Field(None, description="Seed for reproducible samples.")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"cannot read duration {text!r}; write e.g. 600, 600s, 10m or 1h")
+    number, unit = match.groups()
+    return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+SECTIONS: dict[str, type[_Config]] = {"model": ModelConfig, "data": DatasetConfig, "train": TrainConfig}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into one flat dict of field -> value.
+
+    Fields may be written flat (`embed_dim: 384`) or grouped under `model:`, `data:`, `train:`.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"config file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise GptlabError(f"config file {path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise GptlabError(f"config file {path} must hold a mapping of field: value")
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def build_configs(values: dict[str, Any]) -> tuple[ModelConfig, DatasetConfig, TrainConfig]:
+    """Route a flat dict of field -> value to the three configs, validating each.
+
+    Raises GptlabError naming the unknown or invalid field.
+    """
+    known = {name: section for section, cls in SECTIONS.items() for name in cls.model_fields}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise GptlabError(f"unknown config field(s): {', '.join(unknown)}")
+    grouped: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in values.items():
+        grouped[known[name]][name] = value
+    return tuple(validated(SECTIONS[s], grouped[s]) for s in SECTIONS)  # type: ignore[return-value]
+
+
+def validated(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    """cls(**values), with a validation error turned into one line that names the field."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or cls.__name__
+        message = first["msg"].removeprefix("Value error, ")
+        raise GptlabError(f"invalid config: {field}: {message}") from None

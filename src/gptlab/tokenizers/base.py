@@ -1,0 +1,122 @@
+"""What every tokenizer kind shares: the protocol, the special tokens, and file handling."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+from gptlab.errors import GptlabError
+from gptlab.files import write_atomic
+
+PAD, UNK, BOS, EOS = "<PAD>", "<UNK>", "<BOS>", "<EOS>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
+
+AllowedSpecial = Literal["all"] | Collection[str]
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Every kind (default BPE, tiktoken, sentencepiece, char) implements this.
+
+    A tokenizer is fully described by the files `to_files()` returns: `save(dir)` writes them,
+    `load(dir)` reads them back, and checkpoints embed them so a model carries its tokenizer.
+    """
+
+    kind: str  # the name load_tokenizer() knows it by
+
+    # ---- what each kind provides -------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Special token -> id, for at least <PAD> <UNK> <BOS> <EOS>."""
+
+    @abstractmethod
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Ids of `text`. Special tokens in the text are plain text unless `allowed_special`
+        ("all" or a collection of their strings) admits them."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; raises GptlabError for an id outside the vocabulary."""
+
+    @abstractmethod
+    def to_files(self) -> dict[str, bytes]:
+        """The files that describe this tokenizer: file name -> contents."""
+
+    @classmethod
+    @abstractmethod
+    def from_files(cls, files: dict[str, bytes]) -> Tokenizer:
+        """Rebuild the tokenizer from what to_files() returned."""
+
+    # ---- shared behaviour -------------------------------------------------------------
+    def encode_batch(
+        self, texts: list[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
+    ) -> list[list[int]]:
+        """encode() for many texts; kinds with a thread-safe native engine run them in threads."""
+        if num_threads <= 1 or len(texts) <= 1:
+            return [self.encode(text, allowed_special) for text in texts]
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(lambda text: self.encode(text, allowed_special), texts))
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_tokens[PAD]
+
+    @property
+    def unk_id(self) -> int:
+        return self.special_tokens[UNK]
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_tokens[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_tokens[EOS]
+
+    def fingerprint(self) -> str:
+        """A short hash of the tokenizer's files: equal fingerprints encode identically."""
+        digest = hashlib.sha256(self.kind.encode())
+        for name, data in sorted(self.to_files().items()):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        return digest.hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer's files into `directory` (created if needed); each file atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self.to_files().items():
+            write_atomic(directory / name, data)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Read a tokenizer saved by save()."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise GptlabError(f"tokenizer directory {directory} not found")
+        files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+        return cls.from_files(files)
+
+    def check_ids(self, ids: Iterable[int]) -> list[int]:
+        """The ids as a list, or GptlabError naming the first one outside the vocabulary."""
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise GptlabError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+
+def allowed_set(allowed_special: AllowedSpecial, specials: Iterable[str]) -> set[str]:
+    """The special-token strings that `allowed_special` admits."""
+    specials = set(specials)
+    if allowed_special == "all":
+        return specials
+    return specials & set(allowed_special)
