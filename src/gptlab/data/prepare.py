@@ -1,0 +1,326 @@
+"""Text files -> token shards on disk (+ meta.json), and finding or building them for a run.
+
+A prepared directory holds `tokens_00000.bin`, `tokens_00001.bin`, ... (raw little-endian ids,
+an <EOS> after each document) and `meta.json`, which says how to read them and which
+tokenizer made them. `datasets.py` reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gptlab.errors import GptlabError
+from gptlab.tokenizers.base import Tokenizer
+from gptlab.tokenizers.corpus import corpus_files, read_text_file
+
+FORMAT, VERSION = "gptlab-tokens", 1
+META_NAME = "meta.json"
+DEFAULT_SHARD_TOKENS = 100_000_000
+UINT16_MAX_VOCAB = 65536
+
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_REQUIRED_META = {
+    "tokenizer_kind": str,
+    "tokenizer_fingerprint": str,
+    "vocab_size": int,
+    "dtype": str,
+    "num_tokens": int,
+    "num_bytes": int,
+    "sources": list,
+    "shards": list,
+    "shard_lengths": list,
+}
+
+
+# ---- writing the shards -----------------------------------------------------------------
+def token_dtype(vocab_size: int) -> str:
+    """The smallest id type that holds every id of the vocabulary."""
+    return "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
+
+
+def shard_name(index: int) -> str:
+    return f"tokens_{index:05d}.bin"
+
+
+class ShardWriter:
+    """Appends token arrays to numbered shard files of at most `shard_tokens` ids each.
+
+    Ids go straight to the open file, so memory holds only the array being appended; callers
+    stream documents (files now, JSONL records later) through `append` one at a time.
+    """
+
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        if shard_tokens <= 0:
+            raise ValueError("shard_tokens must be positive")
+        self.directory, self.dtype, self.shard_tokens = directory, _DTYPES[dtype], shard_tokens
+        self.shards: list[str] = []
+        self.lengths: list[int] = []
+        self._file = None
+
+    def append(self, ids: np.ndarray) -> None:
+        """Write `ids` (1-D, already range-checked) after everything written so far."""
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        while ids.size:
+            if self._file is None or self.lengths[-1] == self.shard_tokens:
+                self._open_next_shard()
+            take = min(ids.size, self.shard_tokens - self.lengths[-1])
+            self._file.write(ids[:take].tobytes())
+            self.lengths[-1] += take
+            ids = ids[take:]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open_next_shard(self) -> None:
+        self.close()
+        self.shards.append(shard_name(len(self.shards)))
+        self.lengths.append(0)
+        self._file = open(self.directory / self.shards[-1], "wb")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """The ids of one document followed by <EOS>, checked against the vocabulary."""
+    ids = np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+        bad = ids[(ids < 0) | (ids >= tokenizer.vocab_size)][0]
+        raise GptlabError(
+            f"tokenizer produced id {bad} outside its vocabulary of {tokenizer.vocab_size}; check its files"
+        )
+    return ids
+
+
+# ---- prepare ----------------------------------------------------------------------------
+def prepare(
+    sources: list[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    progress: bool = True,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+) -> Path:
+    """Tokenize the text files and directories in `sources` into `out_dir` and return it.
+
+    Files are found and read by the tokenizer's corpus rules (gptlab.tokenizers.corpus: `*.txt`
+    found recursively and sorted, invalid UTF-8 replaced with a warning, binary files refused);
+    each file is one document followed by <EOS>. The directory is built beside `out_dir` and
+    renamed into place only when complete, so a failure leaves nothing half-written; an
+    existing prepared directory at `out_dir` is replaced.
+    """
+    out_dir = Path(out_dir)
+    files = corpus_files(sources)
+    _check_replaceable(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise GptlabError(f"cannot write {out_dir} ({err.strerror}); choose a writable output directory") from None
+    try:
+        meta = _write_shards(files, tokenizer, build_dir, progress, shard_tokens)
+        (build_dir / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        _move_into_place(build_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(
+    files: list[Path], tokenizer: Tokenizer, build_dir: Path, progress: bool, shard_tokens: int
+) -> dict[str, Any]:
+    dtype = token_dtype(tokenizer.vocab_size)
+    sources: list[dict[str, Any]] = []
+    stats = [path.stat() for path in files]
+    total_size = sum(s.st_size for s in stats)
+    with (
+        ShardWriter(build_dir, dtype, shard_tokens) as writer,
+        tqdm(total=total_size, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar,
+    ):
+        for path, stat in zip(files, stats):
+            text = read_text_file(path)
+            ids = document_ids(tokenizer, text) if text else np.empty(0, dtype=np.int64)
+            writer.append(ids)
+            sources.append(
+                {
+                    "path": str(path.resolve()),
+                    "bytes": len(text.encode("utf-8")),
+                    "tokens": int(ids.size),
+                    "size": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns,
+                }
+            )
+            bar.update(stat.st_size)
+    num_tokens = sum(writer.lengths)
+    if num_tokens == 0:
+        where = ", ".join(str(p) for p in files) if files else "the given directories (no .txt files)"
+        raise GptlabError(f"no text found in {where}; pass non-empty text files")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer_kind": tokenizer.kind,
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype,
+        "num_tokens": num_tokens,
+        "num_bytes": sum(s["bytes"] for s in sources),
+        "sources": sources,
+        "shards": writer.shards,
+        "shard_lengths": writer.lengths,
+    }
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything but an earlier prepared directory (never a user's files)."""
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_NAME).is_file()):
+        raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
+
+
+def _move_into_place(build_dir: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(build_dir, out_dir)
+        return
+    # A directory cannot be renamed onto a non-empty one: move the old one aside first.
+    old = build_dir.with_name(build_dir.name + ".old")
+    os.rename(out_dir, old)
+    try:
+        os.rename(build_dir, out_dir)
+    except OSError:
+        os.rename(old, out_dir)  # put the previous data back rather than lose it
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- reading meta.json back -------------------------------------------------------------
+def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
+    """The checked meta.json of a prepared directory; GptlabError when it or a shard is missing,
+    corrupt or truncated."""
+    prepared_dir = Path(prepared_dir)
+    meta_path = prepared_dir / META_NAME
+    if not prepared_dir.is_dir():
+        raise GptlabError(f"prepared data directory {prepared_dir} not found; run `gptlab prepare` first")
+    if not meta_path.is_file():
+        raise GptlabError(f"{prepared_dir} has no {META_NAME}, so it is not prepared data; prepare it again")
+    redo = f"delete {prepared_dir} and prepare the data again"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise GptlabError(f"{meta_path} is not valid JSON; {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise GptlabError(f"{meta_path} is not {FORMAT} version {VERSION} metadata; {redo}")
+    for key, kind in _REQUIRED_META.items():
+        if not isinstance(meta.get(key), kind):
+            raise GptlabError(f"{meta_path} lacks a valid {key!r}; {redo}")
+    shards_ok = len(meta["shards"]) == len(meta["shard_lengths"]) and all(
+        isinstance(name, str) and Path(name).name == name and isinstance(length, int) and length > 0
+        for name, length in zip(meta["shards"], meta["shard_lengths"])
+    )
+    if meta["dtype"] not in _DTYPES or not shards_ok:
+        raise GptlabError(f"{meta_path} has an unknown dtype or a bad shard list; {redo}")
+    if sum(meta["shard_lengths"]) != meta["num_tokens"]:
+        raise GptlabError(f"{meta_path}: shard lengths do not add up to num_tokens; {redo}")
+    itemsize = _DTYPES[meta["dtype"]].itemsize
+    for name, length in zip(meta["shards"], meta["shard_lengths"]):
+        shard = prepared_dir / name
+        if not shard.is_file():
+            raise GptlabError(f"shard {shard} is missing; {redo}")
+        if shard.stat().st_size != length * itemsize:
+            raise GptlabError(
+                f"shard {shard} has {shard.stat().st_size} bytes, expected {length * itemsize} (truncated?); {redo}"
+            )
+    return meta
+
+
+def numpy_dtype(meta: dict[str, Any]) -> np.dtype:
+    """The numpy dtype of the shards described by `meta`."""
+    return _DTYPES[meta["dtype"]]
+
+
+# ---- resolve_data: prepared data, or text prepared on the fly and cached -----------------
+def resolve_data(path: str | Path, tokenizer: Tokenizer, progress: bool = True) -> Path:
+    """A prepared directory for `path`, encoded by `tokenizer`.
+
+    `path` is either prepared data (a directory with meta.json, whose tokenizer must match) or
+    raw text (a file, or a directory of .txt files). Raw text is prepared on the first call and
+    cached next to it as `<path>.gptlab-<fingerprint>/`; later calls reuse that cache while the
+    source files (list, sizes, mtimes) are unchanged, and re-prepare it otherwise. When the
+    directory next to the data is not writable, the cache goes under ~/.cache/gptlab/data/
+    ($XDG_CACHE_HOME/gptlab/data/ when that is set).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise GptlabError(f"data path {path} not found; pass a text file, a directory of .txt files or prepared data")
+    if path.is_dir() and _looks_prepared(path):
+        meta = read_meta(path)
+        _check_tokenizer(path, meta, tokenizer)
+        return path
+    fingerprint = tokenizer.fingerprint()
+    source = path.resolve()  # so that "." or "data/" still has a name to put the cache beside
+    candidates = [source.parent / f"{source.name}.gptlab-{fingerprint}", _user_cache_dir(source, fingerprint)]
+    files = corpus_files([path])
+    for cache in candidates:
+        if _is_fresh(cache, files, fingerprint):
+            return cache
+    for cache in candidates:
+        if _is_writable(cache.parent):
+            return prepare([path], tokenizer, cache, progress=progress)
+    raise GptlabError(
+        f"cannot write a token cache beside {path} nor under {candidates[-1].parent}; "
+        "prepare it with `gptlab prepare` into a writable directory"
+    )
+
+
+def _looks_prepared(directory: Path) -> bool:
+    return (directory / META_NAME).exists() or any(directory.glob("tokens_*.bin"))
+
+
+def _check_tokenizer(prepared_dir: Path, meta: dict[str, Any], tokenizer: Tokenizer) -> None:
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint():
+        raise GptlabError(
+            f"{prepared_dir} was prepared with another tokenizer ({meta['tokenizer_kind']} "
+            f"{meta['tokenizer_fingerprint']}, this one is {tokenizer.kind} {tokenizer.fingerprint()}); "
+            "prepare the text again with this tokenizer, or pass the raw text"
+        )
+
+
+def _is_fresh(cache: Path, files: list[Path], fingerprint: str) -> bool:
+    """Whether `cache` holds intact data from exactly these files, as they are now, with this tokenizer."""
+    try:
+        meta = read_meta(cache)
+    except GptlabError:
+        return False
+    recorded = [
+        (s.get("path"), s.get("size"), s.get("mtime_ns")) if isinstance(s, dict) else s for s in meta["sources"]
+    ]
+    current = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return meta["tokenizer_fingerprint"] == fingerprint and recorded == current
+
+
+def _user_cache_dir(source: Path, fingerprint: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab" / "data"
+    # Different data with the same file name must not share a cache.
+    where = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    return root / f"{source.name}-{where}.gptlab-{fingerprint}"
+
+
+def _is_writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError:
+        return False
+    return True

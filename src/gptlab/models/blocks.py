@@ -1,0 +1,180 @@
+"""The parts a Transformer is built from: norms, positional encodings, attention, MLP, block.
+
+Every tensor inside attention is kept in the (B, n_heads, T, head_dim) layout and every
+positional encoding takes a `start_pos`, so a KV cache can be added later without reshaping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import ModelConfig
+
+try:  # optional, `pip install gptlab[flash]`; PyTorch's SDPA is used otherwise
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim // 2)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The normalisation layer the config names, over the last dimension (embed_dim)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.embed_dim, eps=config.norm_eps)
+    return nn.LayerNorm(config.embed_dim, eps=config.norm_eps, bias=config.bias)
+
+
+# ---- positional encodings ------------------------------------------------------------------
+
+
+class LearnedPositions(nn.Module):
+    """A trained vector per position (GPT-2's wpe), added to the token embeddings."""
+
+    def __init__(self, seq_len: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(seq_len, dim))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+    def forward(self, T: int, start_pos: int = 0) -> torch.Tensor:
+        """Vectors of positions start_pos .. start_pos+T-1: (T, dim)."""
+        return self.weight[start_pos : start_pos + T]
+
+
+class SinusoidalPositions(nn.Module):
+    """The fixed sin/cos table of "Attention Is All You Need", added to the token embeddings."""
+
+    def __init__(self, seq_len: int, dim: int, base: float = 10000.0):
+        super().__init__()
+        position = torch.arange(seq_len, dtype=torch.float32).unsqueeze(1)  # (seq_len, 1)
+        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (ceil(dim/2),)
+        angles = position * inv_freq  # (seq_len, ceil(dim/2))
+        table = torch.zeros(seq_len, dim)
+        table[:, 0::2] = torch.sin(angles)
+        table[:, 1::2] = torch.cos(angles[:, : dim // 2])  # an odd dim has one sine more
+        # Not persistent: it is a function of the config, so checkpoints need not carry it.
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, T: int, start_pos: int = 0) -> torch.Tensor:
+        """Vectors of positions start_pos .. start_pos+T-1: (T, dim)."""
+        return self.table[start_pos : start_pos + T]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021): rotates query/key pairs by position-dependent angles, so that
+    attention scores depend only on relative positions. Pairs are (i, i + head_dim/2), the
+    "rotate half" convention of GPT-NeoX and Llama in Hugging Face."""
+
+    def __init__(self, head_dim: int, seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (seq_len, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, T: int, start_pos: int = 0) -> RopeTables:
+        """cos and sin of positions start_pos .. start_pos+T-1, each (T, head_dim/2)."""
+        return self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
+
+
+def apply_rotary(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by the angles in rope; same shape and dtype out."""
+    cos, sin = (table.to(x.dtype) for table in rope)  # (T, hs/2), broadcast over B and nh
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+# ---- the Transformer block -----------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only itself and earlier ones."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)  # q, k, v at once
+        self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        hs = C // self.n_heads
+        q, k, v = (t.view(B, T, self.n_heads, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        y = self.attend(q, k, v)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs) + causal mask) v, all (B, nh, T, hs)."""
+        dropout_p = self.dropout if self.training else 0.0
+        if use_flash_attn(q):
+            out = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
+            )
+            return out.transpose(1, 2)  # flash_attn works in (B, T, nh, hs)
+        # On CUDA, PyTorch picks its own flash / memory-efficient kernel here.
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def use_flash_attn(q: torch.Tensor) -> bool:
+    """Whether the flash_attn package is installed and supports this tensor (CUDA, 16-bit)."""
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def swiglu_hidden_dim(config: ModelConfig) -> int:
+    """SwiGLU's hidden width: 2/3 of expansion_factor * embed_dim, so that its three matrices
+    hold about as many weights as the two of a plain MLP (Shazeer 2020), rounded up to a
+    multiple of 8 so that matrix shapes suit GPU kernels."""
+    hidden = 2 * config.expansion_factor * config.embed_dim / 3
+    return 8 * math.ceil(hidden / 8)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen, nonlinearity, project back."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.activation
+        if config.activation == "swiglu":
+            hidden = swiglu_hidden_dim(config)
+            self.fc = nn.Linear(config.embed_dim, 2 * hidden, bias=config.bias)  # gate and value at once
+        else:
+            hidden = config.expansion_factor * config.embed_dim
+            self.fc = nn.Linear(config.embed_dim, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.embed_dim, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.activation == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        elif self.activation == "relu2":
+            h = F.relu(h).square()  # Primer (So et al. 2021)
+        else:
+            gate, value = h.chunk(2, dim=-1)  # (B, T, hidden) each
+            h = F.silu(gate) * value
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope)  # (B, T, C)
+        return x + self.mlp(self.norm_2(x))

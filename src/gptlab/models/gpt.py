@@ -1,0 +1,172 @@
+"""GPT: a decoder-only Transformer language model (token ids in, next-token logits out)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.models.blocks import Block, LearnedPositions, RotaryEmbedding, SinusoidalPositions, make_norm
+
+
+class GPT(nn.Module):
+    """Token embedding, positional encoding, `num_layers` pre-norm blocks, final norm, head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.tgt_vocab_size is None:
+            raise GptlabError("ModelConfig.tgt_vocab_size is None; set it to the tokenizer's vocab_size (or more)")
+        self.config = config
+        V, C = config.tgt_vocab_size, config.embed_dim
+        self.wte = nn.Embedding(V, C)
+        # Absolute encodings are added to the embeddings; RoPE acts inside attention instead.
+        self.wpe: LearnedPositions | SinusoidalPositions | None = None
+        self.rotary: RotaryEmbedding | None = None
+        if config.pos_encoding == "learned":
+            self.wpe = LearnedPositions(config.seq_len, C)
+        elif config.pos_encoding == "sinusoidal":
+            self.wpe = SinusoidalPositions(config.seq_len, C)
+        else:
+            self.rotary = RotaryEmbedding(config.head_dim, config.seq_len, config.rope_theta)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes logits out
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream, so that its
+        # variance does not grow with depth (2 such writes per block).
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos+T-1.
+
+        With targets (B, T), also the mean cross-entropy over positions whose target is not -100.
+        """
+        if idx.dim() != 2:
+            raise GptlabError(f"GPT expects token ids of shape (batch, time), got shape {tuple(idx.shape)}")
+        T = idx.size(1)
+        if start_pos < 0 or start_pos + T > self.config.seq_len:
+            raise GptlabError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed the model's context of seq_len="
+                f"{self.config.seq_len} tokens; pass at most {self.config.seq_len} tokens"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(T, start_pos)  # (T, C) broadcast over the batch
+        x = self.drop(x)
+        rope = self.rotary(T, start_pos) if self.rotary is not None else None
+        for block in self.blocks:
+            x = block(x, rope)  # (B, T, C)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # ---- sizes and costs ---------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, a tied matrix counted once.
+
+        non_embedding=True counts only the blocks and the final norm (Kaplan et al. 2020):
+        no token or position table, and no output head.
+        """
+        if non_embedding:
+            return sum(p.numel() for p in [*self.blocks.parameters(), *self.norm_f.parameters()])
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward and backward (PaLM, appendix B): 6 per weight that
+        multiplies an activation (blocks and output head; embedding lookups are free), plus
+        12 * num_layers * seq_len * embed_dim for the attention scores and their weighted sum."""
+        cfg = self.config
+        matmul_weights = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        return 6 * matmul_weights + 12 * cfg.num_layers * cfg.seq_len * cfg.embed_dim
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for AdamW: weight decay on matrices, none on biases and norm gains.
+
+        Embedding tables are matrices and decay too (as in GPT-2 / nanoGPT): a tied table is
+        also the output head's weight, and decaying vectors would only pull gains towards zero.
+        """
+        params = list(self.parameters())  # each tied matrix once
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    # ---- foreign weights ---------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_gpt2(cls, state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> GPT:
+        """A GPT holding the weights of a Hugging Face `GPT2LMHeadModel` state dict.
+
+        The config must describe GPT-2: learned positions, layernorm with biases, tanh-GELU and
+        tied embeddings; its sizes must match the weights (GPT-2 small: embed_dim=768,
+        n_heads=12, num_layers=12, seq_len=1024, tgt_vocab_size=50257). Raises GptlabError
+        naming the field or the weight that disagrees.
+        """
+        for field, needed in [
+            ("pos_encoding", "learned"), ("norm", "layernorm"), ("activation", "gelu"),
+            ("bias", True), ("tie_embeddings", True),
+        ]:  # fmt: skip
+            if getattr(config, field) != needed:
+                got = getattr(config, field)
+                raise GptlabError(f"GPT-2 weights need ModelConfig.{field}={needed!r}, got {got!r}")
+        theirs = {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+
+        # Our name -> Hugging Face's name. lm_head.weight is wte.weight (tied), so it is not listed.
+        names = {"wte.weight": "wte.weight", "wpe.weight": "wpe.weight"}
+        for i in range(config.num_layers):
+            for ours, hf in [
+                ("norm_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                ("norm_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"),
+            ]:  # fmt: skip
+                for kind in ("weight", "bias"):
+                    names[f"blocks.{i}.{ours}.{kind}"] = f"h.{i}.{hf}.{kind}"
+        names |= {"norm_f.weight": "ln_f.weight", "norm_f.bias": "ln_f.bias"}
+        # GPT-2 stores these as Conv1D, whose weight is the transpose of nn.Linear's.
+        transposed = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+
+        # attn.bias / attn.masked_bias are GPT-2's causal-mask buffers, not weights.
+        ignored = {"lm_head.weight"} | {k for k in theirs if k.endswith((".attn.bias", ".attn.masked_bias"))}
+        unexpected = sorted(set(theirs) - set(names.values()) - ignored)
+        if unexpected:
+            raise GptlabError(f"GPT-2 weight {unexpected[0]} has no place in the model; check num_layers")
+
+        model = cls(config)
+        ours = model.state_dict()
+        with torch.no_grad():
+            for our_key, hf_key in names.items():
+                if hf_key not in theirs:
+                    raise GptlabError(f"GPT-2 weight {hf_key} is missing from the state dict; check num_layers")
+                value = theirs[hf_key].t() if our_key.endswith(transposed) else theirs[hf_key]
+                if value.shape != ours[our_key].shape:
+                    raise GptlabError(
+                        f"GPT-2 weight {hf_key} has shape {tuple(value.shape)} but the model expects "
+                        f"{tuple(ours[our_key].shape)}; set embed_dim, expansion_factor, seq_len and "
+                        "tgt_vocab_size to match"
+                    )
+                ours[our_key].copy_(value)
+        return model
