@@ -1,0 +1,329 @@
+"""The `gptlab` command line: each subcommand is an `add_<name>_parser` plus its handlers.
+
+Only wiring lives here: parse flags, call the library, print the result. A GptlabError is
+printed as one `error: ...` line (exit status 1), a warning as one `warning: ...` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, read_config_file, validated
+from gptlab.errors import GptlabError
+from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
+from gptlab.tokenizers.corpus import read_corpus
+
+DEFAULT_TOKENIZER = "./toy_data/tiny_sp"
+CORPUS_RULES = (
+    "Directories are searched recursively for .txt files (sorted). Binary files are refused; "
+    "bytes that are not UTF-8 are replaced by U+FFFD with a warning naming the file and offset."
+)
+
+
+# ---- gptlab tokenizer ... --------------------------------------------------------------------
+def add_tokenizer_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`gptlab tokenizer train|encode|decode|info`."""
+    parser = subparsers.add_parser("tokenizer", help="train, inspect and apply tokenizers")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{train,encode,decode,info}")
+
+    train = actions.add_parser(
+        "train", help="train a tokenizer on text files", description=f"Train a tokenizer. {CORPUS_RULES}"
+    )
+    train.add_argument("files", nargs="+", help="text files or directories of .txt files")
+    train.add_argument("--vocab_size", type=int, help="ids in total, the 4 special tokens included (not for char)")
+    trainable = [kind for kind in KINDS if kind != "tiktoken"]
+    train.add_argument("--type", default="default", choices=trainable, help="tokenizer kind")
+    train.add_argument("--pattern", default="gpt4", help="split pattern of the default kind: gpt4, gpt2 or a regex")
+    train.add_argument("--max_chars", type=int, help="read at most this many characters of the corpus")
+    train.add_argument(
+        "--out",
+        help="output directory (default: the first input without its extension and a trailing _train); "
+        "a previous tokenizer there is replaced, any other content is refused",
+    )
+    train.set_defaults(handler=_tokenizer_train)
+
+    encode = actions.add_parser("encode", help="print the ids of a text as [1, 2, 3]")
+    encode.add_argument("text")
+    encode.add_argument("--allow_special", action="store_true", help="read <EOS> etc. in the text as special tokens")
+    _add_tokenizer_source(encode, handler=_tokenizer_encode)
+
+    decode = actions.add_parser("decode", help='print the text of ids given as "[1, 2, 3]"')
+    decode.add_argument("ids", help='a JSON list of ids, e.g. "[1, 2, 3]"')
+    _add_tokenizer_source(decode, handler=_tokenizer_decode)
+
+    info = actions.add_parser("info", help="print a tokenizer's kind, size, special ids and fingerprint")
+    _add_tokenizer_source(info, handler=_tokenizer_info)
+
+
+def _add_tokenizer_source(parser: argparse.ArgumentParser, handler) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        default=DEFAULT_TOKENIZER,
+        help="tokenizer directory, .model/.tiktoken file or tiktoken encoding name (default: %(default)s)",
+    )
+    parser.add_argument("--type", choices=KINDS, help="tokenizer kind (default: detected from its files)")
+    parser.set_defaults(handler=handler)
+
+
+def default_output_dir(first_input: str | Path) -> Path:
+    """Where `tokenizer train` writes by default: the first input without its extension and
+    without a trailing `_train` (`path/corpus.txt` -> `path/corpus`, `data_train.txt` -> `data`);
+    a path that would stay the same (a directory) gets `_tokenizer` appended instead."""
+    first_input = Path(first_input)
+    stem = first_input.stem.removesuffix("_train") or first_input.stem
+    out = first_input.with_name(stem)
+    return out if out != first_input else first_input.with_name(first_input.name + "_tokenizer")
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    out = Path(args.out) if args.out else default_output_dir(args.files[0])
+    check_output_dir(out)
+    texts = read_corpus(args.files, args.max_chars)
+    start = time.perf_counter()
+    tokenizer = train_tokenizer(args.type, texts, args.vocab_size, args.pattern, progress=True)
+    seconds = time.perf_counter() - start
+    save_tokenizer(tokenizer, out)
+    rate = ""
+    if hasattr(tokenizer, "n_merges"):
+        rate = f", {tokenizer.n_merges} merges, {tokenizer.n_merges / max(seconds, 1e-9):,.0f} merges/s"
+    print(f"trained a {args.type} tokenizer of {tokenizer.vocab_size} tokens in {seconds:.1f} s{rate}")
+    print(f"written to {out}")
+
+
+def _load(args: argparse.Namespace) -> Tokenizer:
+    return load_tokenizer(args.type, args.tokenizer)
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> None:
+    tokenizer = _load(args)
+    print(tokenizer.encode(args.text, allowed_special="all" if args.allow_special else ()))
+
+
+def parse_ids(text: str) -> list[int]:
+    """`"[1, 2, 3]"` -> [1, 2, 3]; GptlabError for anything else."""
+    try:
+        ids = json.loads(text)
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise GptlabError(f"cannot read token ids from {text[:40]!r}; write them as a list like \"[1, 2, 3]\"")
+    return ids
+
+
+def _tokenizer_decode(args: argparse.Namespace) -> None:
+    ids = parse_ids(args.ids)
+    print(_load(args).decode(ids))
+
+
+def _tokenizer_info(args: argparse.Namespace) -> None:
+    tokenizer = _load(args)
+    print(f"kind: {tokenizer.kind}")
+    print(f"vocab_size: {tokenizer.vocab_size}")
+    print("special_tokens: " + ", ".join(f"{token}={i}" for token, i in tokenizer.special_tokens.items()))
+    print(f"fingerprint: {tokenizer.fingerprint()}")
+
+
+# ---- configs as flags ------------------------------------------------------------------------
+def add_config_flags(parser: argparse.ArgumentParser, *config_classes: type[BaseModel], skip: Sequence[str] = ()) -> None:
+    """One --flag per config field, documented from the Pydantic model. Values stay strings
+    (pydantic converts and validates them) and default to None, so only the flags a user typed
+    override a --config file."""
+    for cls in config_classes:
+        group = parser.add_argument_group(f"{cls.__name__} options")
+        for name, field in cls.model_fields.items():
+            if name in skip:
+                continue
+            help_text = f"{field.description or ''} (default: {field.default})".strip()
+            if field.annotation is bool:
+                group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(f"--{name}", metavar=name.upper(), help=help_text)
+
+
+def flag_values(args: argparse.Namespace, *config_classes: type[BaseModel]) -> dict[str, Any]:
+    """The config fields the user set on the command line."""
+    names = {name for cls in config_classes for name in cls.model_fields}
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
+
+
+def add_tokenizer_flags(parser: argparse.ArgumentParser, flag: str = "--tokenizer", required: bool = True) -> None:
+    parser.add_argument(flag, required=required, help="tokenizer directory, .model/.tiktoken file or tiktoken encoding name")
+    parser.add_argument("--tokenizer_type", choices=KINDS, help="tokenizer kind (default: detected from its files)")
+
+
+# ---- gptlab train ----------------------------------------------------------------------------
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a GPT on text files",
+        description="Train a GPT. Raw .txt data is tokenized on the fly and cached next to it.",
+    )
+    add_tokenizer_flags(parser)
+    parser.add_argument("--train_data", required=True, help="a .txt file, a directory of them, or a prepared directory")
+    parser.add_argument("--eval_data", help="held-out data, in the same forms (default: no evaluation)")
+    parser.add_argument("--config", help="a YAML or JSON file of options; flags typed here override it")
+    parser.add_argument("--resume", help="continue from this checkpoint (model, optimizer, step, data position)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    add_config_flags(parser, ModelConfig, DatasetConfig, TrainConfig)
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from gptlab.training import train
+
+    values = read_config_file(args.config) if args.config else {}
+    values.update(flag_values(args, ModelConfig, DatasetConfig, TrainConfig))
+    model_cfg, data_cfg, train_cfg = build_configs(values)
+    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
+    result = train(
+        model_cfg, data_cfg, train_cfg, tokenizer, args.train_data, args.eval_data,
+        progress=not args.no_progress, resume=args.resume,
+    )
+    summary = f"{result.stopped_reason}: {result.steps} steps, train loss {result.train_loss:.4f}"
+    if result.eval is not None:
+        summary += f", val loss {result.eval.loss:.4f}, val bits/byte {result.eval.bits_per_byte:.4f}"
+    print(summary)
+    print(f"checkpoint: {result.final_checkpoint}")
+
+
+# ---- gptlab prepare --------------------------------------------------------------------------
+def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="tokenize text files into a token directory for training",
+        description=f"Tokenize text into token shards plus meta.json, with <EOS> after each file. {CORPUS_RULES}",
+    )
+    parser.add_argument("files", nargs="+", help="text files or directories of .txt files")
+    add_tokenizer_flags(parser)
+    parser.add_argument("--out", required=True, help="output directory (replaced only if it holds prepared data)")
+    parser.set_defaults(handler=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from gptlab.data import TokenDataset, prepare
+
+    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
+    out = prepare(args.files, tokenizer, args.out)
+    meta = TokenDataset(out, seq_len=1).meta
+    print(f"{meta['num_tokens']:,} tokens ({meta['dtype']}) from {meta['num_bytes']:,} bytes, written to {out}")
+
+
+# ---- gptlab generate -------------------------------------------------------------------------
+# Flags the seed's generate.py required; now optional, and checked against the checkpoint.
+SHAPE_FLAGS = {"vocab_size": "tgt_vocab_size", "embed_dim": "embed_dim", "n_heads": "n_heads",
+               "num_layers": "num_layers", "seq_len": "seq_len"}
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample text from a trained GPT",
+        description="Sample text from a checkpoint, which carries the model's shape and its tokenizer.",
+    )
+    parser.add_argument("--model_path", required=True, help="a .pth checkpoint written by gptlab train")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--length", "--max_new_tokens", dest="max_new_tokens", help="tokens to generate (default: 200)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_config_flags(parser, SampleConfig, skip=("max_new_tokens",))
+    add_tokenizer_flags(parser, "--tokenizer_path", required=False)
+    shape = parser.add_argument_group("checks against the checkpoint (optional; a value that differs is an error)")
+    for flag in SHAPE_FLAGS:
+        shape.add_argument(f"--{flag}", type=int)
+    parser.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from gptlab.device import resolve_device
+    from gptlab.generation import stream_text
+    from gptlab.training import load_model
+
+    sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
+    model, tokenizer, _ = load_model(args.model_path, resolve_device(args.device))
+    check_against_checkpoint(args, model.config, tokenizer)
+    notice = lambda message: print(f"note: {message}", file=sys.stderr)  # noqa: E731
+    for i in range(sample_cfg.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        seed = None if sample_cfg.seed is None else sample_cfg.seed + i
+        print(args.prompt, end="", flush=True)
+        for piece in stream_text(model, tokenizer, args.prompt, sample_cfg.model_copy(update={"seed": seed}), notice):
+            print(piece, end="", flush=True)
+        print()
+
+
+def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The seed's shape flags and --tokenizer_path must agree with what the checkpoint holds."""
+    for flag, field in SHAPE_FLAGS.items():
+        given, stored = getattr(args, flag), getattr(model_cfg, field)
+        if given is not None and given != stored:
+            raise GptlabError(f"--{flag} {given} contradicts the checkpoint ({field} = {stored}); drop the flag")
+    if args.tokenizer_path:
+        given_tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_path)
+        if given_tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise GptlabError(
+                f"--tokenizer_path {args.tokenizer_path} is not the tokenizer {args.model_path} was trained with; "
+                "drop the flag: the checkpoint carries its own tokenizer"
+            )
+
+
+# ---- gptlab eval -----------------------------------------------------------------------------
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="loss, perplexity and bits per byte of a GPT on some text")
+    parser.add_argument("--model_path", required=True, help="a .pth checkpoint written by gptlab train")
+    parser.add_argument("--data", required=True, help="a .txt file, a directory of them, or a prepared directory")
+    parser.add_argument("--batch_size", type=int, default=32, help="windows per batch (default: %(default)s)")
+    parser.add_argument("--max_batches", type=int, help="evaluate on at most this many batches (default: all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from gptlab.data import TokenDataset, resolve_data
+    from gptlab.device import resolve_device
+    from gptlab.training import evaluate, load_model
+
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_model(args.model_path, device)
+    dataset = TokenDataset(resolve_data(args.data, tokenizer), model.config.seq_len)
+    result = evaluate(model, dataset, args.batch_size, args.max_batches, device)
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+          f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")
+
+
+# ---- the entry point -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlab", description="Train GPT language models from scratch.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_tokenizer_parser(subparsers)
+    add_prepare_parser(subparsers)
+    add_train_parser(subparsers)
+    add_generate_parser(subparsers)
+    add_eval_parser(subparsers)
+    return parser
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one gptlab command; returns the exit status (0 ok, 1 user error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _print_warning
+        try:
+            args.handler(args)
+        except GptlabError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return 0

@@ -1,0 +1,17 @@
+"""Training GPTs: the loop, the optimizer and schedule, checkpoints and metrics."""
+
+from gptlab.training.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from gptlab.training.metrics import EvalResult, evaluate
+from gptlab.training.trainer import Trainer, TrainResult, train
+
+__all__ = [
+    "Checkpoint",
+    "EvalResult",
+    "TrainResult",
+    "Trainer",
+    "evaluate",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "train",
+]

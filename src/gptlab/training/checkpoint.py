@@ -1,0 +1,275 @@
+"""Checkpoints: self-contained `.pth` files holding a model, its configs and its tokenizer.
+
+A checkpoint is a dict of tensors and plain Python values only, so `torch.load(path,
+weights_only=True)` reads it and loading never unpickles arbitrary objects:
+
+    {"format": "gptlab-checkpoint", "version": 1, "model_type": "gpt",
+     "model_config": dict, "data_config": dict, "train_config": dict,
+     "tokenizer": {"kind": str, "files": {name: bytes}},
+     "model": state_dict, "optimizer": state_dict | None, "step": int, "epoch": int,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor] | None, "numpy": dict, "python": dict},
+     "gptlab_version": str, "extra": dict}
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
+from gptlab.errors import GptlabError
+from gptlab.files import atomic_path
+from gptlab.models import GPT
+from gptlab.tokenizers import tokenizer_from_files
+from gptlab.tokenizers.base import Tokenizer
+
+FORMAT = "gptlab-checkpoint"
+VERSION = 1  # bump when the layout changes; loaders refuse versions newer than theirs
+_REQUIRED_KEYS = ("model_type", "model_config", "data_config", "train_config", "tokenizer", "model", "step", "epoch")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint, its configs validated and its tokenizer rebuilt."""
+
+    model_config: ModelConfig
+    data_config: DatasetConfig
+    train_config: TrainConfig
+    tokenizer: Tokenizer
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None
+    step: int
+    epoch: int
+    version: int
+    raw: dict[str, Any]
+
+    @property
+    def model_type(self) -> str:
+        return self.raw["model_type"]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.raw.get("extra") or {}
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    model_cfg: ModelConfig,
+    data_cfg: DatasetConfig,
+    train_cfg: TrainConfig,
+    *,
+    step: int,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint to `path` atomically (a crash never leaves a half-written file).
+
+    `extra` holds further plain values (e.g. progress within an epoch) under the key "extra".
+    Returns the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_type": "gpt",
+        "model_config": model_cfg.model_dump(),
+        "data_config": data_cfg.model_dump(),
+        "train_config": train_cfg.model_dump(),
+        "tokenizer": {"kind": tokenizer.kind, "files": dict(tokenizer.to_files())},
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "rng": capture_rng_state(),
+        "gptlab_version": _gptlab_version(),
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and check a checkpoint written by save_checkpoint (never unpickling code).
+
+    Raises GptlabError when the file is missing, unreadable or truncated, is not a gptlab
+    checkpoint, was written by a newer gptlab, or holds invalid configs.
+    """
+    path = Path(path)
+    raw = _read_torch_file(path, map_location)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise GptlabError(f"{path} is a torch file but not a gptlab checkpoint; pass a .pth written by gptlab train")
+    version = raw.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise GptlabError(
+            f"{path} has checkpoint version {version!r} but this gptlab reads up to version {VERSION}; "
+            "upgrade gptlab to load it"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise GptlabError(
+            f"{path} is an incomplete gptlab checkpoint (no {', '.join(missing)}); re-save it with gptlab"
+        )
+    return Checkpoint(
+        model_config=_config(ModelConfig, raw["model_config"], path),
+        data_config=_config(DatasetConfig, raw["data_config"], path),
+        train_config=_config(TrainConfig, raw["train_config"], path),
+        tokenizer=_tokenizer(raw["tokenizer"], path),
+        model_state=raw["model"],
+        optimizer_state=raw.get("optimizer"),
+        step=int(raw["step"]),
+        epoch=int(raw["epoch"]),
+        version=version,
+        raw=raw,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
+    """The GPT stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if checkpoint.model_type != "gpt":
+        raise GptlabError(f"{path} holds a {checkpoint.model_type!r} model, not a GPT; load it with its own command")
+    vocab = checkpoint.model_config.tgt_vocab_size
+    if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
+        raise GptlabError(
+            f"{path}: model vocabulary ({vocab}) is smaller than its tokenizer's "
+            f"({checkpoint.tokenizer.vocab_size}); the checkpoint is inconsistent, re-train it"
+        )
+    model = GPT(checkpoint.model_config)
+    load_weights(model, checkpoint.model_state, path)
+    model.to(device).eval()
+    return model, checkpoint.tokenizer, checkpoint
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """model.load_state_dict(state), or GptlabError naming what does not match the model config."""
+    if not isinstance(state, dict):
+        raise GptlabError(f"{path} holds malformed model weights; re-save the checkpoint")
+    expected = unwrap(model).state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(
+        key
+        for key in expected.keys() & state.keys()
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != expected[key].shape
+    )
+    problems = [
+        f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped))
+        if keys
+    ]
+    if problems:
+        raise GptlabError(
+            f"{path}: weights do not match the model config ({'; '.join(problems)}); re-save the checkpoint"
+        )
+    unwrap(model).load_state_dict(state)
+
+
+def check_resumable(
+    checkpoint: Checkpoint, path: str | Path, model_cfg: ModelConfig, data_cfg: DatasetConfig, tokenizer: Tokenizer
+) -> None:
+    """GptlabError unless a run with these settings can continue `checkpoint` exactly."""
+    if checkpoint.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise GptlabError(f"{path} was trained with another tokenizer; resume with the tokenizer it was trained with")
+    mine, theirs = model_cfg.model_dump(), checkpoint.model_config.model_dump()
+    differ = [name for name in mine if mine[name] != theirs[name]]
+    if checkpoint.data_config.batch_size != data_cfg.batch_size:
+        differ.append("batch_size")
+    if differ:
+        raise GptlabError(f"{path} was trained with other {', '.join(differ)}; resume with the checkpoint's settings")
+    if checkpoint.optimizer_state is None:
+        raise GptlabError(f"{path} holds no optimizer state, so it cannot be resumed; train from scratch")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile / DistributedDataParallel wrappers (their state_dict
+    keys carry prefixes that a bare GPT would not understand)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain values (weights_only-loadable)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+
+
+def restore_rng_state(rng: dict[str, Any]) -> None:
+    """Put back the generator states that capture_rng_state() recorded."""
+    torch.set_rng_state(rng["torch"])
+    # CUDA states come back only onto the same number of GPUs (another machine draws afresh).
+    if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("numpy") is not None:
+        state = rng["numpy"]
+        keys = state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+    if rng.get("python") is not None:
+        state = rng["python"]
+        random.setstate((state["version"], tuple(state["state"]), state["gauss_next"]))
+
+
+def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
+    if not path.is_file():
+        raise GptlabError(f"checkpoint {path} not found; check the path (checkpoints are <experiment>_e<epoch>.pth)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for foreign, truncated or unsafe files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise GptlabError(
+            f"{path} is not a readable gptlab checkpoint (not a torch file, truncated, or holding "
+            f"Python objects gptlab will not unpickle: {reason}); pass a .pth written by gptlab train"
+        ) from None
+
+
+def _config(cls: type, values: Any, path: Path) -> Any:
+    if not isinstance(values, dict):
+        raise GptlabError(f"{path} holds a malformed {cls.__name__}; re-save the checkpoint")
+    try:
+        return validated(cls, values)
+    except GptlabError as err:
+        raise GptlabError(f"{path}: {err}") from None
+
+
+def _tokenizer(entry: Any, path: Path) -> Tokenizer:
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("kind"), str)
+        or not isinstance(entry.get("files"), dict)
+    ):
+        raise GptlabError(f"{path} holds a malformed tokenizer entry; re-save the checkpoint")
+    return tokenizer_from_files(entry["kind"], entry["files"])
+
+
+def _gptlab_version() -> str:
+    try:
+        return metadata.version("gptlab")
+    except metadata.PackageNotFoundError:
+        return "unknown"

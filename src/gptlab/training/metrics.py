@@ -1,0 +1,139 @@
+"""How well and how fast a model trains: evaluation loss, bits per byte, tokens/s and MFU."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gptlab.data import TokenDataset, iterate_batches
+from gptlab.device import autocast
+
+# Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(). More specific names come first ("H100 PCIe" before "H100").
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("A6000", 155e12),
+    ("A10", 125e12),
+    ("L4", 121e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+# Windows sampled for evaluation are shuffled with this fixed seed: the same spread-out sample
+# at every evaluation, so successive losses are comparable.
+_EVAL_SEED = 0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean next-token loss (nats) over `tokens` predicted tokens, and what it means."""
+
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Convert a loss in nats per token to bits per byte of text: comparable across tokenizers."""
+    return loss / math.log(2) / bytes_per_token
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: TokenDataset,
+    batch_size: int,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Mean loss of `model` on up to `max_batches` batches of `dataset` (all when None).
+
+    The model runs in eval mode (no dropout) and is put back in the mode it was in.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync
+    total_tokens = 0
+    batches = iterate_batches(dataset, batch_size, shuffle=max_batches is not None, seed=_EVAL_SEED, epoch=0)
+    for i, (x, y) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device), y.to(device)  # (B, T)
+        with autocast(device):
+            _, loss = model(x, y)
+        counted = int((y != -100).sum())
+        total_loss += loss.double() * counted
+        total_tokens += counted
+    model.train(was_training)
+    if total_tokens == 0:
+        nan = float("nan")
+        return EvalResult(loss=nan, perplexity=nan, bits_per_byte=nan, tokens=0)
+    mean = total_loss.item() / total_tokens
+    return EvalResult(
+        loss=mean,
+        perplexity=math.exp(min(mean, 700.0)),  # exp overflows past ~709
+        bits_per_byte=bits_per_byte(mean, dataset.bytes_per_token),
+        tokens=total_tokens,
+    )
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bfloat16 FLOP/s of `device`, or None when unknown (CPU, MPS, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Fraction of the device's peak that the training FLOPs use, or None without a known peak."""
+    if peak is None or peak <= 0:
+        return None
+    return flops_per_token * tokens_per_s / peak
+
+
+def format_mfu(mfu: float | None) -> str:
+    """'42.0%' or 'n/a'."""
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
+class Throughput:
+    """Tokens per second over the time spent in training steps (evaluation and saving excluded)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        """End the interval started by start(), during which `tokens` were processed."""
+        if self._started is None:
+            raise RuntimeError("Throughput.stop() without start()")
+        self.seconds += time.perf_counter() - self._started
+        self.tokens += tokens
+        self._started = None
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0

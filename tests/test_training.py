@@ -1,0 +1,260 @@
+"""The trainer end to end on tiny data: loss goes down, checkpoints and logs appear, and every
+way of stopping (max_steps, time budget, Ctrl-C, nan loss) leaves the right files behind."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import gptlab.training.checkpoint as checkpoint_module
+import gptlab.training.trainer as trainer_module
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.data import TokenDataset, resolve_data
+from gptlab.errors import GptlabError
+from gptlab.models import GPT
+from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+from gptlab.training import evaluate, load_checkpoint, load_model, train
+
+
+class ByteTokenizer(Tokenizer):
+    """id = 4 + UTF-8 byte value; ids 0..3 are the special tokens."""
+
+    kind = "test-bytes"
+
+    @property
+    def vocab_size(self) -> int:
+        return 4 + 256
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+
+    def encode(self, text, allowed_special=()):
+        return [4 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
+
+    def to_files(self):
+        return {"bytes.txt": b"offset 4\n"}
+
+    @classmethod
+    def from_files(cls, files):
+        return cls()
+
+
+@pytest.fixture(autouse=True)
+def knows_test_tokenizer(monkeypatch):
+    """Let checkpoints rebuild the test tokenizer kind."""
+    real = checkpoint_module.tokenizer_from_files
+
+    def from_files(kind, files):
+        return ByteTokenizer() if kind == ByteTokenizer.kind else real(kind, files)
+
+    monkeypatch.setattr(checkpoint_module, "tokenizer_from_files", from_files)
+
+
+LINES = [
+    "the cat sat on the mat.",
+    "a dog ran in the park.",
+    "we like to read books.",
+    "it is a sunny day.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Small, very regular train and eval text (the same sentences in different orders)."""
+    train_text = "\n".join(LINES[(i * 7) % 4] for i in range(60)) + "\n"  # 1.3 KB: 6 batches of 16x16
+    eval_text = "\n".join(LINES[(i * 3) % 4] for i in range(30)) + "\n"
+    (tmp_path / "train.txt").write_text(train_text)
+    (tmp_path / "eval.txt").write_text(eval_text)
+    return tmp_path / "train.txt", tmp_path / "eval.txt"
+
+
+def configs(tmp_path, **train):
+    model = ModelConfig(embed_dim=32, num_layers=2, n_heads=2, seq_len=16, dropout=0.0)
+    settings = {
+        "epochs": 3, "learning_rate": 3e-3, "warmup_steps": 2, "eval_interval": 4, "eval_batches": 2,
+        "checkpoint_every": 2, "experiment_name": "tiny", "checkpoint_dir": str(tmp_path / "ckpt"),
+        "log_dir": str(tmp_path / "runs"), "device": "cpu", "seed": 0,
+    }  # fmt: skip
+    return model, DatasetConfig(batch_size=16), TrainConfig(**{**settings, **train})
+
+
+def run(tmp_path, corpus, eval_data=True, **train):
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, **train)
+    return train_fn(model_cfg, data_cfg, train_cfg, corpus, eval_data)
+
+
+def train_fn(model_cfg, data_cfg, train_cfg, corpus, eval_data=True):
+    train_path, eval_path = corpus
+    return train(
+        model_cfg, data_cfg, train_cfg, ByteTokenizer(), train_path, eval_path if eval_data else None, progress=False
+    )
+
+
+def test_training_lowers_loss_and_writes_checkpoints_and_logs(tmp_path, corpus):
+    result = run(tmp_path, corpus, epochs=5)
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("*.pth")) == ["tiny_e2.pth", "tiny_e4.pth", "tiny_e5.pth"]
+    assert result.final_checkpoint == ckpt / "tiny_e5.pth"
+    assert result.stopped_reason == "completed" and result.epochs_completed == 5
+    batches = load_checkpoint(ckpt / "tiny_e2.pth").step // 2
+    assert result.steps == 5 * batches and result.tokens_seen > 0
+
+    # The trained model predicts the eval text better than the same model untrained.
+    torch.manual_seed(0)
+    model_cfg = configs(tmp_path)[0].model_copy(update={"tgt_vocab_size": 260})
+    eval_set = TokenDataset(resolve_data(corpus[1], ByteTokenizer(), progress=False), 16)
+    untrained = evaluate(GPT(model_cfg), eval_set, batch_size=16)
+    trained, _, checkpoint = load_model(result.final_checkpoint)
+    after = evaluate(trained, eval_set, batch_size=16)
+    assert after.loss < untrained.loss - 1.0
+    assert result.eval is not None and result.eval.loss < untrained.loss - 1.0
+    assert math.isclose(result.eval.bits_per_byte, result.eval.loss / math.log(2) / eval_set.bytes_per_token)
+    assert result.train_loss < untrained.loss - 1.0
+    assert checkpoint.model_config.tgt_vocab_size == 260  # filled in from the tokenizer
+
+    logs = tmp_path / "runs" / "tiny"
+    assert list(logs.glob("events.out.tfevents.*"))
+    written = json.loads((logs / "config.json").read_text())
+    assert written["train"]["epochs"] == 5 and written["model"]["tgt_vocab_size"] == 260
+    assert written["data"]["batch_size"] == 16
+
+
+def test_tensorboard_scalars(tmp_path, corpus):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, corpus, epochs=1)
+    events = EventAccumulator(str(tmp_path / "runs" / "tiny"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/bpb", "lr", "tokens_per_s", "grad_norm"} <= tags
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1))
+
+
+def test_max_steps_stops_at_that_step_mid_epoch(tmp_path, corpus):
+    result = run(tmp_path, corpus, max_steps=3, eval_interval=100)
+    assert (result.stopped_reason, result.steps, result.epochs_completed) == ("max_steps", 3, 0)
+    checkpoint = load_checkpoint(result.final_checkpoint)
+    assert result.final_checkpoint.name == "tiny_e1.pth"  # named for the epoch in progress
+    assert (checkpoint.step, checkpoint.epoch, checkpoint.extra["epoch_batches_done"]) == (3, 1, 3)
+    assert result.eval is not None  # a final evaluation of the model that was saved
+
+
+def test_stop_on_the_last_batch_of_an_epoch_completes_it(tmp_path, corpus):
+    result = run(tmp_path, corpus, max_steps=6, eval_data=False)  # 6 batches per epoch
+    assert (result.stopped_reason, result.epochs_completed, result.final_checkpoint.name) == (
+        "max_steps",
+        1,
+        "tiny_e1.pth",
+    )
+
+
+def test_time_budget_stops_early(tmp_path, corpus):
+    result = run(tmp_path, corpus, eval_data=False, time_budget=1e-6)
+    assert (result.stopped_reason, result.steps) == ("time_budget", 1)
+    assert result.final_checkpoint.exists() and result.eval is None
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns_interrupted(tmp_path, corpus, monkeypatch):
+    real = trainer_module.iterate_batches
+
+    def interrupted_at_batch_4(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(trainer_module, "iterate_batches", interrupted_at_batch_4)
+    result = run(tmp_path, corpus)
+    assert (result.stopped_reason, result.steps) == ("interrupted", 4)
+    checkpoint = load_checkpoint(result.final_checkpoint)
+    assert (result.final_checkpoint.name, checkpoint.step) == ("tiny_e1.pth", 4)
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    real_forward = GPT.forward
+    calls = {"train": 0}
+
+    def forward_that_diverges(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] > 7:  # in the second epoch (6 batches per epoch)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_that_diverges)
+    with pytest.raises(GptlabError, match=r"loss became nan at step 8 .* last good checkpoint is .*tiny_e1\.pth"):
+        run(tmp_path, corpus, checkpoint_every=1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pth")) == ["tiny_e1.pth"]
+    model, _, checkpoint = load_model(tmp_path / "ckpt" / "tiny_e1.pth")
+    assert checkpoint.step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_vocab_smaller_than_tokenizer_is_an_error(tmp_path, corpus):
+    model_cfg, data_cfg, train_cfg = configs(tmp_path)
+    model_cfg = model_cfg.model_copy(update={"tgt_vocab_size": 100})
+    with pytest.raises(GptlabError, match="tgt_vocab_size 100 is smaller than the tokenizer's vocabulary"):
+        train_fn(model_cfg, data_cfg, train_cfg, corpus)
+
+
+def test_larger_vocab_is_allowed(tmp_path, corpus):
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, max_steps=1)
+    result = train_fn(model_cfg.model_copy(update={"tgt_vocab_size": 320}), data_cfg, train_cfg, corpus)
+    assert load_checkpoint(result.final_checkpoint).model_config.tgt_vocab_size == 320
+
+
+def test_same_seed_same_run(tmp_path, corpus):
+    first = run(tmp_path / "a", corpus, max_steps=4, eval_interval=100)
+    second = run(tmp_path / "b", corpus, max_steps=4, eval_interval=100)
+    a, b = load_checkpoint(first.final_checkpoint), load_checkpoint(second.final_checkpoint)
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    assert first.train_loss == second.train_loss
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, corpus, monkeypatch):
+    model_cfg, data_cfg, train_cfg = configs(tmp_path / "whole")
+    model_cfg = model_cfg.model_copy(update={"dropout": 0.1})  # the dropout masks must line up too
+    whole = train_fn(model_cfg, data_cfg, train_cfg, corpus)
+
+    real = trainer_module.iterate_batches
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if kwargs["epoch"] == 2 and i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    _, _, parts_cfg = configs(tmp_path / "parts")
+    monkeypatch.setattr(trainer_module, "iterate_batches", interrupted_in_epoch_2)
+    first = train_fn(model_cfg, data_cfg, parts_cfg, corpus)
+    assert (first.stopped_reason, first.steps) == ("interrupted", 8)
+    monkeypatch.setattr(trainer_module, "iterate_batches", real)
+    rest = train(
+        model_cfg, data_cfg, parts_cfg, ByteTokenizer(), *corpus, progress=False, resume=first.final_checkpoint
+    )
+
+    assert (rest.stopped_reason, rest.steps, rest.epochs_completed) == ("completed", whole.steps, 3)
+    assert rest.tokens_seen == whole.tokens_seen
+    a, b = load_checkpoint(whole.final_checkpoint), load_checkpoint(rest.final_checkpoint)
+    for name, tensor in a.model_state.items():
+        torch.testing.assert_close(b.model_state[name], tensor, rtol=0, atol=0, msg=name)
+    assert rest.eval.loss == whole.eval.loss
+
+
+def test_resume_refuses_another_model(tmp_path, corpus):
+    first = run(tmp_path, corpus, max_steps=2)
+    model_cfg, data_cfg, train_cfg = configs(tmp_path)
+    with pytest.raises(GptlabError, match="trained with other embed_dim"):
+        train(
+            model_cfg.model_copy(update={"embed_dim": 64}), data_cfg, train_cfg, ByteTokenizer(), *corpus,
+            progress=False, resume=first.final_checkpoint,
+        )  # fmt: skip
