@@ -18,6 +18,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+demo: $(VENV)/.installed
+	rm -rf $(DEMO_DIR)
+	$(BIN)/gptlab train --config configs/demo.yaml --tokenizer toy_data/tiny_sp \
+		--train_data toy_data/tiny_sp_train.txt --eval_data toy_data/tiny_sp_test.txt
+	@echo "---- a sample from the model ----"
+	$(BIN)/gptlab generate --model_path "$$(ls -t $(DEMO_DIR)/*.pth | head -n 1)" \
+		--prompt "ROMEO:" --length 200 --temperature 0.8 --seed 1
+
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 

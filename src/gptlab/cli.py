@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,6 +146,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *config_classes: type[Base
             help_text = f"{field.description or ''} (default: {field.default})".strip()
             if field.annotation is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+            elif typing.get_origin(field.annotation) is typing.Literal:
+                group.add_argument(f"--{name}", choices=typing.get_args(field.annotation), help=help_text)
             else:
                 group.add_argument(f"--{name}", metavar=name.upper(), help=help_text)
 
