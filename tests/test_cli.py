@@ -211,3 +211,19 @@ def test_failed_run_keeps_existing_checkpoint(checkpoint: Path, workdir: Path, c
     before = checkpoint.read_bytes()
     run_error(tiny_train_args(workdir, "--n_heads", "5"), capsys)
     assert checkpoint.read_bytes() == before
+
+
+def test_export_safetensors_then_generate_and_eval_from_the_directory(checkpoint: Path, workdir: Path, capsys) -> None:
+    out = workdir / "exported"
+    assert main(["export", "--model_path", str(checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["--prompt", "KING:", "--length", "12", "--seed", "5"]
+    assert main(["generate", "--model_path", str(checkpoint), *argv]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--model_path", str(out), *argv]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+    assert main(["eval", "--model_path", str(out), "--data", str(workdir / "eval.txt")]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    assert "not empty" in run_error(
+        ["export", "--model_path", str(checkpoint), "--format", "safetensors", "--out", str(out)], capsys
+    )

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, read_config_file, validated
 from gptlab.errors import GptlabError
+from gptlab.interop.cli_commands import add_export_parser
 from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
 from gptlab.tokenizers.corpus import read_corpus
 
@@ -229,7 +230,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="sample text from a trained GPT",
         description="Sample text from a checkpoint, which carries the model's shape and its tokenizer.",
     )
-    parser.add_argument("--model_path", required=True, help="a .pth checkpoint written by gptlab train")
+    parser.add_argument("--model_path", required=True, help="a .pth checkpoint, or a directory from `gptlab export --format safetensors`")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument("--length", "--max_new_tokens", dest="max_new_tokens", help="tokens to generate (default: 200)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -244,10 +245,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from gptlab.device import resolve_device
     from gptlab.generation import stream_text
-    from gptlab.training import load_model
 
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
-    model, tokenizer, _ = load_model(args.model_path, resolve_device(args.device))
+    model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device))
     check_against_checkpoint(args, model.config, tokenizer)
     notice = lambda message: print(f"note: {message}", file=sys.stderr)  # noqa: E731
     for i in range(sample_cfg.num_samples):
@@ -258,6 +258,18 @@ def _generate(args: argparse.Namespace) -> None:
         for piece in stream_text(model, tokenizer, args.prompt, sample_cfg.model_copy(update={"seed": seed}), notice):
             print(piece, end="", flush=True)
         print()
+
+
+def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
+    """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export --format safetensors`."""
+    from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
+    from gptlab.training import load_model
+
+    if is_safetensors_dir(path):
+        model, tokenizer, _ = load_safetensors_dir(path, device)
+    else:
+        model, tokenizer, _ = load_model(path, device)
+    return model, tokenizer
 
 
 def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -289,10 +301,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from gptlab.data import TokenDataset, resolve_data
     from gptlab.device import resolve_device
-    from gptlab.training import evaluate, load_model
+    from gptlab.training import evaluate
 
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(args.model_path, device)
+    model, tokenizer = load_trained_model(args.model_path, device)
     dataset = TokenDataset(resolve_data(args.data, tokenizer), model.config.seq_len)
     result = evaluate(model, dataset, args.batch_size, args.max_batches, device)
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
@@ -308,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_generate_parser(subparsers)
     add_eval_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,22 @@
+"""Interoperability with Hugging Face: export to transformers and safetensors, import GPT-2.
+
+- `export_hf`: a GPT as a transformers directory (GPT2LMHeadModel or LlamaForCausalLM layout)
+  with its tokenizer as Hugging Face files, same logits and same ids.
+- `export_safetensors` / `load_safetensors_dir`: gptlab's own directory, for any GPT.
+- `init_model_from_hf`: a local Hugging Face GPT-2 directory as our GPT and tokenizer.
+"""
+
+from gptlab.interop.hf_export import export_hf, hf_architecture
+from gptlab.interop.hf_import import init_model_from_hf
+from gptlab.interop.hf_tokenizer import hf_tokenizer_files
+from gptlab.interop.safetensors_io import export_safetensors, is_safetensors_dir, load_safetensors_dir
+
+__all__ = [
+    "export_hf",
+    "export_safetensors",
+    "hf_architecture",
+    "hf_tokenizer_files",
+    "init_model_from_hf",
+    "is_safetensors_dir",
+    "load_safetensors_dir",
+]
