@@ -2,7 +2,8 @@
 
 A prepared directory holds `tokens_00000.bin`, `tokens_00001.bin`, ... (raw little-endian ids,
 an <EOS> after each document) and `meta.json`, which says how to read them and which
-tokenizer made them. `datasets.py` reads it back.
+tokenizer made them. `datasets.py` reads it back; `sources.py` reads the text and
+`parallel.py` tokenizes it in worker processes.
 """
 
 from __future__ import annotations
@@ -12,15 +13,24 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from gptlab.data.parallel import encode_groups
+from gptlab.data.sources import DEFAULT_PIECE_BYTES, can_split, group_segments, read_segments, source_files
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import Tokenizer
-from gptlab.tokenizers.corpus import corpus_files, read_text_file
+from gptlab.tokenizers.corpus import corpus_files
 
 FORMAT, VERSION = "gptlab-tokens", 1
 META_NAME = "meta.json"
@@ -55,12 +65,12 @@ class ShardWriter:
     """Appends token arrays to numbered shard files of at most `shard_tokens` ids each.
 
     Ids go straight to the open file, so memory holds only the array being appended; callers
-    stream documents (files now, JSONL records later) through `append` one at a time.
+    stream the corpus through `append` a piece at a time.
     """
 
     def __init__(self, directory: Path, dtype: str, shard_tokens: int = DEFAULT_SHARD_TOKENS):
         if shard_tokens <= 0:
-            raise ValueError("shard_tokens must be positive")
+            raise GptlabError(f"shard_tokens must be positive, got {shard_tokens}")
         self.directory, self.dtype, self.shard_tokens = directory, _DTYPES[dtype], shard_tokens
         self.shards: list[str] = []
         self.lengths: list[int] = []
@@ -95,15 +105,9 @@ class ShardWriter:
         self.close()
 
 
-def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """The ids of one document followed by <EOS>, checked against the vocabulary."""
-    ids = np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-        bad = ids[(ids < 0) | (ids >= tokenizer.vocab_size)][0]
-        raise GptlabError(
-            f"tokenizer produced id {bad} outside its vocabulary of {tokenizer.vocab_size}; check its files"
-        )
-    return ids
+def default_workers() -> int:
+    """Worker processes `prepare` uses unless told: one per core, at most 4."""
+    return min(4, os.cpu_count() or 1)
 
 
 # ---- prepare ----------------------------------------------------------------------------
@@ -113,17 +117,27 @@ def prepare(
     out_dir: str | Path,
     progress: bool = True,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    *,
+    workers: int | None = None,
+    jsonl_field: str | None = None,
+    piece_bytes: int = DEFAULT_PIECE_BYTES,
 ) -> Path:
-    """Tokenize the text files and directories in `sources` into `out_dir` and return it.
+    """Tokenize the files and directories in `sources` into `out_dir` and return it.
 
-    Files are found and read by the tokenizer's corpus rules (gptlab.tokenizers.corpus: `*.txt`
-    found recursively and sorted, invalid UTF-8 replaced with a warning, binary files refused);
-    each file is one document followed by <EOS>. The directory is built beside `out_dir` and
-    renamed into place only when complete, so a failure leaves nothing half-written; an
-    existing prepared directory at `out_dir` is replaced.
+    Text files are found and read by the corpus rules (gptlab.tokenizers.corpus: `*.txt` found
+    recursively and sorted, invalid UTF-8 replaced with a warning, binary files refused) and
+    each is one document followed by <EOS>. With `jsonl_field`, sources are JSONL files
+    (directories give their `*.jsonl` files) and each line's `jsonl_field` string is a document.
+
+    Text is read in pieces of about `piece_bytes` and tokenized by `workers` processes
+    (default: default_workers(); a corpus of one piece is done in this process), so memory is
+    bounded whatever the corpus size and the ids are the same whatever the worker count.
+    The directory is built beside `out_dir` and renamed into place only when complete, so a
+    failure leaves nothing half-written; an existing prepared directory at `out_dir` is replaced.
     """
+    _check_options(shard_tokens, workers, jsonl_field, piece_bytes)
     out_dir = Path(out_dir)
-    files = corpus_files(sources)
+    files = source_files(sources, jsonl_field)
     _check_replaceable(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +145,9 @@ def prepare(
     except OSError as err:
         raise GptlabError(f"cannot write {out_dir} ({err.strerror}); choose a writable output directory") from None
     try:
-        meta = _write_shards(files, tokenizer, build_dir, progress, shard_tokens)
+        meta = _write_shards(
+            files, tokenizer, build_dir, progress, shard_tokens, workers or default_workers(), jsonl_field, piece_bytes
+        )
         (build_dir / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _move_into_place(build_dir, out_dir)
     except BaseException:
@@ -140,35 +156,54 @@ def prepare(
     return out_dir
 
 
+def _check_options(shard_tokens: int, workers: int | None, jsonl_field: str | None, piece_bytes: int) -> None:
+    if shard_tokens <= 0:
+        raise GptlabError(f"shard_tokens must be positive, got {shard_tokens}; pass e.g. --shard_tokens 100000000")
+    if workers is not None and workers <= 0:
+        raise GptlabError(f"workers must be at least 1, got {workers}; pass e.g. --workers {default_workers()}")
+    if jsonl_field is not None and not jsonl_field:
+        raise GptlabError("jsonl_field is empty; name the JSON field that holds each document's text, e.g. text")
+    if piece_bytes <= 0:
+        raise GptlabError(f"piece_bytes must be positive, got {piece_bytes}")
+
+
 def _write_shards(
-    files: list[Path], tokenizer: Tokenizer, build_dir: Path, progress: bool, shard_tokens: int
+    files: list[Path],
+    tokenizer: Tokenizer,
+    build_dir: Path,
+    progress: bool,
+    shard_tokens: int,
+    workers: int,
+    jsonl_field: str | None,
+    piece_bytes: int,
 ) -> dict[str, Any]:
     dtype = token_dtype(tokenizer.vocab_size)
     sources: list[dict[str, Any]] = []
-    stats = [path.stat() for path in files]
-    total_size = sum(s.st_size for s in stats)
+    for path in files:
+        stat = path.stat()  # before reading: a file changed meanwhile makes the cache stale, not wrong
+        counts = {"bytes": 0, "tokens": 0, "documents": 0}  # filled in as its pieces are tokenized
+        sources.append({"path": str(path.resolve()), **counts, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    total_size = sum(s["size"] for s in sources)
+    if total_size <= piece_bytes:
+        workers = 1  # a single piece of work: starting processes would cost more than they save
+    segments = read_segments(files, jsonl_field, piece_bytes, split=can_split(tokenizer))
     with (
         ShardWriter(build_dir, dtype, shard_tokens) as writer,
         tqdm(total=total_size, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar,
     ):
-        for path, stat in zip(files, stats):
-            text = read_text_file(path)
-            ids = document_ids(tokenizer, text) if text else np.empty(0, dtype=np.int64)
+        for group, ids, counts in encode_groups(tokenizer, group_segments(segments, piece_bytes), dtype, workers):
             writer.append(ids)
-            sources.append(
-                {
-                    "path": str(path.resolve()),
-                    "bytes": len(text.encode("utf-8")),
-                    "tokens": int(ids.size),
-                    "size": stat.st_size,
-                    "mtime_ns": stat.st_mtime_ns,
-                }
-            )
-            bar.update(stat.st_size)
+            for segment, count in zip(group, counts):
+                source = sources[segment.source]
+                source["bytes"] += segment.text_bytes
+                source["tokens"] += count
+                source["documents"] += segment.ends_document
+            bar.update(sum(segment.file_bytes for segment in group))
     num_tokens = sum(writer.lengths)
     if num_tokens == 0:
-        where = ", ".join(str(p) for p in files) if files else "the given directories (no .txt files)"
-        raise GptlabError(f"no text found in {where}; pass non-empty text files")
+        kind, suffix = ("JSONL documents", ".jsonl") if jsonl_field else ("text", ".txt")
+        where = ", ".join(str(p) for p in files) if files else f"the given directories (no {suffix} files)"
+        raise GptlabError(f"no {kind} found in {where}; pass non-empty files")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -178,6 +213,7 @@ def _write_shards(
         "dtype": dtype,
         "num_tokens": num_tokens,
         "num_bytes": sum(s["bytes"] for s in sources),
+        "jsonl_field": jsonl_field,
         "sources": sources,
         "shards": writer.shards,
         "shard_lengths": writer.lengths,
@@ -251,7 +287,7 @@ def numpy_dtype(meta: dict[str, Any]) -> np.dtype:
 
 
 # ---- resolve_data: prepared data, or text prepared on the fly and cached -----------------
-def resolve_data(path: str | Path, tokenizer: Tokenizer, progress: bool = True) -> Path:
+def resolve_data(path: str | Path, tokenizer: Tokenizer, progress: bool = True, workers: int | None = None) -> Path:
     """A prepared directory for `path`, encoded by `tokenizer`.
 
     `path` is either prepared data (a directory with meta.json, whose tokenizer must match) or
@@ -260,6 +296,9 @@ def resolve_data(path: str | Path, tokenizer: Tokenizer, progress: bool = True) 
     source files (list, sizes, mtimes) are unchanged, and re-prepare it otherwise. When the
     directory next to the data is not writable, the cache goes under ~/.cache/gptlab/data/
     ($XDG_CACHE_HOME/gptlab/data/ when that is set).
+
+    Safe under concurrent processes (the ranks of one torchrun job): one prepares the cache
+    while holding a lock beside it, the others wait and then use its result.
     """
     path = Path(path)
     if not path.exists():
@@ -277,7 +316,10 @@ def resolve_data(path: str | Path, tokenizer: Tokenizer, progress: bool = True) 
             return cache
     for cache in candidates:
         if _is_writable(cache.parent):
-            return prepare([path], tokenizer, cache, progress=progress)
+            with _exclusive_lock(cache):
+                if _is_fresh(cache, files, fingerprint):  # prepared by another process while this one waited
+                    return cache
+                return prepare([path], tokenizer, cache, progress=progress, workers=workers)
     raise GptlabError(
         f"cannot write a token cache beside {path} nor under {candidates[-1].parent}; "
         "prepare it with `gptlab prepare` into a writable directory"
@@ -324,3 +366,20 @@ def _is_writable(directory: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextmanager
+def _exclusive_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a hidden file beside `target` (released if the process dies).
+    Without fcntl (Windows) there is no lock, and a race only costs duplicated work: each
+    process still renames a complete directory into place."""
+    if fcntl is None:
+        yield
+        return
+    lock_path = target.with_name(f".{target.name}.lock")
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
