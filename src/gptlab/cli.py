@@ -12,7 +12,7 @@ import sys
 import time
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, read_config_file, validated
 from gptlab.errors import GptlabError
 from gptlab.interop.cli_commands import add_export_parser
+from gptlab.serve.cli_commands import add_serve_parser
 from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
 from gptlab.tokenizers.corpus import read_corpus
 
@@ -147,6 +148,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *config_classes: type[Base
             help_text = f"{field.description or ''} (default: {field.default})".strip()
             if field.annotation is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
+            elif typing.get_origin(field.annotation) is list:
+                group.add_argument(f"--{name}", action="append", metavar=name.upper(), help=f"{help_text}; repeatable")
             elif typing.get_origin(field.annotation) is typing.Literal:
                 group.add_argument(f"--{name}", choices=typing.get_args(field.annotation), help=help_text)
             else:
@@ -244,6 +247,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument("--length", "--max_new_tokens", dest="max_new_tokens", help="tokens to generate (default: 200)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument(
+        "--interactive", action="store_true",
+        help="read prompts in a loop and stream each answer (an empty line or Ctrl-D quits, Ctrl-C stops an answer)",
+    )
     add_config_flags(parser, SampleConfig, skip=("max_new_tokens",))
     add_tokenizer_flags(parser, "--tokenizer_path", required=False)
     shape = parser.add_argument_group("checks against the checkpoint (optional; a value that differs is an error)")
@@ -254,20 +261,37 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from gptlab.device import resolve_device
-    from gptlab.generation import stream_text
+    from gptlab.generation import stream_batch
 
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
     model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device))
     check_against_checkpoint(args, model.config, tokenizer)
-    notice = lambda message: print(f"note: {message}", file=sys.stderr)  # noqa: E731
-    for i in range(sample_cfg.num_samples):
-        if i:
-            print("\n" + "-" * 40)
-        seed = None if sample_cfg.seed is None else sample_cfg.seed + i
-        print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, args.prompt, sample_cfg.model_copy(update={"seed": seed}), notice):
+    if args.interactive:
+        from gptlab.serve import run_interactive
+
+        run_interactive(model, tokenizer, sample_cfg)
+        return
+    pieces = stream_batch(model, tokenizer, [args.prompt], sample_cfg, notice=_notice)
+    print_samples(pieces, args.prompt, sample_cfg.num_samples)
+
+
+def print_samples(pieces: Iterable[tuple[int, str]], prompt: str, num_samples: int) -> None:
+    """Print the first sample as it is produced and the others, from the same batch, after it."""
+    later: dict[int, list[str]] = {row: [] for row in range(1, num_samples)}
+    print(prompt, end="", flush=True)
+    for row, piece in pieces:
+        if row == 0:
             print(piece, end="", flush=True)
-        print()
+        else:
+            later[row].append(piece)
+    print()
+    for row in range(1, num_samples):
+        print("-" * 40)
+        print(prompt + "".join(later[row]))
+
+
+def _notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
@@ -331,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

@@ -22,8 +22,12 @@ class _Config(BaseModel):
 
 
 class ModelConfig(_Config):
-    """The shape of a GPT. Stored in every checkpoint, so generation never re-types it."""
+    """The shape of a GPT or an encoder-decoder Transformer. Stored in every checkpoint, so
+    generation never re-types it."""
 
+    model: Literal["gpt", "transformer"] = Field(
+        "gpt", description="gpt (decoder-only, text) or transformer (encoder-decoder, source/target pairs)."
+    )
     embed_dim: int = Field(384, gt=0, description="Width of the residual stream.")
     tgt_vocab_size: int | None = Field(
         None, gt=0, description="Embedding rows; None means the tokenizer's vocabulary size."
@@ -40,6 +44,21 @@ class ModelConfig(_Config):
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalisation layers.")
+    # Encoder-decoder only (model=transformer); seq_len is then the longest target.
+    num_encoder_layers: int | None = Field(None, gt=0, description="Transformer encoder depth; None means num_layers.")
+    num_decoder_layers: int | None = Field(None, gt=0, description="Transformer decoder depth; None means num_layers.")
+    shared_embeddings: bool = Field(True, description="Transformer: one token table for source and target.")
+    max_source_len: int | None = Field(
+        None, gt=0, description="Transformer: longest source in tokens (longer ones are truncated); None means seq_len."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transformer_positions(cls, values: Any) -> Any:
+        # "Attention Is All You Need" adds sinusoids; that is the Transformer's default, RoPE the GPT's.
+        if isinstance(values, dict) and values.get("model") == "transformer" and "pos_encoding" not in values:
+            return {**values, "pos_encoding": "sinusoidal"}
+        return values
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -53,12 +72,27 @@ class ModelConfig(_Config):
     def head_dim(self) -> int:
         return self.embed_dim // self.n_heads
 
+    @property
+    def encoder_layers(self) -> int:
+        return self.num_encoder_layers or self.num_layers
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def source_len(self) -> int:
+        return self.max_source_len or self.seq_len
+
 
 class DatasetConfig(_Config):
     """How windows of the token file are batched."""
 
     batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
     shuffle: bool = Field(True, description="Reorder the windows every epoch (seeded).")
+    skip_bad_lines: bool = Field(
+        False, description="Paired data: skip malformed lines with a warning instead of refusing the file."
+    )
 
 
 class TrainConfig(_Config):
@@ -72,6 +106,9 @@ class TrainConfig(_Config):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Training loss target: this much probability spread over all tokens."
+    )
     eval_interval: int = Field(500, gt=0, description="Evaluate every this many steps (and at each epoch end).")
     eval_batches: int = Field(20, gt=0, description="Batches per evaluation.")
     checkpoint_every: int = Field(5, gt=0, description="Save a checkpoint every this many epochs.")
@@ -97,15 +134,44 @@ class TrainConfig(_Config):
 
 
 class SampleConfig(_Config):
-    """How text is sampled from a trained model."""
+    """How text is sampled from a trained model.
+
+    The logits are shaped in this order: repetition penalty, temperature, top-k, top-p, min-p;
+    greedy (or temperature 0) then takes the most likely token instead of drawing one.
+    """
 
     max_new_tokens: int = Field(200, gt=0, description="Tokens to generate.")
-    temperature: float = Field(1.0, ge=0, description="0 means greedy.")
+    temperature: float = Field(1.0, ge=0, description="Divide the logits by this; 0 means greedy.")
     top_k: int | None = Field(None, gt=0, description="Keep only the k most likely tokens.")
     top_p: float | None = Field(None, gt=0, le=1, description="Keep the smallest set with this total probability.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Make tokens already in the text less likely (CTRL); 1 is off, 1.1-1.3 typical."
+    )
     greedy: bool = Field(False, description="Always take the most likely token.")
-    num_samples: int = Field(1, gt=0, description="Independent samples of the same prompt.")
+    num_samples: int = Field(1, gt=0, description="Independent samples of the same prompt, generated as one batch.")
     seed: int | None = Field(None, description="Seed for reproducible samples.")
+    window_keep: int | None = Field(
+        None, gt=0, description="When the text outgrows the context, continue from its last this many tokens "
+        "(default seq_len/2; seq_len = a sliding window, slower).",
+    )
+    stop: list[str] = Field(
+        default_factory=list, description="Stop when the text contains one of these (not included in the output)."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `--stop "x"` on the command line
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if "" in value:
+            raise ValueError("a stop string must not be empty")
+        return value
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")

@@ -1,5 +1,6 @@
-"""Model definitions: the GPT and the blocks it is built from."""
+"""Model definitions: the GPT, the blocks it is built from, and the KV cache it decodes with."""
 
 from gptlab.models.gpt import GPT
+from gptlab.models.kv_cache import KVCache
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "KVCache"]

@@ -1,7 +1,8 @@
 """The parts a Transformer is built from: norms, positional encodings, attention, MLP, block.
 
-Every tensor inside attention is kept in the (B, n_heads, T, head_dim) layout and every
-positional encoding takes a `start_pos`, so a KV cache can be added later without reshaping.
+Every tensor inside attention is kept in the (B, n_heads, T, head_dim) layout, the layout of
+the KV cache (models/kv_cache.py). Positional encodings take a `start_pos` (every row at the
+same offset) or a (B, T) tensor of `positions` (left-padded rows, each starting at 0).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import ModelConfig
+from gptlab.models.kv_cache import KVCache
 
 try:  # optional, `pip install gptlab[flash]`; PyTorch's SDPA is used otherwise
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim // 2)
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, hs/2) or (B, 1, T, hs/2)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -40,8 +42,10 @@ class LearnedPositions(nn.Module):
         self.weight = nn.Parameter(torch.empty(seq_len, dim))
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
 
-    def forward(self, T: int, start_pos: int = 0) -> torch.Tensor:
-        """Vectors of positions start_pos .. start_pos+T-1: (T, dim)."""
+    def forward(self, T: int, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of positions start_pos .. start_pos+T-1: (T, dim); or of `positions` (B, T): (B, T, dim)."""
+        if positions is not None:
+            return self.weight[positions]
         return self.weight[start_pos : start_pos + T]
 
 
@@ -59,8 +63,10 @@ class SinusoidalPositions(nn.Module):
         # Not persistent: it is a function of the config, so checkpoints need not carry it.
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, T: int, start_pos: int = 0) -> torch.Tensor:
-        """Vectors of positions start_pos .. start_pos+T-1: (T, dim)."""
+    def forward(self, T: int, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of positions start_pos .. start_pos+T-1: (T, dim); or of `positions` (B, T): (B, T, dim)."""
+        if positions is not None:
+            return self.table[positions]
         return self.table[start_pos : start_pos + T]
 
 
@@ -76,14 +82,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, T: int, start_pos: int = 0) -> RopeTables:
-        """cos and sin of positions start_pos .. start_pos+T-1, each (T, head_dim/2)."""
+    def forward(self, T: int, start_pos: int = 0, positions: torch.Tensor | None = None) -> RopeTables:
+        """cos and sin of positions start_pos .. start_pos+T-1, each (T, hs/2); or of
+        `positions` (B, T), each (B, 1, T, hs/2) to broadcast over the heads."""
+        if positions is not None:
+            return self.cos[positions][:, None], self.sin[positions][:, None]
         return self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
 
 
 def apply_rotary(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """Rotate x (B, nh, T, hs) by the angles in rope; same shape and dtype out."""
-    cos, sin = (table.to(x.dtype) for table in rope)  # (T, hs/2), broadcast over B and nh
+    cos, sin = (table.to(x.dtype) for table in rope)  # (T, hs/2) or (B, 1, T, hs/2), broadcast
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -102,27 +111,42 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RopeTables | None = None, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens; their keys and
+        values are stored in slot `layer` of the cache and they attend to every slot before them."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         hs = C // self.n_heads
         q, k, v = (t.view(B, T, self.n_heads, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        y = self.attend(q, k, v)  # (B, nh, T, hs)
+        mask = None
+        if kv_cache is not None:
+            k, v = kv_cache.store(layer, k, v)  # (B, nh, S, hs), S = slots so far
+            mask = kv_cache.mask
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hs) + causal mask) v, all (B, nh, T, hs)."""
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs) + mask) v: q (B, nh, T, hs), k and v (B, nh, S, hs).
+
+        Without a mask, T > 1 queries are causal from slot 0 (S == T) and one query sees all S
+        keys; a KVCache supplies the mask in every other case (padding, a chunk after a past).
+        """
         dropout_p = self.dropout if self.training else 0.0
-        if use_flash_attn(q):
+        is_causal = mask is None and q.size(2) > 1
+        if mask is None and use_flash_attn(q):
             out = flash_attn_func(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=is_causal
             )
             return out.transpose(1, 2)  # flash_attn works in (B, T, nh, hs)
         # On CUDA, PyTorch picks its own flash / memory-efficient kernel here.
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 def use_flash_attn(q: torch.Tensor) -> bool:
@@ -175,6 +199,8 @@ class Block(nn.Module):
         self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope)  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, rope: RopeTables | None = None, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, kv_cache, layer)  # (B, T, C)
         return x + self.mlp(self.norm_2(x))

@@ -12,6 +12,7 @@ from torch import nn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.blocks import Block, LearnedPositions, RotaryEmbedding, SinusoidalPositions, make_norm
+from gptlab.models.kv_cache import KVCache
 
 
 class GPT(nn.Module):
@@ -56,33 +57,60 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos+T-1.
 
         With targets (B, T), also the mean cross-entropy over positions whose target is not -100.
+        With a kv_cache, idx holds only the tokens after those already in the cache: they take
+        the next slots (start_pos is then the cache's length) and attend to the cached ones.
+        last_only=True computes the logits of the last position only, (B, 1, V): all that
+        generation needs, and it spares the output head's work on a long prompt.
         """
         if idx.dim() != 2:
             raise GptlabError(f"GPT expects token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         T = idx.size(1)
+        if kv_cache is not None:
+            start_pos = kv_cache.length
         if start_pos < 0 or start_pos + T > self.config.seq_len:
             raise GptlabError(
                 f"positions {start_pos}..{start_pos + T - 1} exceed the model's context of seq_len="
                 f"{self.config.seq_len} tokens; pass at most {self.config.seq_len} tokens"
             )
+        positions = kv_cache.start(T) if kv_cache is not None else None  # (B, T) for padded rows
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(T, start_pos)  # (T, C) broadcast over the batch
+            x = x + self.wpe(T, start_pos, positions)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.drop(x)
-        rope = self.rotary(T, start_pos) if self.rotary is not None else None
-        for block in self.blocks:
-            x = block(x, rope)  # (B, T, C)
+        rope = self.rotary(T, start_pos, positions) if self.rotary is not None else None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, kv_cache, layer)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
         # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def new_kv_cache(
+        self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None
+    ) -> KVCache:
+        """An empty KVCache for this model: `batch` rows of up to max_len (default seq_len) slots,
+        on the model's device and in its dtype; pad (B,) counts each row's leading <PAD> slots."""
+        cfg, weight = self.config, self.wte.weight
+        return KVCache(
+            batch, cfg.num_layers, cfg.n_heads, max_len or cfg.seq_len, cfg.head_dim,
+            dtype=weight.dtype, device=weight.device, pad=pad,
+        )  # fmt: skip
 
     # ---- sizes and costs ---------------------------------------------------------------------
 

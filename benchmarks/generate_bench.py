@@ -1,0 +1,128 @@
+"""Generation benchmark: gptlab's KV-cache decoding beside Hugging Face's, same weights, one run.
+
+    python benchmarks/generate_bench.py [--tokens 500] [--threads 1] [--repeats 5] [--device cpu]
+
+For each model size, a random Hugging Face `GPT2LMHeadModel` (vocab 8192, 1024 positions) is
+loaded into gptlab with `GPT.from_hf_gpt2`, so both decode with identical weights. Batch 1,
+a 1-token prompt, greedy, exactly --tokens new tokens. Timed:
+  - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device);
+  - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
+  - gptlab without cache: every step a forward pass over the whole text (the naive loop).
+Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
+machine may be shared; the best run is the least disturbed). One thread by default: on a small
+shared CPU, thread hand-offs cost more than a batch-1 step's arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gptlab.config import ModelConfig, SampleConfig
+from gptlab.generation import generate_token_ids
+from gptlab.models import GPT
+
+VOCAB, POSITIONS = 8192, 1024
+SIZES = [(4, 128, 4), (6, 384, 6)]  # (layers, width, heads)
+
+
+def make_models(layers: int, width: int, heads: int, device: torch.device):
+    """A random HF GPT-2 and the gptlab GPT holding the same weights, both in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=POSITIONS, n_embd=width, n_layer=layers, n_head=heads,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    ours_config = ModelConfig(
+        embed_dim=width, n_heads=heads, num_layers=layers, seq_len=POSITIONS, tgt_vocab_size=VOCAB,
+        dropout=0.0, bias=True, pos_encoding="learned", norm="layernorm", activation="gelu", tie_embeddings=True,
+    )  # fmt: skip
+    ours = GPT.from_hf_gpt2(hf.state_dict(), ours_config).eval()
+    return hf.to(device), ours.to(device)
+
+
+def run_ours(model: GPT, prompt: list[int], n: int) -> list[int]:
+    cfg = SampleConfig(greedy=True, max_new_tokens=n)
+    return [step[0] for step in generate_token_ids(model, [prompt], cfg, pad_id=0)]
+
+
+@torch.inference_mode()
+def run_ours_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.wte.weight.device)  # (1, T)
+    for _ in range(n):
+        logits, _ = model(ids[:, -model.config.seq_len :])
+        ids = torch.cat([ids, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+@torch.inference_mode()
+def run_hf(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), use_cache=True, do_sample=False,
+        max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tuple[float, list[int]]]:
+    """For each named run(), the shortest wall time of `repeats` calls and its tokens. The runs
+    take turns, so that a burst of other work on the machine slows them alike."""
+    best = {name: (float("inf"), []) for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], (time.perf_counter() - start, tokens), key=lambda pair: pair[0])
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=500, help="new tokens per run (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the best counts")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--no_cache_repeats", type=int, default=1, help="runs of the slow no-cache loop (0 skips it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device, n, prompt = torch.device(args.device), args.tokens, [1]
+
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+          f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
+          f"vocab {VOCAB}, n_positions {POSITIONS}\n")  # fmt: skip
+    print("| model | gptlab tok/s | HF tok/s | gptlab / HF | no-cache tok/s | cache / no-cache | same tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for layers, width, heads in SIZES:
+        hf, ours = make_models(layers, width, heads, device)
+        run_ours(ours, prompt, 20), run_hf(hf, prompt, 20)  # warm up both
+        timed = best_times(args.repeats, {
+            "ours": lambda: run_ours(ours, prompt, n), "hf": lambda: run_hf(hf, prompt, n),
+        }, device)  # fmt: skip
+        (ours_s, ours_tokens), (hf_s, hf_tokens) = timed["ours"], timed["hf"]
+        no_cache = "-", "-"
+        if args.no_cache_repeats:
+            slow = {"slow": lambda: run_ours_without_cache(ours, prompt, n)}
+            slow_s, slow_tokens = best_times(args.no_cache_repeats, slow, device)["slow"]
+            assert slow_tokens == ours_tokens, "the KV cache changed the greedy tokens"
+            no_cache = f"{n / slow_s:,.0f}", f"{slow_s / ours_s:.1f}x"
+        # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
+        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+        print(f"| {layers} layers x {width} | {n / ours_s:,.0f} | {n / hf_s:,.0f} | {hf_s / ours_s:.2f}x "
+              f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

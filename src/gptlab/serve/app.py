@@ -1,0 +1,193 @@
+"""The HTTP API and the playground page around one loaded model.
+
+    POST /v1/completions   OpenAI's completions request and response, whole or streamed (SSE)
+    GET  /v1/models        the one model served, as OpenAI's model list
+    GET  /health           liveness, load and limits
+    GET  /                 a page to type a prompt and watch the answer stream in
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gptlab.models import GPT
+from gptlab.serve.completions import ChoiceEnd, Piece
+from gptlab.serve.runner import Failed, Job, ModelRunner
+from gptlab.serve.schemas import (
+    ApiError,
+    CompletionMeta,
+    CompletionRequest,
+    ServeLimits,
+    choice,
+    error_body,
+    sse_event,
+    usage,
+)
+from gptlab.tokenizers.base import Tokenizer
+
+log = logging.getLogger("gptlab.serve")
+REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
+JSON_EXAMPLE = 'a JSON object like {"prompt": "Once upon a time", "max_tokens": 50}'
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
+
+
+def create_app(
+    model: GPT, tokenizer: Tokenizer, limits: ServeLimits | None = None, model_name: str = "gptlab"
+) -> FastAPI:
+    """A FastAPI app serving `model` (loaded once, by the caller) under the given limits."""
+    limits = limits or ServeLimits()
+    seq_len = model.config.seq_len
+    max_prompt_tokens = limits.max_prompt_tokens or seq_len
+    runner = ModelRunner(model, tokenizer, limits.max_concurrent)
+    page = resources.files("gptlab.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.shutdown()
+
+    app = FastAPI(title="gptlab", summary=f"completions from {model_name}", lifespan=lifespan)
+    app.state.runner = runner
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.kind, err.param), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        status, message, param = describe_validation_error(err.errors())
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok", "model": model_name, "context_tokens": seq_len, "in_flight": runner.in_flight,
+            "limits": {**limits.model_dump(), "max_prompt_tokens": max_prompt_tokens},
+        }  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "gptlab"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        cfg = body.sample_config()
+        prompts = body.prompts
+        check_request_size(len(prompts), body.n, body.max_tokens, limits)
+        # Encoding a long prompt takes a while: not on the event loop.
+        prompt_ids = await run_in_threadpool(encode_prompts, tokenizer, prompts, max_prompt_tokens, seq_len)
+        job = runner.submit(prompt_ids, cfg)
+        meta = CompletionMeta(model=model_name)
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = stream_events(job, meta, prompt_tokens, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return await whole_response(job, meta, len(prompts) * body.n, prompt_tokens)
+
+    return app
+
+
+def check_request_size(n_prompts: int, n: int, max_tokens: int, limits: ServeLimits) -> None:
+    """ApiError 400 when a request asks for more than the server's limits allow."""
+    if n_prompts == 0:
+        raise ApiError(400, "prompt is an empty list; send a string or a list of strings", param="prompt")
+    if n_prompts * n > limits.max_choices:
+        raise ApiError(
+            400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} completions; this server makes at most "
+            f"{limits.max_choices} per request (--max_choices): lower n or split the request", param="n",
+        )  # fmt: skip
+    if max_tokens > limits.max_tokens_limit:
+        raise ApiError(
+            400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens_limit} "
+            "(--max_tokens_limit); ask for fewer", param="max_tokens",
+        )  # fmt: skip
+
+
+def encode_prompts(
+    tokenizer: Tokenizer, prompts: Sequence[str], max_prompt_tokens: int, seq_len: int
+) -> list[list[int]]:
+    """Token ids of each prompt as the model reads them; ApiError 400 for one over the limit.
+
+    As in `gptlab generate`, an empty prompt starts a new document (<EOS>) and a prompt
+    longer than the context keeps its tail (only when --max_prompt_tokens allows it).
+    """
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        if len(ids) > max_prompt_tokens:
+            which = "prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise ApiError(
+                400, f"{which} is {len(ids)} tokens, over this server's limit of {max_prompt_tokens} "
+                "(--max_prompt_tokens); shorten it", param="prompt",
+            )  # fmt: skip
+        if len(ids) > seq_len:
+            log.info("prompt of %d tokens: keeping its last %d (the model's context)", len(ids), seq_len)
+        encoded.append(ids[-seq_len:] or [tokenizer.eos_id])
+    return encoded
+
+
+async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """The completion as server-sent events: a chunk per text piece, one with each choice's
+    finish_reason, the usage if asked for, then `data: [DONE]`."""
+    completion_tokens = 0
+    async for event in job.events():
+        if isinstance(event, Piece):
+            yield sse_event(meta.envelope([choice(event.index, event.text, None)]))
+        elif isinstance(event, ChoiceEnd):
+            completion_tokens += event.completion_tokens
+            yield sse_event(meta.envelope([choice(event.index, "", event.finish_reason)]))
+        elif isinstance(event, Failed):
+            yield sse_event(error_body(event.message, error_kind(event.status)))
+    if include_usage:
+        yield sse_event({**meta.envelope([]), "usage": usage(prompt_tokens, completion_tokens)})
+    yield sse_event("[DONE]")
+
+
+async def whole_response(job: Job, meta: CompletionMeta, n_choices: int, prompt_tokens: int) -> dict[str, Any]:
+    """The completion as one JSON object, once every choice has ended."""
+    texts = [""] * n_choices
+    ends: dict[int, ChoiceEnd] = {}
+    async for event in job.events():
+        if isinstance(event, Piece):
+            texts[event.index] += event.text
+        elif isinstance(event, ChoiceEnd):
+            ends[event.index] = event
+        elif isinstance(event, Failed):
+            raise ApiError(event.status, event.message, error_kind(event.status))
+    choices = [choice(i, texts[i], ends[i].finish_reason) for i in range(n_choices)]
+    completion_tokens = sum(end.completion_tokens for end in ends.values())
+    return {**meta.envelope(choices), "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def error_kind(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, str, str | None]:
+    """(status, one-line message, field) for a problem FastAPI found in a request body."""
+    # A value that fits one type of a union (stop: str | list[str]) fails the others on its
+    # type; the error that says what is wrong is the one about the type that fits.
+    first = next((error for error in errors if not error.get("type", "").endswith("_type")), errors[0])
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    field = str(location[0]) if location else None
+    if first.get("type") == "json_invalid":
+        return 400, f"the request body is not valid JSON; send {JSON_EXAMPLE}", None
+    if field is None:
+        return 422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json", None
+    if first.get("type") == "extra_forbidden":
+        return 422, f"unknown field {field!r}; the fields this server reads are {REQUEST_FIELDS}", field
+    return 422, f"{field}: {first.get('msg', 'invalid value')}", field

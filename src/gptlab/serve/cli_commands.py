@@ -1,0 +1,128 @@
+"""`gptlab serve` (the HTTP API and playground) and `gptlab generate --interactive` (a prompt loop).
+
+cli.py registers serve with one line in build_parser: `add_serve_parser(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from gptlab.config import SampleConfig, validated
+from gptlab.errors import GptlabError
+from gptlab.generation import stream_text
+from gptlab.models import GPT
+from gptlab.serve.schemas import ServeLimits
+from gptlab.tokenizers.base import Tokenizer
+
+INTERACTIVE_HELP = "Type a prompt and press Enter. Ctrl-C stops an answer; an empty line or Ctrl-D quits."
+
+
+# ---- gptlab serve ----------------------------------------------------------------------------
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`gptlab serve --model_path X [--host H] [--port P] [limits]`."""
+    parser = subparsers.add_parser(
+        "serve", help="serve a GPT over HTTP: OpenAI-style completions API and a playground page",
+        description=(
+            "Load a checkpoint once and serve it: POST /v1/completions (OpenAI's completions request and "
+            "response, streamed as server-sent events with \"stream\": true), GET /health, GET /v1/models, "
+            "and a page at / to try prompts in a browser."
+        ),
+    )  # fmt: skip
+    parser.add_argument(
+        "--model_path", required=True,
+        help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    limits = parser.add_argument_group("limits on requests (beyond them a request gets a 4xx saying why)")
+    for name, field in ServeLimits.model_fields.items():
+        default = "" if field.default is None else f" (default: {field.default})"
+        limits.add_argument(f"--{name}", type=int, help=f"{field.description}{default}")
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from gptlab.serve.app import create_app
+    except ImportError as err:
+        raise GptlabError(f"gptlab serve needs {err.name}; install it with: pip install 'gptlab[serve]'") from None
+    from gptlab.cli import load_trained_model  # here, not at the top: cli.py imports this module
+    from gptlab.device import resolve_device
+
+    given = {name: getattr(args, name) for name in ServeLimits.model_fields}
+    limits = validated(ServeLimits, {name: value for name, value in given.items() if value is not None})
+    if not 0 <= args.port <= 65535:
+        raise GptlabError(f"--port {args.port} is not a TCP port; pass 0 to 65535 (0 picks a free one)")
+    with listen(args.host, args.port) as listener:  # bound first: a taken port fails fast, before the slow load
+        model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device))
+        model_name = Path(args.model_path).stem
+        app = create_app(model, tokenizer, limits, model_name=model_name)
+        host, port = listener.getsockname()[:2]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"serving {model_name} at http://{shown_host}:{port}/ (API: /v1/completions; Ctrl-C stops)", flush=True)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[listener])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port, or GptlabError saying why it cannot."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except socket.gaierror:
+        raise GptlabError(f"cannot resolve --host {host}; pass an address such as 127.0.0.1 or 0.0.0.0") from None
+    except OSError as err:
+        raise GptlabError(
+            f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop the program using it"
+        ) from None
+
+
+# ---- gptlab generate --interactive -------------------------------------------------------------
+def run_interactive(
+    model: GPT,
+    tokenizer: Tokenizer,
+    cfg: SampleConfig,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO = sys.stdout,
+) -> None:
+    """Read prompts in a loop and stream each one's continuation (after the prompt) to `output`.
+
+    An empty line, end of input (Ctrl-D) or Ctrl-C at the prompt ends the loop; Ctrl-C during
+    an answer stops that answer only.
+    """
+    if input_fn is input:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    output.write(INTERACTIVE_HELP + "\n")
+    while True:
+        try:
+            prompt = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            output.write("\n")
+            return
+        if not prompt.strip():
+            return
+        output.write(prompt)
+        answer = stream_text(model, tokenizer, prompt, cfg, notice=lambda note: output.write(f"\n[note: {note}]\n"))
+        try:
+            for piece in answer:
+                output.write(piece)
+                output.flush()
+        except KeyboardInterrupt:
+            output.write(" [stopped]")
+        finally:
+            answer.close()
+        output.write("\n\n")
+        output.flush()

@@ -1,0 +1,124 @@
+"""What goes over the wire: the server's limits, the completion request (OpenAI's shape) and
+the JSON objects answered, whole or as server-sent-event chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gptlab.config import SampleConfig
+
+# Request field -> SampleConfig field, for the ones whose names differ.
+SAMPLE_FIELD_NAMES = {"max_tokens": "max_new_tokens", "n": "num_samples"}
+
+
+class ApiError(Exception):
+    """An HTTP error answered as OpenAI's error object; the message names the problem and the fix."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class ServeLimits(BaseModel):
+    """What one request may ask of the server; beyond it the answer is a 4xx with the reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Longest prompt in tokens (default: the model's context, seq_len)."
+    )
+    max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
+    max_concurrent: int = Field(4, gt=0, description="Requests queued or generating at once; more get 429.")
+    max_choices: int = Field(8, gt=0, description="Largest n times the number of prompts in one request.")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields, plus top_k, min_p and
+    repetition_penalty. Values are checked by building a SampleConfig (sample_config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None  # echoed as the served model's name: there is only one
+    prompt: str | list[str] = ""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit: each is checked per token
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted for compatibility, unused
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def sample_config(self) -> SampleConfig:
+        """The SampleConfig this request asks for; ApiError 400 naming the request's field."""
+        values: dict[str, Any] = {
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop or [], "n": self.n, "seed": self.seed,
+        }  # fmt: skip
+        try:
+            return SampleConfig(**{SAMPLE_FIELD_NAMES.get(name, name): value for name, value in values.items()})
+        except ValidationError as err:
+            first = err.errors()[0]
+            sample_name = str(first["loc"][0]) if first["loc"] else ""
+            request_name = {v: k for k, v in SAMPLE_FIELD_NAMES.items()}.get(sample_name, sample_name)
+            message = first["msg"].removeprefix("Value error, ")
+            raise ApiError(400, f"invalid value: {request_name}: {message}", param=request_name) from None
+
+
+@dataclass
+class CompletionMeta:
+    """What every object of one response repeats."""
+
+    model: str
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": choices,
+        }  # fmt: skip
+
+
+def choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def sse_event(payload: dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <json>` and a blank line."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
