@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # The CPU build is enough for the demo and the tests; override for CUDA, e.g. TORCH=torch.
 TORCH ?= torch==2.13.0
 DEMO_DIR := runs/demo
+SEQ2SEQ_DIR := runs/demo-seq2seq
 
-.PHONY: demo test test-slow clean
+.PHONY: demo demo-seq2seq test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,19 @@ demo: $(VENV)/.installed
 	@echo "---- a sample from the model ----"
 	$(BIN)/gptlab generate --model_path "$$(ls -t $(DEMO_DIR)/*.pth | head -n 1)" \
 		--prompt "ROMEO:" --length 200 --temperature 0.8 --seed 1
+
+# An encoder-decoder Transformer learns to write dates in words as ISO dates (toy_data/seq2seq).
+demo-seq2seq: $(VENV)/.installed
+	rm -rf $(SEQ2SEQ_DIR)
+	$(BIN)/gptlab train --model transformer --tokenizer toy_data/seq2seq/tokenizer \
+		--train_data toy_data/seq2seq/train.tsv --eval_data toy_data/seq2seq/test.tsv \
+		--embed_dim 64 --n_heads 4 --num_layers 2 --seq_len 12 --max_source_len 64 --dropout 0 \
+		--batch_size 64 --learning_rate 3e-3 --warmup_steps 100 --epochs 10 --eval_interval 1000 --eval_batches 8 \
+		--experiment_name dates --checkpoint_dir $(SEQ2SEQ_DIR) --checkpoint_every 10 --log_dir $(SEQ2SEQ_DIR)/runs --no_progress
+	@echo "---- held-out style examples ----"
+	@for s in "the fourth of july, nineteen seventy-six" "december 31, 1999" "1 january two thousand and one" \
+		"february twenty-ninth, twenty twenty-four"; do printf '%s  ->  ' "$$s"; \
+		$(BIN)/gptlab generate --model_path $(SEQ2SEQ_DIR)/dates_e10.pth --prompt "$$s" --beam_size 4; done
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

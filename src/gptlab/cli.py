@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, read_config_file, validated
 from gptlab.errors import GptlabError
 from gptlab.interop.cli_commands import add_export_parser
+from gptlab.seq2seq.cli import add_seq2seq_generate_flags, is_seq2seq_checkpoint, refuse_seq2seq_flags, run_generate_seq2seq
 from gptlab.serve.cli_commands import add_serve_parser
 from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
 from gptlab.tokenizers.corpus import read_corpus
@@ -170,8 +171,9 @@ def add_tokenizer_flags(parser: argparse.ArgumentParser, flag: str = "--tokenize
 # ---- gptlab train ----------------------------------------------------------------------------
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a GPT on text files",
-        description="Train a GPT. Raw .txt data is tokenized on the fly and cached next to it.",
+        "train", help="train a GPT on text files (or, with --model transformer, an encoder-decoder on pairs)",
+        description="Train a GPT on text (raw .txt is tokenized on the fly and cached next to it), or with "
+        "--model transformer an encoder-decoder Transformer on TSV (source<TAB>target) or JSONL pairs.",
     )
     add_tokenizer_flags(parser)
     parser.add_argument("--train_data", required=True, help="a .txt file, a directory of them, or a prepared directory")
@@ -253,6 +255,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_flags(parser, SampleConfig, skip=("max_new_tokens",))
     add_tokenizer_flags(parser, "--tokenizer_path", required=False)
+    add_seq2seq_generate_flags(parser)
     shape = parser.add_argument_group("checks against the checkpoint (optional; a value that differs is an error)")
     for flag in SHAPE_FLAGS:
         shape.add_argument(f"--{flag}", type=int)
@@ -263,6 +266,9 @@ def _generate(args: argparse.Namespace) -> None:
     from gptlab.device import resolve_device
     from gptlab.generation import stream_batch
 
+    if is_seq2seq_checkpoint(args.model_path):
+        return run_generate_seq2seq(args)
+    refuse_seq2seq_flags(args)
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
     model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device))
     check_against_checkpoint(args, model.config, tokenizer)

@@ -1,6 +1,6 @@
-"""Training GPTs: the loop, the optimizer and schedule, checkpoints and metrics."""
+"""Training GPTs and encoder-decoder Transformers: the loop, the optimizer and schedule, checkpoints and metrics."""
 
-from gptlab.training.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from gptlab.training.checkpoint import Checkpoint, load_checkpoint, load_model, load_transformer, save_checkpoint
 from gptlab.training.metrics import EvalResult, evaluate
 from gptlab.training.trainer import Trainer, TrainResult, train
 
@@ -12,6 +12,7 @@ __all__ = [
     "evaluate",
     "load_checkpoint",
     "load_model",
+    "load_transformer",
     "save_checkpoint",
     "train",
 ]

@@ -3,7 +3,7 @@
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(path,
 weights_only=True)` reads it and loading never unpickles arbitrary objects:
 
-    {"format": "gptlab-checkpoint", "version": 1, "model_type": "gpt",
+    {"format": "gptlab-checkpoint", "version": 1, "model_type": "gpt" | "transformer",
      "model_config": dict, "data_config": dict, "train_config": dict,
      "tokenizer": {"kind": str, "files": {name: bytes}},
      "model": state_dict, "optimizer": state_dict | None, "step": int, "epoch": int,
@@ -27,6 +27,7 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_path
 from gptlab.models import GPT
+from gptlab.models.transformer import Transformer
 from gptlab.tokenizers import tokenizer_from_files
 from gptlab.tokenizers.base import Tokenizer
 
@@ -82,7 +83,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model_type": "gpt",
+        "model_type": model_cfg.model,
         "model_config": model_cfg.model_dump(),
         "data_config": data_cfg.model_dump(),
         "train_config": train_cfg.model_dump(),
@@ -121,8 +122,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise GptlabError(
             f"{path} is an incomplete gptlab checkpoint (no {', '.join(missing)}); re-save it with gptlab"
         )
+    model_config = _config(ModelConfig, raw["model_config"], path)
+    if raw["model_type"] != model_config.model:
+        raise GptlabError(
+            f"{path} says model_type {raw['model_type']!r} but its config says {model_config.model!r}; "
+            "the checkpoint is inconsistent, re-save it with gptlab"
+        )
     return Checkpoint(
-        model_config=_config(ModelConfig, raw["model_config"], path),
+        model_config=model_config,
         data_config=_config(DatasetConfig, raw["data_config"], path),
         train_config=_config(TrainConfig, raw["train_config"], path),
         tokenizer=_tokenizer(raw["tokenizer"], path),
@@ -139,17 +146,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     """The GPT stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     if checkpoint.model_type != "gpt":
-        raise GptlabError(f"{path} holds a {checkpoint.model_type!r} model, not a GPT; load it with its own command")
+        raise GptlabError(
+            f"{path} holds an encoder-decoder Transformer, not a GPT; pass a GPT checkpoint "
+            "(`gptlab generate` decodes Transformer checkpoints too)"
+        )
+    return _built(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+
+
+def load_transformer(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer, Checkpoint]:
+    """The encoder-decoder Transformer stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    if checkpoint.model_type != "transformer":
+        raise GptlabError(
+            f"{path} holds a GPT, not an encoder-decoder Transformer; pass a checkpoint trained with "
+            "--model transformer"
+        )
+    return _built(Transformer, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+
+
+def _built(cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, device: str | torch.device) -> nn.Module:
+    """A `cls` model of the checkpoint's config holding its weights, on `device`, in eval mode."""
     vocab = checkpoint.model_config.tgt_vocab_size
     if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
         raise GptlabError(
             f"{path}: model vocabulary ({vocab}) is smaller than its tokenizer's "
             f"({checkpoint.tokenizer.vocab_size}); the checkpoint is inconsistent, re-train it"
         )
-    model = GPT(checkpoint.model_config)
+    model = cls(checkpoint.model_config)
     load_weights(model, checkpoint.model_state, path)
-    model.to(device).eval()
-    return model, checkpoint.tokenizer, checkpoint
+    return model.to(device).eval()
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:

@@ -1,16 +1,18 @@
-"""How well and how fast a model trains: evaluation loss, bits per byte, tokens/s and MFU."""
+"""How well and how fast a model trains: evaluation loss, bits per byte, exact match, tokens/s and MFU."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from gptlab.data import TokenDataset, iterate_batches
+from gptlab.data.pairs import PairDataset
 from gptlab.device import autocast
+from gptlab.tokenizers.base import Tokenizer
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(). More specific names come first ("H100 PCIe" before "H100").
@@ -40,12 +42,14 @@ _EVAL_SEED = 0
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean next-token loss (nats) over `tokens` predicted tokens, and what it means."""
+    """Mean next-token loss (nats) over `tokens` predicted tokens, and what it means; for
+    source/target pairs also the fraction of targets decoded exactly (greedy)."""
 
     loss: float
     perplexity: float
     bits_per_byte: float
     tokens: int
+    exact_match: float | None = None
 
 
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
@@ -81,15 +85,56 @@ def evaluate(
         total_loss += loss.double() * counted
         total_tokens += counted
     model.train(was_training)
-    if total_tokens == 0:
+    return _result(total_loss.item(), total_tokens, dataset.bytes_per_token)
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: nn.Module,
+    dataset: PairDataset,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Mean target-token loss of an encoder-decoder `model` on up to `max_batches` batches of
+    pairs (all when None), and the fraction of those targets that greedy decoding gets exactly right.
+    """
+    from gptlab.seq2seq.decoding import greedy_decode  # decoding is downstream of training
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = exact = examples = 0
+    batches = iterate_batches(dataset, batch_size, shuffle=max_batches is not None, seed=_EVAL_SEED, epoch=0)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(device)
+        with autocast(device):
+            _, loss = model(batch.src, batch.tgt, batch.src_mask, batch.labels)
+            decoded = greedy_decode(model, batch.src, batch.src_mask, tokenizer)
+        counted = int((batch.labels != -100).sum())
+        total_loss += loss.double() * counted
+        total_tokens += counted
+        exact += sum(ids == dataset.reference(j) for ids, j in zip(decoded, batch.indices))
+        examples += len(batch.indices)
+    model.train(was_training)
+    result = _result(total_loss.item(), total_tokens, dataset.bytes_per_token)
+    return replace(result, exact_match=exact / examples if examples else float("nan"))
+
+
+def _result(summed_loss: float, tokens: int, bytes_per_token: float) -> EvalResult:
+    if tokens == 0:
         nan = float("nan")
         return EvalResult(loss=nan, perplexity=nan, bits_per_byte=nan, tokens=0)
-    mean = total_loss.item() / total_tokens
+    mean = summed_loss / tokens
     return EvalResult(
         loss=mean,
         perplexity=math.exp(min(mean, 700.0)),  # exp overflows past ~709
-        bits_per_byte=bits_per_byte(mean, dataset.bytes_per_token),
-        tokens=total_tokens,
+        bits_per_byte=bits_per_byte(mean, bytes_per_token),
+        tokens=tokens,
     )
 
 

@@ -23,11 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
-from gptlab.data import TokenDataset, iterate_batches, num_batches, resolve_data
+from gptlab.data import iterate_batches, num_batches
 from gptlab.device import autocast, configure_backend, resolve_device
 from gptlab.errors import GptlabError
 from gptlab.files import write_atomic
-from gptlab.models import GPT
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.checkpoint import (
     check_resumable,
@@ -39,12 +38,12 @@ from gptlab.training.checkpoint import (
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
-    evaluate,
     format_mfu,
     model_flops_utilization,
     peak_flops,
 )
 from gptlab.training.optim import build_optimizer, load_optimizer_state, lr_at, set_lr, total_steps
+from gptlab.training.tasks import task_for
 
 StopReason = Literal["completed", "max_steps", "time_budget", "interrupted", "nan"]
 
@@ -78,7 +77,8 @@ def train(
     progress: bool = True,
     resume: str | Path | None = None,
 ) -> TrainResult:
-    """Train a GPT on `train_data` (raw text or prepared data) and save checkpoints.
+    """Train the model that model_cfg.model names and save checkpoints: a GPT on `train_data`
+    as raw text or prepared data, or an encoder-decoder Transformer on TSV/JSONL pairs.
 
     From scratch, or continuing the checkpoint `resume` (same model, data and batch size) exactly
     as if it had never stopped. Raises GptlabError for bad settings or data, and when the loss
@@ -132,15 +132,14 @@ class Trainer:
         self.data_cfg, self.train_cfg, self.tokenizer, self.progress = data_cfg, train_cfg, tokenizer, progress
         seed_everything(train_cfg.seed)
 
-        seq_len = self.model_cfg.seq_len
-        self.train_set = TokenDataset(resolve_data(train_data, tokenizer, progress=progress), seq_len)
-        self.eval_set = (
-            TokenDataset(resolve_data(eval_data, tokenizer, progress=progress), seq_len) if eval_data else None
-        )
+        # What differs between model types (data, model, loss, evaluation) lives in the task.
+        self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
+        self.train_set = self.task.load_dataset(train_data, progress)
+        self.eval_set = self.task.load_dataset(eval_data, progress) if eval_data else None
         self.batches_per_epoch = num_batches(self.train_set, data_cfg.batch_size)
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
 
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = self.task.build_model().to(self.device)
         self.optimizer = build_optimizer(self.model, train_cfg, self.device)
         self.flops_per_token = self.model.flops_per_token()
         self.peak_flops = peak_flops(self.device)
@@ -234,7 +233,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.epoch = epoch
             self.epoch_batches_done = self.start_batch if self.epoch == self.start_epoch else 0
-            for x, y in iterate_batches(
+            for batch in iterate_batches(
                 self.train_set,
                 self.data_cfg.batch_size,
                 self.data_cfg.shuffle,
@@ -242,7 +241,7 @@ class Trainer:
                 epoch=self.epoch,
                 start_batch=self.epoch_batches_done,
             ):
-                self._train_step(x, y)
+                self._train_step(batch)
                 if self.step % cfg.eval_interval == 0:
                     self._log_interval()
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
@@ -255,14 +254,14 @@ class Trainer:
                 self._save()
         return "completed"
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _train_step(self, batch) -> None:
         self.throughput.start()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T)
+        batch = self.task.to_device(batch, self.device)
         lr = lr_at(self.step, self.total_steps, self.train_cfg)
         set_lr(self.optimizer, lr)
         self.last_lr = lr
         with autocast(self.device):
-            _, loss = self.model(x, y)
+            loss = self.task.loss(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Clipping to infinity only measures the norm: it is logged either way.
@@ -274,7 +273,7 @@ class Trainer:
         if not math.isfinite(norm_value):
             raise _NonFiniteLoss(f"the gradient norm became {norm_value}")
         self.optimizer.step()
-        tokens = x.numel()
+        tokens = self.task.num_tokens(batch)
         self.throughput.stop(tokens)
         self.step += 1
         self.epoch_batches_done += 1
@@ -310,15 +309,19 @@ class Trainer:
         if self.eval_set is not None:
             result = self._evaluate()
             line += f" | val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | bpb {result.bits_per_byte:.4f}"
+            if result.exact_match is not None:
+                line += f" | exact match {100 * result.exact_match:.1f}%"
         self._print(line)
 
     def _evaluate(self) -> EvalResult:
         started = time.perf_counter()
-        result = evaluate(self.model, self.eval_set, self.data_cfg.batch_size, self.train_cfg.eval_batches, self.device)
+        result = self.task.evaluate(self.model, self.eval_set, self.train_cfg.eval_batches, self.device)
         self.eval_seconds += time.perf_counter() - started
         self.last_eval = result
         self.writer.add_scalar("val/loss", result.loss, self.step)
         self.writer.add_scalar("val/bpb", result.bits_per_byte, self.step)
+        if result.exact_match is not None:
+            self.writer.add_scalar("val/exact_match", result.exact_match, self.step)
         return result
 
     def _save(self) -> Path:

@@ -1,0 +1,115 @@
+"""What the training loop needs to know about a model type, as one small strategy object each:
+which data it reads, which model it builds, how a batch becomes a loss, and how it is evaluated.
+
+The loop itself (trainer.py) stays the same for every model type; `task_for` picks the task
+named by ModelConfig.model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.data import TokenDataset, resolve_data
+from gptlab.data.pairs import PairBatch, PairDataset
+from gptlab.models import GPT
+from gptlab.models.transformer import Transformer
+from gptlab.tokenizers.base import Tokenizer
+from gptlab.training.metrics import EvalResult, evaluate, evaluate_pairs
+
+
+class Task(ABC):
+    """One model type's data, model, loss and evaluation. Datasets offer len() and
+    batch(indices) (see data.iterate_batches), num_tokens and bytes_per_token."""
+
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DatasetConfig, train_cfg: TrainConfig, tokenizer: Tokenizer):
+        self.model_cfg, self.data_cfg, self.train_cfg, self.tokenizer = model_cfg, data_cfg, train_cfg, tokenizer
+
+    @abstractmethod
+    def load_dataset(self, path: str | Path, progress: bool) -> Any:
+        """The training or evaluation data at `path`."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model of model_cfg."""
+
+    @abstractmethod
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch on `device`."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of one batch (a scalar, label smoothing applied)."""
+
+    @abstractmethod
+    def num_tokens(self, batch: Any) -> int:
+        """Tokens the model processed for this batch (what tokens/s counts)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, dataset: Any, max_batches: int, device: torch.device) -> EvalResult:
+        """Evaluation on up to `max_batches` batches of `dataset`."""
+
+
+class LanguageModelTask(Task):
+    """GPT: windows of a token stream, next-token loss at every position."""
+
+    def load_dataset(self, path: str | Path, progress: bool) -> TokenDataset:
+        return TokenDataset(resolve_data(path, self.tokenizer, progress=progress), self.model_cfg.seq_len)
+
+    def build_model(self) -> GPT:
+        return GPT(self.model_cfg)
+
+    def to_device(self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Any:
+        return tuple(t.to(device, non_blocking=True) for t in batch)  # x, y: (B, T) each
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if not self.train_cfg.label_smoothing:
+            return model(x, y)[1]
+        logits, _ = model(x)  # (B, T, V)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, label_smoothing=self.train_cfg.label_smoothing
+        )
+
+    def num_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, model: nn.Module, dataset: TokenDataset, max_batches: int, device: torch.device) -> EvalResult:
+        return evaluate(model, dataset, self.data_cfg.batch_size, max_batches, device)
+
+
+class Seq2SeqTask(Task):
+    """Encoder-decoder Transformer: source/target pairs, loss on target tokens only."""
+
+    def load_dataset(self, path: str | Path, progress: bool) -> PairDataset:
+        cfg = self.model_cfg
+        return PairDataset.from_file(path, self.tokenizer, cfg.source_len, cfg.seq_len, self.data_cfg.skip_bad_lines)
+
+    def build_model(self) -> Transformer:
+        return Transformer(self.model_cfg)
+
+    def to_device(self, batch: PairBatch, device: torch.device) -> PairBatch:
+        return batch.to(device)
+
+    def loss(self, model: nn.Module, batch: PairBatch) -> torch.Tensor:
+        return model(batch.src, batch.tgt, batch.src_mask, batch.labels, self.train_cfg.label_smoothing)[1]
+
+    def num_tokens(self, batch: PairBatch) -> int:
+        return batch.num_tokens
+
+    def evaluate(self, model: nn.Module, dataset: PairDataset, max_batches: int, device: torch.device) -> EvalResult:
+        return evaluate_pairs(model, dataset, self.tokenizer, self.data_cfg.batch_size, max_batches, device)
+
+
+TASKS: dict[str, type[Task]] = {"gpt": LanguageModelTask, "transformer": Seq2SeqTask}
+
+
+def task_for(model_cfg: ModelConfig, data_cfg: DatasetConfig, train_cfg: TrainConfig, tokenizer: Tokenizer) -> Task:
+    """The task of the model type model_cfg.model."""
+    return TASKS[model_cfg.model](model_cfg, data_cfg, train_cfg, tokenizer)
