@@ -7,8 +7,10 @@ from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import generate, stream_text
 from gptlab.models import GPT
+from gptlab.models.transformer import Transformer
+from gptlab.seq2seq import translate
 from gptlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
-from gptlab.training import evaluate, load_model, train
+from gptlab.training import evaluate, load_model, load_transformer, train
 
 __all__ = [
     "GPT",
@@ -18,11 +20,14 @@ __all__ = [
     "SampleConfig",
     "Tokenizer",
     "TrainConfig",
+    "Transformer",
     "evaluate",
     "generate",
     "load_model",
     "load_tokenizer",
+    "load_transformer",
     "stream_text",
     "train",
     "train_tokenizer",
+    "translate",
 ]

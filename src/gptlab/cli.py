@@ -199,6 +199,8 @@ def _train(args: argparse.Namespace) -> None:
     summary = f"{result.stopped_reason}: {result.steps} steps, train loss {result.train_loss:.4f}"
     if result.eval is not None:
         summary += f", val loss {result.eval.loss:.4f}, val bits/byte {result.eval.bits_per_byte:.4f}"
+        if result.eval.exact_match is not None:
+            summary += f", exact match {result.eval.exact_match:.1%}"
     print(summary)
     print(f"checkpoint: {result.final_checkpoint}")
 
