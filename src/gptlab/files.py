@@ -1,8 +1,9 @@
-"""Writing files so that a crash or Ctrl-C never leaves one half-written."""
+"""Writing files and directories so that a crash or Ctrl-C never leaves one half-written."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,3 +27,34 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temporary file + rename)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+@contextmanager
+def staged_directory(out: str | Path) -> Iterator[Path]:
+    """Yield an empty directory beside `out` to fill; on success it takes `out`'s place.
+
+    On any error the staging directory is removed and `out` is left exactly as it was, so a
+    directory of files (a tokenizer, prepared data, an export) is never seen half-written.
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as err:
+        from gptlab.errors import GptlabError
+
+        raise GptlabError(f"cannot write {out} ({err.strerror}); choose a writable directory") from None
+    retired = staging.with_suffix(".old")
+    try:
+        yield staging
+        # A directory cannot be renamed onto a non-empty one: move the old one aside first.
+        if out.exists():
+            out.rename(retired)
+        staging.rename(out)
+    except BaseException:
+        if retired.exists() and not out.exists():
+            retired.rename(out)  # put the previous directory back rather than lose it
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ except ImportError:  # Windows
 from gptlab.data.parallel import encode_groups
 from gptlab.data.sources import DEFAULT_PIECE_BYTES, can_split, group_segments, read_segments, source_files
 from gptlab.errors import GptlabError
+from gptlab.files import staged_directory
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.corpus import corpus_files
 
@@ -139,20 +139,11 @@ def prepare(
     out_dir = Path(out_dir)
     files = source_files(sources, jsonl_field)
     _check_replaceable(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    except OSError as err:
-        raise GptlabError(f"cannot write {out_dir} ({err.strerror}); choose a writable output directory") from None
-    try:
+    with staged_directory(out_dir) as build_dir:
         meta = _write_shards(
             files, tokenizer, build_dir, progress, shard_tokens, workers or default_workers(), jsonl_field, piece_bytes
         )
         (build_dir / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _move_into_place(build_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -224,21 +215,6 @@ def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace anything but an earlier prepared directory (never a user's files)."""
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_NAME).is_file()):
         raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
-
-
-def _move_into_place(build_dir: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(build_dir, out_dir)
-        return
-    # A directory cannot be renamed onto a non-empty one: move the old one aside first.
-    old = build_dir.with_name(build_dir.name + ".old")
-    os.rename(out_dir, old)
-    try:
-        os.rename(build_dir, out_dir)
-    except OSError:
-        os.rename(old, out_dir)  # put the previous data back rather than lose it
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- reading meta.json back -------------------------------------------------------------

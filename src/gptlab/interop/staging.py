@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gptlab import files
 from gptlab.errors import GptlabError
 
 
@@ -24,23 +23,6 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
 
 @contextmanager
 def staged_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `out`; on success it replaces `out`.
-
-    On any error the temporary directory is removed and `out` is left exactly as it was.
-    """
-    out = check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    retired = staging.with_suffix(".old")
-    try:
+    """check_output_dir, then an empty directory to fill that replaces `out` only on success."""
+    with files.staged_directory(check_output_dir(out, force)) as staging:
         yield staging
-        if out.exists():
-            out.rename(retired)
-        staging.rename(out)
-    except BaseException:
-        if retired.exists() and not out.exists():
-            retired.rename(out)  # put the previous directory back
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)

@@ -5,14 +5,13 @@ Kinds: `default` (our byte-level BPE), `tiktoken` (OpenAI's encodings), `sentenc
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
 
 from gptlab.errors import GptlabError
+from gptlab.files import staged_directory
 from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 from gptlab.tokenizers.bpe import BPETokenizer
 from gptlab.tokenizers.char import CharTokenizer
@@ -152,20 +151,6 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> None:
     """Write `tokenizer` as the directory `directory`, all at once: it is written beside it and
     renamed into place, so a failure leaves nothing half-written. A previous tokenizer there is
     replaced; a directory holding anything else is refused (see check_output_dir)."""
-    directory = Path(directory)
     check_output_dir(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    retired = staging.with_suffix(".old")
-    try:
+    with staged_directory(directory) as staging:
         tokenizer.save(staging)
-        if directory.exists():
-            directory.rename(retired)
-        staging.rename(directory)
-    except BaseException:
-        if retired.exists() and not directory.exists():
-            retired.rename(directory)  # put the previous tokenizer back
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
