@@ -17,13 +17,7 @@ BYTES = BPETokenizer([])  # a byte-level tokenizer: ids 0..255 are the bytes, th
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models, many small steps: on shared cores threads cost more than they bring.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_gpt(seq_len: int = 64, seed: int = 0) -> GPT:

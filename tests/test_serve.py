@@ -40,13 +40,7 @@ TOKENIZER = load_tokenizer(None, ROOT / "toy_data" / "tiny_sp")
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models, many small steps: on shared cores threads cost more than they bring.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_gpt(seq_len: int = 64) -> GPT:

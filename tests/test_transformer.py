@@ -15,8 +15,7 @@ from gptlab.errors import GptlabError
 from gptlab.models.transformer import Transformer
 from gptlab.seq2seq import beam_search, greedy_decode, translate
 from gptlab.tokenizers import CharTokenizer
-from gptlab.training import load_checkpoint, load_model, load_transformer, train
-from gptlab.training.metrics import evaluate_pairs
+from gptlab.training import load_transformer, train
 
 POSITIONS = ["sinusoidal", "rope", "learned"]
 LETTERS = "abcdefgh"
@@ -249,15 +248,6 @@ def reversal_files(tmp_path):
     for name, pairs in (("train.tsv", train_pairs), ("eval.tsv", eval_pairs)):
         (tmp_path / name).write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
     return tmp_path / "train.tsv", tmp_path / "eval.tsv"
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reversal_configs(tmp_path, **train_settings):
