@@ -111,7 +111,7 @@ def test_round_trip_gives_same_logits_tokenizer_and_configs(saved):
     # The optimizer state comes back too: a fresh AdamW accepts it and holds the same moments.
     optimizer = build_optimizer(loaded, checkpoint.train_config, torch.device("cpu"))
     optimizer.load_state_dict(checkpoint.optimizer_state)
-    assert all(state["step"].item() == 1 for state in optimizer.state.values())
+    assert all(state["step"].item() == 1 for state in optimizer.optimizers["adamw"].state.values())
 
 
 def test_rng_state_round_trip():

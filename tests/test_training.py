@@ -11,7 +11,7 @@ import torch
 
 import gptlab.training.checkpoint as checkpoint_module
 import gptlab.training.trainer as trainer_module
-from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
 from gptlab.data import TokenDataset, resolve_data
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
@@ -257,4 +257,98 @@ def test_resume_refuses_another_model(tmp_path, corpus):
         train(
             model_cfg.model_copy(update={"embed_dim": 64}), data_cfg, train_cfg, ByteTokenizer(), *corpus,
             progress=False, resume=first.final_checkpoint,
+        )  # fmt: skip
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------
+def test_accumulating_4_micro_batches_of_2_equals_one_batch_of_8(tmp_path, corpus):
+    model_cfg, _, train_cfg = configs(tmp_path, max_steps=3, eval_interval=100)
+    big_cfg = train_cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "a")})
+    big = train_fn(model_cfg, DatasetConfig(batch_size=8), big_cfg, corpus, False)
+    accumulated = train_fn(
+        model_cfg, DatasetConfig(batch_size=2),
+        train_cfg.model_copy(update={"grad_accum_steps": 4, "checkpoint_dir": str(tmp_path / "b")}), corpus, False,
+    )  # fmt: skip
+    a, b = load_checkpoint(big.final_checkpoint), load_checkpoint(accumulated.final_checkpoint)
+    # Gradients agree to float32 roundoff (see the next test); Adam divides by sqrt(v), which
+    # magnifies that roundoff in the embedding rows of tokens that barely occur: hence 1e-5 here.
+    for name, tensor in a.model_state.items():
+        torch.testing.assert_close(b.model_state[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert big.train_loss == pytest.approx(accumulated.train_loss, abs=1e-6)
+    assert big.tokens_seen == accumulated.tokens_seen
+
+
+def test_micro_batches_are_weighted_by_their_counted_targets():
+    """A short last micro-batch full of ignore_index targets weighs only its counted tokens."""
+    from gptlab.training.batching import MicroBatch
+    from gptlab.training.distributed import World
+    from gptlab.training.optim import build_optimizer
+    from gptlab.training.precision import Precision
+    from gptlab.training.step import optimizer_step
+    from gptlab.training.tasks import task_for
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(embed_dim=16, num_layers=1, n_heads=2, seq_len=8, dropout=0.0, tgt_vocab_size=40)
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.0)
+    x = torch.randint(0, 40, (5, 8))
+    y = torch.randint(0, 40, (5, 8))
+    y[3:, 2:] = -100  # the last two rows count 2 targets each
+    task = task_for(model_cfg, DatasetConfig(batch_size=3), cfg, ByteTokenizer())
+    cpu = torch.device("cpu")
+
+    def grads_after(micro_batches):
+        torch.manual_seed(1)
+        model = GPT(model_cfg)
+        optimizer = build_optimizer(model, cfg, cpu)
+        result = optimizer_step(model, task, micro_batches, optimizer, Precision("fp32", cpu), World(), cpu, 0.0)
+        return result.loss, [p.grad.clone() for p in model.parameters()]
+
+    whole = [MicroBatch((x, y), task.num_targets((x, y)))]
+    parts = [MicroBatch((x[:3], y[:3]), 24), MicroBatch((x[3:], y[3:]), 4)]
+    loss_whole, grads_whole = grads_after(whole)
+    loss_parts, grads_parts = grads_after(parts)
+    assert loss_parts == pytest.approx(loss_whole, abs=1e-6)
+    for a, b in zip(grads_whole, grads_parts):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_total_batch_tokens_sets_accumulation(tmp_path, corpus):
+    result = run(tmp_path, corpus, eval_data=False, max_steps=1, total_batch_tokens=16 * 16 * 3)
+    assert result.tokens_seen == 3 * 16 * 16  # 3 micro-batches of 16 windows of 16 tokens
+
+
+def test_bad_accumulation_settings_are_clear_errors(tmp_path, corpus):
+    with pytest.raises(GptlabError, match="total_batch_tokens 1000 is not a multiple of batch_size\\*seq_len = 256"):
+        run(tmp_path, corpus, total_batch_tokens=1000)
+    with pytest.raises(GptlabError, match="grad_accum_steps: Input should be greater than 0"):
+        validated(TrainConfig, {"grad_accum_steps": 0})  # as the CLI reports it: one line naming the field
+
+
+# ---- Muon ------------------------------------------------------------------------------------------
+def test_muon_trains_saves_both_optimizers_and_resumes_exactly(tmp_path, corpus):
+    from gptlab.training.optim import hidden_matrices
+
+    model_cfg, data_cfg, train_cfg = configs(tmp_path / "whole", optimizer="muon", max_steps=6, eval_interval=100)
+    whole = train_fn(model_cfg, data_cfg, train_cfg, corpus)
+    state = load_checkpoint(whole.final_checkpoint).optimizer_state["optimizers"]
+    assert set(state) == {"muon", "adamw"}
+    hidden = hidden_matrices(GPT(model_cfg.model_copy(update={"tgt_vocab_size": 260})))
+    assert len(state["muon"]["state"]) == len(hidden) == 2 * 4  # qkv, proj, fc, proj per block
+    assert state["muon"]["param_groups"][0]["lr"] != state["adamw"]["param_groups"][0]["lr"]
+    assert whole.eval.loss < math.log(260) - 0.5  # it learns (a uniform guess costs log 260)
+
+    _, _, first_cfg = configs(tmp_path / "parts", optimizer="muon", max_steps=3, eval_interval=100)
+    first = train_fn(model_cfg, data_cfg, first_cfg, corpus)
+    rest = train(
+        model_cfg, data_cfg, first_cfg.model_copy(update={"max_steps": 6}), ByteTokenizer(), *corpus,
+        progress=False, resume=first.final_checkpoint,
+    )  # fmt: skip
+    a, b = load_checkpoint(whole.final_checkpoint), load_checkpoint(rest.final_checkpoint)
+    for name, tensor in a.model_state.items():
+        assert torch.equal(b.model_state[name], tensor), name
+
+    with pytest.raises(GptlabError, match="trained with optimizer\\(s\\) adamw, muon.*resume with the --optimizer"):
+        train(
+            model_cfg, data_cfg, first_cfg.model_copy(update={"optimizer": "adamw", "max_steps": 6}), ByteTokenizer(),
+            *corpus, progress=False, resume=first.final_checkpoint,
         )  # fmt: skip

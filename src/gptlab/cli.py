@@ -18,9 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, read_config_file, validated
+from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, validated
 from gptlab.errors import GptlabError
 from gptlab.interop.cli_commands import add_export_parser
+from gptlab.plot import add_plot_parser
+from gptlab.presets import list_presets, load_preset
 from gptlab.seq2seq.cli import add_seq2seq_generate_flags, is_seq2seq_checkpoint, refuse_seq2seq_flags, run_generate_seq2seq
 from gptlab.serve.cli_commands import add_serve_parser
 from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
@@ -175,11 +177,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train a GPT on text (raw .txt is tokenized on the fly and cached next to it), or with "
         "--model transformer an encoder-decoder Transformer on TSV (source<TAB>target) or JSONL pairs.",
     )
-    add_tokenizer_flags(parser)
+    add_tokenizer_flags(parser, required=False)
     parser.add_argument("--train_data", required=True, help="a .txt file, a directory of them, or a prepared directory")
     parser.add_argument("--eval_data", help="held-out data, in the same forms (default: no evaluation)")
-    parser.add_argument("--config", help="a YAML or JSON file of options; flags typed here override it")
-    parser.add_argument("--resume", help="continue from this checkpoint (model, optimizer, step, data position)")
+    parser.add_argument(
+        "--config", help="a preset name (see configs/: " + ", ".join(list_presets()) + ") or a YAML/JSON file "
+        "of options; flags typed here override it",
+    )
+    parser.add_argument(
+        "--resume", help="continue from this checkpoint, or 'auto' for <checkpoint_dir>/<experiment_name>_latest.json "
+        "(a fresh start if there is none): weights, optimizer, schedule, data position and random state",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     add_config_flags(parser, ModelConfig, DatasetConfig, TrainConfig)
     parser.set_defaults(handler=_train)
@@ -188,9 +196,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> None:
     from gptlab.training import train
 
-    values = read_config_file(args.config) if args.config else {}
+    preset = load_preset(args.config) if args.config else None
+    values = dict(preset.values) if preset else {}
     values.update(flag_values(args, ModelConfig, DatasetConfig, TrainConfig))
     model_cfg, data_cfg, train_cfg = build_configs(values)
+    if args.tokenizer is None:
+        hint = f"; preset {preset.name} was designed for a {preset.tokenizer.describe()} tokenizer" if preset and preset.tokenizer else ""
+        raise GptlabError(f"--tokenizer is required (train one with `gptlab tokenizer train`){hint}")
     tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
     result = train(
         model_cfg, data_cfg, train_cfg, tokenizer, args.train_data, args.eval_data,
@@ -364,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
     add_serve_parser(subparsers)
+    add_plot_parser(subparsers)
     return parser
 
 

@@ -119,6 +119,30 @@ class TrainConfig(_Config):
     seed: int = Field(1337, description="Seeds weights, shuffling and dropout.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds ('10m', '1h' accepted).")
+    save_every_steps: int | None = Field(
+        None, gt=0, description="Also save <experiment_name>_s<step>.pth every this many steps."
+    )
+    keep_last: int | None = Field(
+        None, gt=0, description="Keep only the newest this many step checkpoints (never the latest one)."
+    )
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches of batch_size per optimizer step (gradients accumulated)."
+    )
+    total_batch_tokens: int | None = Field(
+        None, gt=0, description="Tokens per optimizer step; sets grad_accum_steps (a multiple of batch_size*seq_len)."
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on GPUs that support it, else fp32."
+    )
+    compile: bool = Field(False, description="torch.compile the model (faster steps after a slow first one).")
+    fsdp: bool = Field(False, description="Shard weights and optimizer state across torchrun ranks (FSDP2).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon for the blocks' 2-D weights (AdamW for the rest)."
+    )
+    muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon (with --optimizer muon).")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Peak FLOP/s of one device for MFU; default: known GPUs, a measured matmul on CPU."
+    )
 
     @field_validator("experiment_name")
     @classmethod

@@ -51,14 +51,38 @@ def configure_backend(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on GPUs that support it; float32 (a no-op context) everywhere else.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    bfloat16 needs no loss scaling, so the training loop stays the same on every device.
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `name` ("auto", "fp32", "bf16", "fp16") on `device`.
+
+    auto is bfloat16 on GPUs that support it and float32 elsewhere. Raises GptlabError for a
+    precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
     """
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise GptlabError(f"--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only), not {device.type}; use bf16 or fp32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise GptlabError("this GPU does not support bfloat16; use --dtype fp16 or fp32")
+    if dtype != torch.float32 and device.type == "mps":
+        raise GptlabError(f"--dtype {name} is not supported on mps; use --dtype fp32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` (default: resolve_dtype("auto", device)); float32 is a no-op context.
+
+    Matmuls run in the low precision; weights, and the losses the models compute, stay float32.
+    """
+    dtype = dtype or resolve_dtype("auto", device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _mps_available() -> bool:

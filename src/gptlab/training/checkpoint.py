@@ -70,13 +70,16 @@ def save_checkpoint(
     *,
     step: int,
     epoch: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Any | None = None,
     extra: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint to `path` atomically (a crash never leaves a half-written file).
 
     `extra` holds further plain values (e.g. progress within an epoch) under the key "extra".
-    Returns the path written.
+    model_state / optimizer_state, when given, are saved instead of model.state_dict() /
+    optimizer.state_dict() (e.g. full states gathered from FSDP shards). Returns the path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +91,8 @@ def save_checkpoint(
         "data_config": data_cfg.model_dump(),
         "train_config": train_cfg.model_dump(),
         "tokenizer": {"kind": tokenizer.kind, "files": dict(tokenizer.to_files())},
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state if model_state is not None else unwrap(model).state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else _optimizer_state(optimizer),
         "step": int(step),
         "epoch": int(epoch),
         "rng": capture_rng_state(),
@@ -204,19 +207,32 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> N
 
 
 def check_resumable(
-    checkpoint: Checkpoint, path: str | Path, model_cfg: ModelConfig, data_cfg: DatasetConfig, tokenizer: Tokenizer
+    checkpoint: Checkpoint,
+    path: str | Path,
+    model_cfg: ModelConfig,
+    data_cfg: DatasetConfig,
+    tokenizer: Tokenizer,
+    step_batch: int | None = None,
 ) -> None:
-    """GptlabError unless a run with these settings can continue `checkpoint` exactly."""
+    """GptlabError unless a run with these settings can continue `checkpoint` exactly.
+
+    step_batch is the windows per optimizer step (batch_size * grad_accum_steps, default
+    batch_size): it fixes the data position, so it must match; how it is split does not matter."""
     if checkpoint.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise GptlabError(f"{path} was trained with another tokenizer; resume with the tokenizer it was trained with")
     mine, theirs = model_cfg.model_dump(), checkpoint.model_config.model_dump()
     differ = [name for name in mine if mine[name] != theirs[name]]
-    if checkpoint.data_config.batch_size != data_cfg.batch_size:
-        differ.append("batch_size")
+    theirs_step = int(checkpoint.extra.get("step_batch", checkpoint.data_config.batch_size))
+    if theirs_step != (step_batch or data_cfg.batch_size):
+        differ.append("batch_size * grad_accum_steps")
     if differ:
         raise GptlabError(f"{path} was trained with other {', '.join(differ)}; resume with the checkpoint's settings")
     if checkpoint.optimizer_state is None:
         raise GptlabError(f"{path} holds no optimizer state, so it cannot be resumed; train from scratch")
+
+
+def _optimizer_state(optimizer: Any | None) -> dict[str, Any] | None:
+    return optimizer.state_dict() if optimizer is not None else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -64,10 +66,12 @@ def evaluate(
     batch_size: int,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Mean loss of `model` on up to `max_batches` batches of `dataset` (all when None).
 
-    The model runs in eval mode (no dropout) and is put back in the mode it was in.
+    The model runs in eval mode (no dropout), under autocast to `dtype` (default: the device's
+    usual, see device.autocast), and is put back in the mode it was in.
     """
     device = torch.device(device)
     was_training = model.training
@@ -79,7 +83,7 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         x, y = x.to(device), y.to(device)  # (B, T)
-        with autocast(device):
+        with autocast(device, dtype):
             _, loss = model(x, y)
         counted = int((y != -100).sum())
         total_loss += loss.double() * counted
@@ -96,6 +100,7 @@ def evaluate_pairs(
     batch_size: int,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Mean target-token loss of an encoder-decoder `model` on up to `max_batches` batches of
     pairs (all when None), and the fraction of those targets that greedy decoding gets exactly right.
@@ -112,7 +117,7 @@ def evaluate_pairs(
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device)
-        with autocast(device):
+        with autocast(device, dtype):
             _, loss = model(batch.src, batch.tgt, batch.src_mask, batch.labels)
             decoded = greedy_decode(model, batch.src, batch.src_mask, tokenizer)
         counted = int((batch.labels != -100).sum())
@@ -144,6 +149,44 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def device_peak_flops(device: torch.device, given: float | None = None) -> float | None:
+    """The peak that MFU divides by: `given` (--peak_flops) when set, else the data-sheet peak of a
+    known GPU, else on CPU a measured float32 matmul rate (measure_matmul_flops)."""
+    if given is not None:
+        return given
+    if device.type == "cpu":
+        return measure_matmul_flops()
+    return peak_flops(device)
+
+
+@functools.cache
+def measure_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the best of a few (size x size) float32 matmuls on the CPU, measured once per process.
+
+    The matrices are filled without drawing random numbers: measuring must not move the RNG that
+    a resumed run replays.
+    """
+    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size)
+    b = a.t().contiguous()
+    torch.mm(a, b)  # warm up the kernels and threads
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory this run has held: CUDA max allocated on GPUs, else the process's max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:

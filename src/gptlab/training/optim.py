@@ -1,4 +1,4 @@
-"""The optimizer (AdamW, weight decay on matrices only) and the learning-rate schedule."""
+"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,17 +9,87 @@ import torch
 from torch import nn
 
 from gptlab.config import TrainConfig
+from gptlab.errors import GptlabError
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's parameter groups (decay on weight matrices, none on biases,
-    norms or other vectors), with the betas of `cfg`.
+class OptimizerSet:
+    """Optimizers that step together as one, each over its own parameters (e.g. Muon for the
+    blocks' matrices and AdamW for everything else). Offers the parts of the torch.optim API
+    the trainer uses; its state_dict holds every optimizer's, by name."""
 
-    Uses the fused CUDA kernel on GPUs and the multi-tensor (foreach) path elsewhere.
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what state_dict() returned; also a bare AdamW state dict (checkpoints from before
+        optimizer sets) when this set is AdamW alone."""
+        if "optimizers" not in state and list(self.optimizers) == ["adamw"]:
+            state = {"optimizers": {"adamw": state}}
+        saved = state.get("optimizers", {})
+        if set(saved) != set(self.optimizers):
+            raise GptlabError(
+                f"the checkpoint was trained with optimizer(s) {', '.join(sorted(saved)) or 'unknown'}, this run uses "
+                f"{', '.join(sorted(self.optimizers))}; resume with the --optimizer it was trained with"
+            )
+        for name, optimizer in self.optimizers.items():
+            _load_keeping_settings(optimizer, saved[name])
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> OptimizerSet:
+    """The optimizer cfg.optimizer names, over `model`'s parameters.
+
+    adamw: AdamW with weight decay on matrices only (the model's configure_optimizer_groups).
+    muon: torch.optim.Muon (orthogonalised momentum, 2-D weights only) for the hidden matrices
+    (attention and MLP weights), at cfg.muon_lr; AdamW at cfg.learning_rate for embeddings, the
+    output head, norms and biases. The fused AdamW kernel is used where torch has one for `device`.
     """
-    groups = model.configure_optimizer_groups(cfg.weight_decay)
-    speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **speed)
+    speed = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        groups = model.configure_optimizer_groups(cfg.weight_decay)
+        return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **speed)})
+
+    hidden = hidden_matrices(model)
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    adamw_groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # set_lr scales every group by the schedule; Muon's groups keep their own peak through lr_ratio.
+    muon = torch.optim.Muon(
+        [{"params": hidden, "lr_ratio": cfg.muon_lr / cfg.learning_rate}],
+        lr=cfg.muon_lr,
+        weight_decay=cfg.weight_decay,
+    )
+    adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=betas, **speed)
+    return OptimizerSet({"muon": muon, "adamw": adamw})
+
+
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """Weights of the linear layers inside the network: every nn.Linear's weight except the output
+    head's and any shared with an embedding table (tied weights)."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    found: dict[int, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head") and id(module.weight) not in tables:
+            found.setdefault(id(module.weight), module.weight)
+    return list(found.values())
 
 
 def total_steps(epochs: int, batches_per_epoch: int, max_steps: int | None) -> int:
@@ -46,16 +116,29 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+def set_lr(optimizer: torch.optim.Optimizer | OptimizerSet, lr: float) -> None:
+    """Set the learning rate of every parameter group: `lr`, times the group's lr_ratio if it has one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a saved optimizer's moments but keep this optimizer's settings (kernels, betas, decay),
-    which load_state_dict would otherwise replace with the saved ones."""
+def load_optimizer_state(optimizer: torch.optim.Optimizer | OptimizerSet, state: dict[str, Any]) -> None:
+    """Load a saved optimizer's moments but keep this optimizer's settings (kernels, betas, decay)."""
+    if isinstance(optimizer, OptimizerSet):
+        optimizer.load_state_dict(state)
+    else:
+        _load_keeping_settings(optimizer, state)
+
+
+def _load_keeping_settings(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    # load_state_dict would replace this run's settings with the saved ones.
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise GptlabError(
+            f"the checkpoint's optimizer state does not fit this model ({str(err).splitlines()[0]}); "
+            "resume with the settings it was trained with"
+        ) from None
     for group, kept in zip(optimizer.param_groups, settings):
         group.update(kept)

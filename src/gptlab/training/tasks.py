@@ -52,8 +52,14 @@ class Task(ABC):
         """Tokens the model processed for this batch (what tokens/s counts)."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, dataset: Any, max_batches: int, device: torch.device) -> EvalResult:
-        """Evaluation on up to `max_batches` batches of `dataset`."""
+    def num_targets(self, batch: Any) -> int:
+        """Targets that count in the loss (not ignore_index): what a micro-batch's loss is weighted by."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, dataset: Any, max_batches: int, device: torch.device, dtype: torch.dtype | None = None
+    ) -> EvalResult:
+        """Evaluation on up to `max_batches` batches of `dataset`, under autocast to `dtype`."""
 
 
 class LanguageModelTask(Task):
@@ -80,8 +86,13 @@ class LanguageModelTask(Task):
     def num_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()
 
-    def evaluate(self, model: nn.Module, dataset: TokenDataset, max_batches: int, device: torch.device) -> EvalResult:
-        return evaluate(model, dataset, self.data_cfg.batch_size, max_batches, device)
+    def num_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return int((batch[1] != -100).sum())
+
+    def evaluate(
+        self, model: nn.Module, dataset: TokenDataset, max_batches: int, device: torch.device, dtype=None
+    ) -> EvalResult:
+        return evaluate(model, dataset, self.data_cfg.batch_size, max_batches, device, dtype)
 
 
 class Seq2SeqTask(Task):
@@ -103,8 +114,13 @@ class Seq2SeqTask(Task):
     def num_tokens(self, batch: PairBatch) -> int:
         return batch.num_tokens
 
-    def evaluate(self, model: nn.Module, dataset: PairDataset, max_batches: int, device: torch.device) -> EvalResult:
-        return evaluate_pairs(model, dataset, self.tokenizer, self.data_cfg.batch_size, max_batches, device)
+    def num_targets(self, batch: PairBatch) -> int:
+        return int((batch.labels != -100).sum())
+
+    def evaluate(
+        self, model: nn.Module, dataset: PairDataset, max_batches: int, device: torch.device, dtype=None
+    ) -> EvalResult:
+        return evaluate_pairs(model, dataset, self.tokenizer, self.data_cfg.batch_size, max_batches, device, dtype)
 
 
 TASKS: dict[str, type[Task]] = {"gpt": LanguageModelTask, "transformer": Seq2SeqTask}

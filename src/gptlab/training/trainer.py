@@ -1,11 +1,13 @@
-"""The training loop: epochs of AdamW steps, with evaluation, checkpoints and logs along the way.
+"""The training loop: epochs of optimizer steps, with evaluation, checkpoints and logs along the way.
 
-Checkpoints are `<checkpoint_dir>/<experiment_name>_e<epoch>.pth`, saved every `checkpoint_every`
-epochs and once more at the end, whatever stopped the run. A run stopped mid-epoch (max_steps,
-time_budget, Ctrl-C) names its final checkpoint after the epoch in progress (1-based), and records
-how many of that epoch's batches were done under extra["epoch_batches_done"], so that a run
-resumed from it continues exactly where it stopped.
+Checkpoints (see run_files.py) are `<experiment>_e<epoch>.pth`, saved every `checkpoint_every`
+epochs and once more at the end, whatever stopped the run, and `<experiment>_s<step>.pth` every
+`save_every_steps` steps; `<experiment>_latest.json` names the newest. A run stopped mid-epoch
+records how many of that epoch's batches were done under extra["epoch_batches_done"], so that a
+run resumed from any checkpoint continues exactly where it stopped (bitwise on CPU), even after
+SIGKILL: checkpoints and the pointer are written atomically.
 A non-finite loss stops the run with GptlabError and saves nothing, so the last good checkpoint stays.
+Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -20,29 +22,28 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import iterate_batches, num_batches
-from gptlab.device import autocast, configure_backend, resolve_device
+from gptlab.device import configure_backend
 from gptlab.errors import GptlabError
 from gptlab.files import write_atomic
 from gptlab.tokenizers.base import Tokenizer
-from gptlab.training.checkpoint import (
-    check_resumable,
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-    save_checkpoint,
-)
+from gptlab.training import distributed, run_files
+from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
+from gptlab.training.checkpoint import check_resumable, load_checkpoint, load_weights, restore_rng_state, save_checkpoint
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
+    device_peak_flops,
     format_mfu,
     model_flops_utilization,
-    peak_flops,
+    peak_memory_bytes,
 )
-from gptlab.training.optim import build_optimizer, load_optimizer_state, lr_at, set_lr, total_steps
+from gptlab.training.optim import build_optimizer, lr_at, set_lr, total_steps
+from gptlab.training.precision import Precision
+from gptlab.training.run_log import RunLog
+from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.tasks import task_for
 
 StopReason = Literal["completed", "max_steps", "time_budget", "interrupted", "nan"]
@@ -80,9 +81,12 @@ def train(
     """Train the model that model_cfg.model names and save checkpoints: a GPT on `train_data`
     as raw text or prepared data, or an encoder-decoder Transformer on TSV/JSONL pairs.
 
-    From scratch, or continuing the checkpoint `resume` (same model, data and batch size) exactly
-    as if it had never stopped. Raises GptlabError for bad settings or data, and when the loss
-    becomes nan/inf. Ctrl-C saves a checkpoint and returns with stopped_reason "interrupted".
+    From scratch, or continuing the checkpoint `resume` (same model, data and batch per step)
+    exactly as if it had never stopped; resume="auto" continues the checkpoint that
+    <checkpoint_dir>/<experiment_name>_latest.json names, or starts fresh when there is none.
+    Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). Raises GptlabError
+    for bad settings or data, and when the loss becomes nan/inf. Ctrl-C saves a checkpoint and
+    returns with stopped_reason "interrupted".
     """
     return Trainer(model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume).run()
 
@@ -107,13 +111,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-class _NonFiniteLoss(Exception):
-    """Raised inside the loop; turned into GptlabError once the run is wound down."""
-
-
 class Trainer:
-    """One training run. Construction does the setup (device, seed, data, model, optimizer, logs);
-    run() loops over epochs and returns a TrainResult."""
+    """One training run. Construction does the setup (processes, device, seed, data, model,
+    optimizer, resume); run() loops over epochs and returns a TrainResult."""
 
     def __init__(
         self,
@@ -126,23 +126,41 @@ class Trainer:
         progress: bool = True,
         resume: str | Path | None = None,
     ):
-        self.device = resolve_device(train_cfg.device)
+        self.world, self.device = distributed.setup(train_cfg)
+        try:
+            self._setup(model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume)
+        except BaseException:
+            distributed.teardown(self.world)
+            raise
+
+    def _setup(self, model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume) -> None:
         configure_backend(self.device)
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
-        self.data_cfg, self.train_cfg, self.tokenizer, self.progress = data_cfg, train_cfg, tokenizer, progress
+        self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
+        self.progress = progress and self.world.is_main
+        self.precision = Precision(train_cfg.dtype, self.device)
+        check_divides(data_cfg.batch_size, self.world.world_size)
+        self.grad_accum_steps = accumulation_steps(
+            data_cfg.batch_size, self.model_cfg.seq_len, train_cfg.grad_accum_steps, train_cfg.total_batch_tokens
+        )
+        self.step_batch = data_cfg.batch_size * self.grad_accum_steps  # windows per optimizer step
         seed_everything(train_cfg.seed)
 
         # What differs between model types (data, model, loss, evaluation) lives in the task.
         self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
-        self.train_set = self.task.load_dataset(train_data, progress)
-        self.eval_set = self.task.load_dataset(eval_data, progress) if eval_data else None
-        self.batches_per_epoch = num_batches(self.train_set, data_cfg.batch_size)
+        with distributed.main_first(self.world):  # rank 0 prepares the data cache, the others read it
+            self.train_set = self.task.load_dataset(train_data, self.progress)
+            self.eval_set = self.task.load_dataset(eval_data, self.progress) if eval_data else None
+        self.batches_per_epoch = num_batches(self.train_set, self.step_batch)
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
 
-        self.model = self.task.build_model().to(self.device)
-        self.optimizer = build_optimizer(self.model, train_cfg, self.device)
-        self.flops_per_token = self.model.flops_per_token()
-        self.peak_flops = peak_flops(self.device)
+        self.plain_model = self.task.build_model().to(self.device)
+        self.flops_per_token = self.plain_model.flops_per_token()
+        self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
+        self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
+        if train_cfg.compile:
+            self.model = torch.compile(self.model)
+        self.peak_flops = device_peak_flops(self.device, train_cfg.peak_flops)
 
         self.log_dir = Path(train_cfg.log_dir) / train_cfg.experiment_name
         self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
@@ -159,16 +177,27 @@ class Trainer:
         self.interval_losses: list[float] = []  # training losses since the last log line
         self.train_loss = math.nan
         self.throughput = Throughput()
+        self.notices: list[str] = []
+        if resume is not None and str(resume) == "auto":
+            resume = run_files.find_latest(self.checkpoint_dir, train_cfg.experiment_name)
+            if resume is None:
+                self.notices.append(
+                    f"--resume auto: no {train_cfg.experiment_name}_latest.json in {self.checkpoint_dir}; starting fresh"
+                )
         self.resumed = resume is not None
         if resume is not None:
             self._resume(Path(resume))
 
     def _resume(self, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer moments, random generators and position."""
+        """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
         checkpoint = load_checkpoint(path)
-        check_resumable(checkpoint, path, self.model_cfg, self.data_cfg, self.tokenizer)
-        load_weights(self.model, checkpoint.model_state, path)
-        load_optimizer_state(self.optimizer, checkpoint.optimizer_state)
+        check_resumable(checkpoint, path, self.model_cfg, self.data_cfg, self.tokenizer, self.step_batch)
+        if not self.world.fsdp:
+            load_weights(self.plain_model, checkpoint.model_state, path)
+        else:
+            distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
+        distributed.load_full_optimizer_state(self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world)
+        self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
         restore_rng_state(checkpoint.raw["rng"])
         self.step, self.epoch = checkpoint.step, checkpoint.epoch
         self.tokens_seen = int(checkpoint.extra.get("tokens_seen", 0))
@@ -182,23 +211,23 @@ class Trainer:
                 f"{path} has already taken {self.step} of the {self.total_steps} steps this run allows; "
                 "raise epochs or max_steps to train further"
             )
+        self.notices.append(f"resuming {path} at step {self.step} (epoch {self.epoch})")
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only a run needs it
+        try:
+            return self._run()
+        finally:
+            distributed.teardown(self.world)
 
-        self._announce()
-        # A resumed run drops the events its first run logged after the checkpoint.
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.step if self.resumed else None)
-        self.bar = tqdm(
-            total=self.total_steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True
-        )
+    def _run(self) -> TrainResult:
+        self._open_logs()
         self.started = time.perf_counter()
         try:
             reason = self._loop()
         except KeyboardInterrupt:
             reason = "interrupted"
-        except _NonFiniteLoss as err:
+        except NonFiniteLoss as err:
             self._close()
             saved = self.last_saved[0] if self.last_saved else None
             kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was saved"
@@ -230,119 +259,128 @@ class Trainer:
     def _loop(self) -> StopReason:
         cfg = self.train_cfg
         self.model.train()
+        rows = RankMicroBatches(
+            self.train_set, self.data_cfg.batch_size, self.world.rank, self.world.world_size, self.task.num_targets
+        )
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.epoch = epoch
             self.epoch_batches_done = self.start_batch if self.epoch == self.start_epoch else 0
-            for batch in iterate_batches(
-                self.train_set,
-                self.data_cfg.batch_size,
-                self.data_cfg.shuffle,
-                seed=cfg.seed,
-                epoch=self.epoch,
-                start_batch=self.epoch_batches_done,
+            for micro_batches in iterate_batches(
+                rows, self.step_batch, self.data_cfg.shuffle, seed=cfg.seed, epoch=epoch, start_batch=self.epoch_batches_done
             ):
-                self._train_step(batch)
-                if self.step % cfg.eval_interval == 0:
+                self._train_step(micro_batches)
+                epoch_done = self.epoch_batches_done >= self.batches_per_epoch
+                if self.step % cfg.eval_interval == 0 or (epoch_done and self.last_log_step != self.step):
                     self._log_interval()
+                if epoch_done and self.epoch % cfg.checkpoint_every == 0:
+                    self._save()
+                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                    self._save(every_steps=True)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     return "max_steps"
                 if cfg.time_budget is not None and self._training_seconds() >= cfg.time_budget:
                     return "time_budget"
-            if self.last_log_step != self.step:
-                self._log_interval()
-            if self.epoch % cfg.checkpoint_every == 0:
-                self._save()
         return "completed"
 
-    def _train_step(self, batch) -> None:
+    def _train_step(self, micro_batches) -> None:
         self.throughput.start()
-        batch = self.task.to_device(batch, self.device)
         lr = lr_at(self.step, self.total_steps, self.train_cfg)
         set_lr(self.optimizer, lr)
         self.last_lr = lr
-        with autocast(self.device):
-            loss = self.task.loss(self.model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Clipping to infinity only measures the norm: it is logged either way.
-        max_norm = self.train_cfg.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one sync
-        if not math.isfinite(loss_value):
-            raise _NonFiniteLoss(f"the training loss became {loss_value}")
-        if not math.isfinite(norm_value):
-            raise _NonFiniteLoss(f"the gradient norm became {norm_value}")
-        self.optimizer.step()
-        tokens = self.task.num_tokens(batch)
-        self.throughput.stop(tokens)
+        result = optimizer_step(
+            self.model, self.task, micro_batches, self.optimizer, self.precision, self.world, self.device,
+            self.train_cfg.grad_clip,
+        )  # fmt: skip
+        self.throughput.stop(result.tokens)
         self.step += 1
         self.epoch_batches_done += 1
-        self.tokens_seen += tokens
-        self.interval_losses.append(loss_value)
-        self._record_step(loss_value, norm_value, lr)
+        self.tokens_seen += result.tokens
+        self.interval_losses.append(result.loss)
+        self._record_step(result.loss, result.grad_norm, lr, result.tokens)
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
-    def _record_step(self, loss: float, grad_norm: float, lr: float) -> None:
-        self.writer.add_scalar("train/loss", loss, self.step)
-        self.writer.add_scalar("grad_norm", grad_norm, self.step)
-        self.writer.add_scalar("lr", lr, self.step)
-        self.bar.update(1)
-        self.bar.set_postfix(
-            epoch=self.epoch, loss=f"{loss:.4f}", tok_s=f"{self.throughput.rate():,.0f}", refresh=False
+    def _open_logs(self) -> None:
+        resume_step = self.step if self.resumed else None
+        self.log = RunLog(self.log_dir, self.world.is_main, self.progress, self.total_steps, self.step, resume_step)
+        self._announce()
+
+    def _record_step(self, loss: float, grad_norm: float, lr: float, tokens: int) -> None:
+        self.log.scalars(self.step, {"train/loss": loss, "grad_norm": grad_norm, "lr": lr})
+        rate = self.throughput.rate()
+        mfu = model_flops_utilization(self.flops_per_token, rate, self._total_peak())
+        self.log.step(
+            {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens},
+            {"epoch": self.epoch, "loss": f"{loss:.4f}", "tok_s": f"{rate:,.0f}", "mfu": format_mfu(mfu)},
         )
+
+    def _total_peak(self) -> float | None:
+        return self.peak_flops * self.world.world_size if self.peak_flops else None
 
     def _log_interval(self) -> None:
         """A log line (and TensorBoard scalars) for the steps since the previous one, with an evaluation."""
         tokens_per_s = self.throughput.rate()
-        mfu = model_flops_utilization(self.flops_per_token, tokens_per_s, self.peak_flops)
+        mfu = model_flops_utilization(self.flops_per_token, tokens_per_s, self._total_peak())
         self.throughput.reset()
         self.train_loss = float(np.mean(self.interval_losses))
         self.interval_losses = []
         self.last_log_step = self.step
-        self.writer.add_scalar("tokens_per_s", tokens_per_s, self.step)
-        if mfu is not None:
-            self.writer.add_scalar("mfu", mfu, self.step)
+        memory = peak_memory_bytes(self.device)
         line = (
             f"step {self.step}/{self.total_steps} | epoch {self.epoch} | train loss {self.train_loss:.4f} | "
-            f"lr {self.last_lr:.2e} | {tokens_per_s:,.0f} tokens/s | MFU {format_mfu(mfu)}"
+            f"lr {self.last_lr:.2e} | {tokens_per_s:,.0f} tokens/s | MFU {format_mfu(mfu)} | "
+            f"peak mem {memory / 2**20:,.0f} MiB"
         )
         if self.eval_set is not None:
-            result = self._evaluate()
+            result = self._evaluate()  # on every rank: FSDP's forward needs them all
             line += f" | val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | bpb {result.bits_per_byte:.4f}"
             if result.exact_match is not None:
                 line += f" | exact match {100 * result.exact_match:.1f}%"
-        self._print(line)
+        self.log.scalars(self.step, {"tokens_per_s": tokens_per_s, "peak_memory_mib": memory / 2**20, "mfu": mfu})
+        self.log.print(line)
 
     def _evaluate(self) -> EvalResult:
         started = time.perf_counter()
-        result = self.task.evaluate(self.model, self.eval_set, self.train_cfg.eval_batches, self.device)
+        result = self.task.evaluate(
+            self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
+        )
         self.eval_seconds += time.perf_counter() - started
         self.last_eval = result
-        self.writer.add_scalar("val/loss", result.loss, self.step)
-        self.writer.add_scalar("val/bpb", result.bits_per_byte, self.step)
-        if result.exact_match is not None:
-            self.writer.add_scalar("val/exact_match", result.exact_match, self.step)
+        scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
+        self.log.scalars(self.step, scalars)
         return result
 
-    def _save(self) -> Path:
-        """Save `<experiment>_e<epoch>.pth` for the epoch in progress (once per step)."""
-        path = self.checkpoint_dir / f"{self.train_cfg.experiment_name}_e{max(self.epoch, 1)}.pth"
+    def _save(self, every_steps: bool = False) -> Path:
+        """Save `<experiment>_e<epoch>.pth` for the epoch in progress, or with every_steps
+        `<experiment>_s<step>.pth`; then point <experiment>_latest.json at it (once per step and file).
+
+        Every rank calls this (FSDP gathers the shards); rank 0 alone writes.
+        """
+        cfg, directory = self.train_cfg, self.checkpoint_dir
+        if every_steps:
+            path = run_files.step_checkpoint(directory, cfg.experiment_name, self.step)
+        else:
+            path = run_files.epoch_checkpoint(directory, cfg.experiment_name, max(self.epoch, 1))
         if self.last_saved == (path, self.step):
             return path
-        save_checkpoint(
-            path,
-            self.model,
-            self.tokenizer,
-            self.model_cfg,
-            self.data_cfg,
-            self.train_cfg,
-            step=self.step,
-            epoch=max(self.epoch, 1),
-            optimizer=self.optimizer,
-            extra={"epoch_batches_done": self.epoch_batches_done, "tokens_seen": self.tokens_seen},
-        )
+        model_state = distributed.full_model_state(self.model, self.plain_model, self.world)
+        optimizer_state = distributed.full_optimizer_state(self.plain_model, self.optimizer, self.world)
+        if self.world.is_main:
+            extra = {
+                "epoch_batches_done": self.epoch_batches_done,
+                "tokens_seen": self.tokens_seen,
+                "step_batch": self.step_batch,
+                "grad_scaler": self.precision.state_dict(),
+            }
+            save_checkpoint(
+                path, self.plain_model, self.tokenizer, self.model_cfg, self.data_cfg, cfg,
+                step=self.step, epoch=max(self.epoch, 1), extra=extra,
+                model_state=model_state, optimizer_state=optimizer_state,
+            )  # fmt: skip
+            run_files.write_latest(directory, cfg.experiment_name, path, self.step, max(self.epoch, 1))
+            if every_steps and cfg.keep_last is not None:
+                run_files.prune_step_checkpoints(directory, cfg.experiment_name, cfg.keep_last)
+            self.log.print(f"saved checkpoint {path}")
         self.last_saved = (path, self.step)
-        self._print(f"saved checkpoint {path}")
         return path
 
     @property
@@ -356,13 +394,20 @@ class Trainer:
     # ---- start and end ---------------------------------------------------------------------------
     def _announce(self) -> None:
         """Print the resolved configuration and write it to <log_dir>/<experiment>/config.json."""
+        if not self.world.is_main:
+            return
         summary = {
             "model": self.model_cfg.model_dump(),
             "data": self.data_cfg.model_dump(),
             "train": self.train_cfg.model_dump(),
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
             "device": str(self.device),
-            "num_params": self.model.num_params(),
+            "dtype": self.precision.name,
+            "world_size": self.world.world_size,
+            "parallelism": "fsdp" if self.world.fsdp else "ddp" if self.world.distributed else "none",
+            "grad_accum_steps": self.grad_accum_steps,
+            "sequences_per_step": self.step_batch,
+            "num_params": self.plain_model.num_params(),
             "train_tokens": self.train_set.num_tokens,
             "batches_per_epoch": self.batches_per_epoch,
             "total_steps": self.total_steps,
@@ -370,11 +415,9 @@ class Trainer:
         text = json.dumps(summary, indent=2)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.log_dir / "config.json", (text + "\n").encode())
-        self._print(f"training configuration (also in {self.log_dir / 'config.json'}):\n{text}")
-
-    def _print(self, message: str) -> None:
-        tqdm.write(message)  # above the progress bar, not through it
+        self.log.print(f"training configuration (also in {self.log_dir / 'config.json'}):\n{text}")
+        for notice in self.notices:
+            self.log.print(notice)
 
     def _close(self) -> None:
-        self.bar.close()
-        self.writer.close()
+        self.log.close()

@@ -1,0 +1,121 @@
+"""Training throughput: gptlab's GPT vs Hugging Face GPT2LMHeadModel with the same shapes, on CPU.
+
+Both train with identical AdamW settings on the same random token batches; each timing is a few
+warm-up steps then `--steps` timed steps, the two models alternated `--rounds` times, best kept.
+Also gptlab with bf16 autocast and with torch.compile, and MFU against a measured float32
+matmul peak. Run:  python benchmarks/train_bench.py  (needs `transformers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.device import autocast
+from gptlab.models import GPT
+from gptlab.training.metrics import measure_matmul_flops
+
+
+def gptlab_model(args) -> GPT:
+    cfg = ModelConfig(
+        embed_dim=args.embed_dim, num_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
+        tgt_vocab_size=args.vocab, dropout=0.0, bias=True, pos_encoding="learned", norm="layernorm",
+        activation="gelu", tie_embeddings=True,
+    )  # fmt: skip
+    return GPT(cfg)
+
+
+def hf_model(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.embed_dim, n_layer=args.layers,
+        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def steps_per_second(model, loss_of, args, dtype=torch.float32) -> float:
+    """Optimizer steps per second over args.steps steps after args.warmup warm-up steps."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]  # what gptlab's build_optimizer does, for both models alike
+    optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=generator)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def step():
+        with autocast(torch.device("cpu"), dtype):
+            loss = loss_of(model, inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return args.steps / (time.perf_counter() - started)
+
+
+def gptlab_loss(model, x, y):
+    return model(x, y)[1]
+
+
+def hf_loss(model, x, y):
+    # HF shifts labels itself: pass the window whose first token has no target.
+    logits = model(x).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--embed_dim", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "compile"], help="variants to leave out")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    ours, theirs = gptlab_model(args), hf_model(args)
+    ours.train(), theirs.train()
+    tokens = args.batch_size * args.seq_len
+    peak = measure_matmul_flops()
+    flops_per_token = ours.flops_per_token()
+    best = {"gptlab fp32 eager": 0.0, "HF GPT2LMHeadModel fp32 eager": 0.0}
+    for _ in range(args.rounds):  # alternate, keep the best: the machine is shared and noisy
+        best["gptlab fp32 eager"] = max(best["gptlab fp32 eager"], steps_per_second(ours, gptlab_loss, args))
+        best["HF GPT2LMHeadModel fp32 eager"] = max(
+            best["HF GPT2LMHeadModel fp32 eager"], steps_per_second(theirs, hf_loss, args)
+        )
+    if "bf16" not in args.skip:
+        best["gptlab bf16 autocast"] = steps_per_second(ours, gptlab_loss, args, torch.bfloat16)
+    if "compile" not in args.skip:
+        best["gptlab fp32 torch.compile"] = steps_per_second(torch.compile(ours), gptlab_loss, args)
+
+    print(f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
+          f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; "
+          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+    reference = best["HF GPT2LMHeadModel fp32 eager"]
+    print(f"| run | tokens/s | vs HF | MFU (fp32 matmul peak) |\n|---|---|---|---|")
+    for name, rate in best.items():
+        tokens_per_s = rate * tokens
+        mfu = flops_per_token * tokens_per_s / peak
+        print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

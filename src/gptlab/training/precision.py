@@ -1,0 +1,62 @@
+"""Mixed precision for training: the autocast context, and loss scaling when it is float16."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from gptlab.device import autocast, resolve_dtype
+from gptlab.training.optim import OptimizerSet
+
+
+class Precision:
+    """Autocast to the dtype TrainConfig.dtype names; with float16 (CUDA only) a GradScaler keeps
+    small gradients from underflowing. bfloat16 and float32 need no scaling.
+
+    The scaler's state travels in checkpoints, so a resumed fp16 run scales exactly as before.
+    """
+
+    def __init__(self, dtype_name: str, device: torch.device):
+        self.device = device
+        self.dtype = resolve_dtype(dtype_name, device)
+        fp16 = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: OptimizerSet) -> None:
+        """Bring the gradients back to their true size (before clipping or measuring them)."""
+        if self.scaler is not None:
+            for inner in optimizer.optimizers.values():
+                self.scaler.unscale_(inner)
+
+    def step(self, optimizer: OptimizerSet) -> None:
+        """optimizer.step(); with a scaler, a step with inf/nan gradients is skipped and the scale lowered."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        for inner in optimizer.optimizers.values():
+            self.scaler.step(inner)
+        self.scaler.update()
+
+    @property
+    def skips_bad_steps(self) -> bool:
+        """Whether non-finite gradients are expected now and then (the scaler skips those steps)."""
+        return self.scaler is not None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

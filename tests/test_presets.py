@@ -1,0 +1,157 @@
+"""Presets: every shipped config validates and trains two steps (shrunk), and names resolve or fail clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from gptlab.config import build_configs
+from gptlab.errors import GptlabError
+from gptlab.presets import PRESETS_DIR, TokenizerRecipe, list_presets, load_preset, resolve_config, suggest_fields
+from gptlab.training import train
+
+SHIPPED = ["cpu-10min", "demo", "gpt2-124m", "gpu-1h", "nanogpt-char"]
+TEXT = "".join(f"{i} To be, or not to be, that is the question. Whether 'tis nobler.\n" for i in range(50))
+# Small enough to take two steps in a second; every other field keeps the preset's value.
+TINY_SHAPES = {"embed_dim": 32, "n_heads": 2, "num_layers": 2, "seq_len": 16, "batch_size": 4}
+
+
+def test_the_shipped_presets_are_listed():
+    assert set(SHIPPED) <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_preset_validates_and_trains_two_steps(name, tmp_path):
+    preset = load_preset(name)
+    model_cfg, data_cfg, train_cfg = build_configs(preset.values)  # the preset as shipped
+    assert preset.name == name and preset.values["embed_dim"] == model_cfg.embed_dim
+
+    values = {**preset.values, **TINY_SHAPES}
+    if train_cfg.total_batch_tokens is not None:  # keep gradient accumulation, at the tiny shapes
+        values["total_batch_tokens"] = 2 * TINY_SHAPES["batch_size"] * TINY_SHAPES["seq_len"]
+    values.update(
+        max_steps=2, eval_interval=1, eval_batches=1, compile=False, device="cpu",
+        log_dir=str(tmp_path / "runs"), checkpoint_dir=str(tmp_path / "ckpt"),
+    )  # fmt: skip
+    tiny_model, tiny_data, tiny_train = build_configs(values)
+    kept = ("pos_encoding", "norm", "activation", "dropout", "bias", "tie_embeddings", "tgt_vocab_size")
+    assert all(getattr(tiny_model, f) == getattr(model_cfg, f) for f in kept)
+    assert tiny_train.optimizer == train_cfg.optimizer and tiny_train.learning_rate == train_cfg.learning_rate
+
+    recipe = preset.tokenizer or TokenizerRecipe(kind="char")
+    if recipe.vocab_size is not None:
+        recipe = TokenizerRecipe(recipe.kind, vocab_size=280, pattern=recipe.pattern)  # a tiny corpus's worth
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "val.txt").write_text(TEXT[:800])
+    result = train(
+        tiny_model, tiny_data, tiny_train, recipe.train([TEXT]), tmp_path / "train.txt", tmp_path / "val.txt",
+        progress=False,
+    )
+    assert result.steps == 2 and result.stopped_reason == "max_steps"
+    assert result.eval is not None and 0 < result.eval.bits_per_byte < 20
+    assert result.final_checkpoint.exists()
+
+
+def test_presets_name_their_tokenizer():
+    assert load_preset("nanogpt-char").tokenizer == TokenizerRecipe(kind="char")
+    bpe = load_preset("cpu-10min").tokenizer
+    assert bpe is not None and bpe.kind == "default" and bpe.vocab_size
+    assert load_preset("demo").tokenizer is None
+
+
+def test_names_and_paths_resolve(tmp_path, monkeypatch):
+    expected = PRESETS_DIR / "cpu-10min.yaml"
+    monkeypatch.chdir(tmp_path)  # preset names work from any directory
+    assert resolve_config("cpu-10min") == expected
+    assert resolve_config("cpu-10min.yaml") == expected
+    assert resolve_config("configs/cpu-10min.yaml") == expected
+    own = tmp_path / "mine.yaml"
+    own.write_text("embed_dim: 64\nn_heads: 4\n")
+    assert resolve_config(own) == own and load_preset(str(own)).values == {"embed_dim": 64, "n_heads": 4}
+
+
+def test_an_unknown_preset_names_close_matches_and_all_presets():
+    with pytest.raises(GptlabError, match=r"'cpu-10mn' is neither a file nor a preset; did you mean cpu-10min\b") as err:
+        resolve_config("cpu-10mn")
+    assert all(name in str(err.value) for name in SHIPPED) and "\n" not in str(err.value)
+    with pytest.raises(GptlabError, match=r"neither a file nor a preset; presets: cpu-10min"):
+        resolve_config("zzzzzz")
+
+
+def test_unknown_fields_are_named_with_close_matches(tmp_path):
+    assert suggest_fields(["embed_dm"]) == "embed_dm (did you mean embed_dim?)"
+    assert suggest_fields(["learning_rat", "zzz"]) == "learning_rat (did you mean learning_rate?), zzz"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layer: 2\n")
+    with pytest.raises(GptlabError, match=r"unknown config field\(s\): num_layer \(did you mean num_layers\b"):
+        load_preset(bad)
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "message"),
+    [
+        ("char", "must be a mapping with a type"),
+        ("{type: tiktoken}", "cannot be trained; use one of default, sentencepiece, char"),
+        ("{type: default}", "needs tokenizer.vocab_size"),
+        ("{type: char, vocab_size: 100}", "remove tokenizer.vocab_size"),
+        ("{type: default, vocab_size: 300, merges: 3}", "unknown tokenizer key"),
+    ],
+)
+def test_bad_tokenizer_recipes(tmp_path, tokenizer, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"tokenizer: {tokenizer}\nembed_dim: 64\n")
+    with pytest.raises(GptlabError, match=message):
+        load_preset(bad)
+
+
+# ---- benchmarks/speedrun.py: the presets raced against the clock ----------------------------------
+SPEEDRUN = PRESETS_DIR.parent / "benchmarks" / "speedrun.py"
+TINY_FLAGS = [f"--set={k}={v}" for k, v in {**TINY_SHAPES, "eval_interval": 3, "eval_batches": 1}.items()]
+
+
+def load_speedrun(monkeypatch):
+    spec = importlib.util.spec_from_file_location("speedrun", SPEEDRUN)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "speedrun", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budget", "10x"], "cannot read duration '10x'"),
+        (["--set", "embed_dim"], "write FIELD=VALUE"),
+        (["--recipes", "nanogpt-char", "cpu-10mn"], "did you mean cpu-10min"),
+    ],
+)
+def test_speedrun_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    (tmp_path / "t.txt").write_text(TEXT)
+    data = ["--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt")]
+    assert load_speedrun(monkeypatch).main([*data, "--work_dir", str(tmp_path / "w"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
+    shakespeare = PRESETS_DIR.parent.parent / "shared" / "data" / "shakespeare"
+    (tmp_path / "train.txt").write_text((shakespeare / "train.txt").read_text(encoding="utf-8")[:20_000])
+    (tmp_path / "val.txt").write_text((shakespeare / "val.txt").read_text(encoding="utf-8")[:3_000])
+    report, plot = tmp_path / "docs" / "speedrun.md", tmp_path / "docs" / "speedrun.png"
+    command = [
+        sys.executable, str(SPEEDRUN), "--budget", "2s", "--seeds", "1", "2", "--no_progress",
+        "--train_data", str(tmp_path / "train.txt"), "--val_data", str(tmp_path / "val.txt"),
+        "--work_dir", str(tmp_path / "work"), "--report", str(report), "--plot", str(plot), *TINY_FLAGS,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| nanogpt-char | ", "| cpu-10min | "))]
+    assert len(rows) == 4 + 2  # a row per run, then one per recipe
+    assert all("time_budget" in row for row in rows[:4])
+    assert "lower validation bits per byte than **nanogpt-char**" in text and "![" in text
+    assert text.count("```text") == 4
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
