@@ -397,3 +397,43 @@ def test_export_command_refuses_a_file_that_is_not_our_checkpoint(tmp_path):
     with pytest.raises(GptlabError, match="not a gptlab checkpoint"):
         run_export("--model_path", str(tmp_path / "other.pth"), "--out", str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+# ---- fine-tuning through the command line -----------------------------------------------------
+def test_train_init_from_gpt2_fine_tunes_and_generates(gpt2_dir, corpus, tmp_path, capsys):
+    from gptlab.cli import main
+    from gptlab.training import load_model
+
+    directory, theirs = gpt2_dir
+    (tmp_path / "train.txt").write_text(corpus[:6000], encoding="utf-8")
+    common = ["train", "--init_from", str(directory), "--train_data", str(tmp_path / "train.txt"),
+              "--seq_len", "16", "--batch_size", "4", "--checkpoint_dir", str(tmp_path),
+              "--log_dir", str(tmp_path / "runs"), "--no_progress", "--dropout", "0"]  # fmt: skip
+    # A step with a vanishing learning rate keeps GPT-2's weights: the start really is GPT-2.
+    assert main([*common, "--experiment_name", "still", "--max_steps", "1", "--learning_rate", "1e-30"]) == 0
+    model, tokenizer, _ = load_model(tmp_path / "still_e1.pth")
+    ids = tokenizer.encode(corpus[:300])[:16]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][..., : theirs.config.vocab_size]
+        expected = theirs(torch.tensor([ids])).logits
+    assert (ours - expected).abs().max().item() < 1e-4
+    assert model.config.seq_len == 16 and model.wpe.weight.shape[0] == 16  # the position table was cut
+
+    assert main([*common, "--experiment_name", "tuned", "--max_steps", "2", "--learning_rate", "1e-3"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model_path", str(tmp_path / "tuned_e1.pth"), "--prompt", "the", "--length", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--embed_dim", "96"], "--embed_dim 96 contradicts"), (["--tokenizer", "toy_data/tiny_sp"], "drop --tokenizer"),
+     (["--seq_len", "64"], "exceeds the pretrained model's context")],
+)  # fmt: skip
+def test_train_init_from_refuses_contradicting_flags(gpt2_dir, corpus, tmp_path, capsys, flags, message):
+    from gptlab.cli import main
+
+    (tmp_path / "train.txt").write_text(corpus[:2000], encoding="utf-8")
+    argv = ["train", "--init_from", str(gpt2_dir[0]), "--train_data", str(tmp_path / "train.txt"), *flags]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err

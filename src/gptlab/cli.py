@@ -188,6 +188,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--resume", help="continue from this checkpoint, or 'auto' for <checkpoint_dir>/<experiment_name>_latest.json "
         "(a fresh start if there is none): weights, optimizer, schedule, data position and random state",
     )
+    parser.add_argument(
+        "--init_from", metavar="HF_DIR", help="fine-tune a local Hugging Face GPT-2 directory (its weights and "
+        "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     add_config_flags(parser, ModelConfig, DatasetConfig, TrainConfig)
     parser.set_defaults(handler=_train)
@@ -200,14 +204,29 @@ def _train(args: argparse.Namespace) -> None:
     values = dict(preset.values) if preset else {}
     values.update(flag_values(args, ModelConfig, DatasetConfig, TrainConfig))
     model_cfg, data_cfg, train_cfg = build_configs(values)
-    if args.tokenizer is None:
-        hint = f"; preset {preset.name} was designed for a {preset.tokenizer.describe()} tokenizer" if preset and preset.tokenizer else ""
+    init_weights = None
+    if args.init_from:  # fine-tuning: the pretrained model's shapes, weights and tokenizer
+        from gptlab.interop.hf_import import fine_tuning_start
+
+        if args.tokenizer:
+            raise GptlabError("--init_from brings the pretrained model's own tokenizer; drop --tokenizer")
+        chosen = {name: getattr(model_cfg, name) for name in values if name in ModelConfig.model_fields}
+        model_cfg, tokenizer, init_weights = fine_tuning_start(args.init_from, chosen)
+    elif args.tokenizer is None:
+        recipe = preset.tokenizer if preset else None
+        hint = f"; preset {preset.name} was designed for a {recipe.describe()} tokenizer" if recipe else ""
         raise GptlabError(f"--tokenizer is required (train one with `gptlab tokenizer train`){hint}")
-    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
     result = train(
         model_cfg, data_cfg, train_cfg, tokenizer, args.train_data, args.eval_data,
-        progress=not args.no_progress, resume=args.resume,
+        progress=not args.no_progress, resume=args.resume, init_weights=init_weights,
     )
+    print_train_result(result)
+
+
+def print_train_result(result) -> None:
+    """How the run ended, its last losses, and where the final checkpoint is."""
     summary = f"{result.stopped_reason}: {result.steps} steps, train loss {result.train_loss:.4f}"
     if result.eval is not None:
         summary += f", val loss {result.eval.loss:.4f}, val bits/byte {result.eval.bits_per_byte:.4f}"

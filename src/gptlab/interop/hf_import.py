@@ -57,6 +57,35 @@ def init_model_from_hf(directory: str | Path) -> tuple[GPT, Tokenizer, ModelConf
     return model, tokenizer, model.config
 
 
+# Model fields a fine-tuning run may change; every other shape comes from the pretrained model.
+FINE_TUNABLE = {"dropout", "seq_len"}
+
+
+def fine_tuning_start(
+    directory: str | Path, model_values: dict[str, Any]
+) -> tuple[ModelConfig, Tokenizer, dict[str, torch.Tensor]]:
+    """The model config, tokenizer and initial weights to fine-tune the GPT-2 in `directory`.
+
+    `model_values` are the model fields the user set: `dropout`, and a `seq_len` up to GPT-2's
+    context (its position table is cut to the first seq_len rows); any other field must agree
+    with the pretrained model, else GptlabError naming it.
+    """
+    model, tokenizer, config = init_model_from_hf(directory)
+    for name, value in model_values.items():
+        if name not in FINE_TUNABLE and getattr(config, name) != value:
+            raise GptlabError(
+                f"--{name} {value} contradicts the pretrained model in {directory} ({name} = "
+                f"{getattr(config, name)}); drop the flag (only {', '.join(sorted(FINE_TUNABLE))} may change)"
+            )
+    seq_len = int(model_values.get("seq_len", config.seq_len))
+    if seq_len > config.seq_len:
+        raise GptlabError(f"--seq_len {seq_len} exceeds the pretrained model's context ({config.seq_len}); lower it")
+    state = model.state_dict()
+    state["wpe.weight"] = state["wpe.weight"][:seq_len]  # positions beyond seq_len are never used
+    updates = {name: model_values[name] for name in FINE_TUNABLE if name in model_values}
+    return config.model_copy(update=updates), tokenizer, state
+
+
 # ---- config.json ------------------------------------------------------------------------------
 def read_hf_config(directory: Path) -> dict[str, Any]:
     """config.json of a Hugging Face GPT-2 directory; GptlabError naming another architecture."""

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,7 @@ def train(
     eval_data: str | Path | None = None,
     progress: bool = True,
     resume: str | Path | None = None,
+    init_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the model that model_cfg.model names and save checkpoints: a GPT on `train_data`
     as raw text or prepared data, or an encoder-decoder Transformer on TSV/JSONL pairs.
@@ -84,11 +86,15 @@ def train(
     From scratch, or continuing the checkpoint `resume` (same model, data and batch per step)
     exactly as if it had never stopped; resume="auto" continues the checkpoint that
     <checkpoint_dir>/<experiment_name>_latest.json names, or starts fresh when there is none.
+    `init_weights` (a state dict of model_cfg's shapes, e.g. pretrained GPT-2) replaces the
+    random initialisation: fine-tuning.
     Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). Raises GptlabError
     for bad settings or data, and when the loss becomes nan/inf. Ctrl-C saves a checkpoint and
     returns with stopped_reason "interrupted".
     """
-    return Trainer(model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume).run()
+    return Trainer(
+        model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
+    ).run()
 
 
 def resolve_vocab_size(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -125,15 +131,20 @@ class Trainer:
         eval_data: str | Path | None = None,
         progress: bool = True,
         resume: str | Path | None = None,
+        init_weights: Mapping[str, torch.Tensor] | None = None,
     ):
         self.world, self.device = distributed.setup(train_cfg)
         try:
-            self._setup(model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume)
+            self._setup(
+                model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
+            )
         except BaseException:
             distributed.teardown(self.world)
             raise
 
-    def _setup(self, model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume) -> None:
+    def _setup(
+        self, model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
+    ) -> None:
         configure_backend(self.device)
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
@@ -154,7 +165,10 @@ class Trainer:
         self.batches_per_epoch = num_batches(self.train_set, self.step_batch)
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
 
-        self.plain_model = self.task.build_model().to(self.device)
+        self.plain_model = self.task.build_model()
+        if init_weights is not None:  # fine-tuning: start from given weights, not a random init
+            load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)")
+        self.plain_model.to(self.device)
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
