@@ -12,3 +12,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def knows_test_tokenizer(monkeypatch):
+    """Let checkpoints rebuild the stand-in tokenizer kind of tests/helpers.py."""
+    from gptlab.training import checkpoint as checkpoint_module
+    from helpers import ByteTokenizer
+
+    real = checkpoint_module.tokenizer_from_files
+
+    def from_files(kind, files):
+        return ByteTokenizer.from_files(files) if kind == ByteTokenizer.kind else real(kind, files)
+
+    monkeypatch.setattr(checkpoint_module, "tokenizer_from_files", from_files)

@@ -8,57 +8,20 @@ import random
 
 import numpy as np
 import pytest
+from helpers import ByteTokenizer
 import torch
 
-import gptlab.training.checkpoint as checkpoint_module
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.device import resolve_device
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
-from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 from gptlab.training import load_checkpoint, load_model, save_checkpoint
 from gptlab.training.checkpoint import VERSION, capture_rng_state, restore_rng_state
 from gptlab.training.metrics import bits_per_byte, format_mfu, model_flops_utilization, peak_flops
 from gptlab.training.optim import build_optimizer, lr_at, total_steps
 
 
-class ByteTokenizer(Tokenizer):
-    """id = 4 + UTF-8 byte value; ids 0..3 are the special tokens."""
-
-    kind = "test-bytes"
-
-    @property
-    def vocab_size(self) -> int:
-        return 4 + 256
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-
-    def encode(self, text, allowed_special=()):
-        return [4 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
-
-    def to_files(self):
-        return {"bytes.txt": b"offset 4\n", "note.bin": bytes(range(256))}
-
-    @classmethod
-    def from_files(cls, files):
-        assert files["bytes.txt"] == b"offset 4\n"
-        return cls()
-
-
-@pytest.fixture(autouse=True)
-def knows_test_tokenizer(monkeypatch):
-    """Let checkpoints rebuild the test tokenizer kind."""
-    real = checkpoint_module.tokenizer_from_files
-
-    def from_files(kind, files):
-        return ByteTokenizer.from_files(files) if kind == ByteTokenizer.kind else real(kind, files)
-
-    monkeypatch.setattr(checkpoint_module, "tokenizer_from_files", from_files)
+pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 
 
 def tiny_configs(**train):

@@ -7,54 +7,18 @@ import json
 import math
 
 import pytest
+from helpers import ByteTokenizer
 import torch
 
-import gptlab.training.checkpoint as checkpoint_module
 import gptlab.training.trainer as trainer_module
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
 from gptlab.data import TokenDataset, resolve_data
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
-from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 from gptlab.training import evaluate, load_checkpoint, load_model, train
 
 
-class ByteTokenizer(Tokenizer):
-    """id = 4 + UTF-8 byte value; ids 0..3 are the special tokens."""
-
-    kind = "test-bytes"
-
-    @property
-    def vocab_size(self) -> int:
-        return 4 + 256
-
-    @property
-    def special_tokens(self) -> dict[str, int]:
-        return {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-
-    def encode(self, text, allowed_special=()):
-        return [4 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
-
-    def to_files(self):
-        return {"bytes.txt": b"offset 4\n"}
-
-    @classmethod
-    def from_files(cls, files):
-        return cls()
-
-
-@pytest.fixture(autouse=True)
-def knows_test_tokenizer(monkeypatch):
-    """Let checkpoints rebuild the test tokenizer kind."""
-    real = checkpoint_module.tokenizer_from_files
-
-    def from_files(kind, files):
-        return ByteTokenizer() if kind == ByteTokenizer.kind else real(kind, files)
-
-    monkeypatch.setattr(checkpoint_module, "tokenizer_from_files", from_files)
+pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 
 
 LINES = [

@@ -1,0 +1,32 @@
+"""A stand-in tokenizer for tests of training and checkpoints, independent of the real kinds."""
+
+from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+
+
+class ByteTokenizer(Tokenizer):
+    """id = 4 + UTF-8 byte value; ids 0..3 are the special tokens."""
+
+    kind = "test-bytes"
+
+    @property
+    def vocab_size(self) -> int:
+        return 4 + 256
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+
+    def encode(self, text, allowed_special=()):
+        return [4 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 4 for i in ids if i >= 4).decode("utf-8", errors="replace")
+
+    def to_files(self):
+        # A binary file too: checkpoints must carry any bytes, not only text.
+        return {"bytes.txt": b"offset 4\n", "note.bin": bytes(range(256))}
+
+    @classmethod
+    def from_files(cls, files):
+        assert files["bytes.txt"] == b"offset 4\n"
+        return cls()
