@@ -1,4 +1,5 @@
-"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW) and the learning-rate schedule."""
+"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW), the learning-rate schedule and
+its plan under a time budget."""
 
 from __future__ import annotations
 
@@ -96,6 +97,60 @@ def total_steps(epochs: int, batches_per_epoch: int, max_steps: int | None) -> i
     """Optimizer steps the run will take: every batch of every epoch, capped by max_steps."""
     steps = epochs * batches_per_epoch
     return min(steps, max_steps) if max_steps is not None else steps
+
+
+def estimate_total_steps(
+    step: int, train_seconds: float, budget_s: float, seconds_per_step: float | None, cap: int
+) -> int:
+    """Optimizer steps a time-budgeted run will have taken when its budget runs out, estimated
+    before its 0-based `step` from the training seconds spent so far and the measured
+    seconds_per_step (None before there is a measurement: then `cap`, the step-count plan).
+    At least step + 1 (the step about to be taken), at most `cap`.
+    """
+    if seconds_per_step is None or seconds_per_step <= 0:
+        return cap
+    # The tolerance keeps float noise (9.000000001 steps) from planning one step too many.
+    remaining = math.ceil((budget_s - train_seconds) / seconds_per_step - 1e-9)
+    return min(cap, max(step + 1, step + remaining))
+
+
+class BudgetPlan:
+    """How many steps a time budget holds, re-estimated after every step from the training time.
+
+    The first `untimed_steps` steps of the run are not timed (they pay for compilation and
+    warm-up); until a step after them is done, the plan is `cap`, the step-count plan.
+    """
+
+    def __init__(self, budget_s: float, cap: int, first_step: int, untimed_steps: int = 3):
+        self.budget_s, self.cap, self.first_step, self.untimed_steps = budget_s, cap, first_step, untimed_steps
+        self.step = first_step  # optimizer steps taken, as of the last record()
+        self.train_seconds = 0.0
+        self._mark: tuple[int, float] | None = None  # (step, train_seconds) when the untimed steps were done
+
+    def record(self, step: int, train_seconds: float) -> bool:
+        """Note that `step` steps are done after `train_seconds` of training; True once the budget
+        is spent. Raises GptlabError when the first step alone spent it (only a step can tell)."""
+        self.step, self.train_seconds = step, train_seconds
+        steps_taken = step - self.first_step
+        if steps_taken == self.untimed_steps:
+            self._mark = (step, train_seconds)
+        if steps_taken == 1 and train_seconds >= self.budget_s:
+            raise GptlabError(
+                f"time_budget {self.budget_s:g}s is too short to take one training step (a step took "
+                f"{train_seconds:.3g}s); raise it"
+            )
+        return train_seconds >= self.budget_s
+
+    def seconds_per_step(self) -> float | None:
+        """Mean training seconds of the steps after the untimed ones (None before one is done)."""
+        if self._mark is None or self.step <= self._mark[0]:
+            return None
+        mark_step, mark_seconds = self._mark
+        return (self.train_seconds - mark_seconds) / (self.step - mark_step)
+
+    def total_steps(self) -> int:
+        """Steps the run will have taken when the budget runs out (see estimate_total_steps)."""
+        return estimate_total_steps(self.step, self.train_seconds, self.budget_s, self.seconds_per_step(), self.cap)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -7,6 +7,12 @@ records how many of that epoch's batches were done under extra["epoch_batches_do
 run resumed from any checkpoint continues exactly where it stopped (bitwise on CPU), even after
 SIGKILL: checkpoints and the pointer are written atomically.
 A non-finite loss stops the run with GptlabError and saves nothing, so the last good checkpoint stays.
+With a time budget the learning-rate schedule decays against the steps the budget is estimated to
+hold, re-estimated every step, so that the last step runs at the floor (or a step's decay above it
+when step times vary); evaluation and checkpoint saving are not spent from the budget, and a budget
+that the first step alone uses up is a GptlabError (only a timed step can tell). The budget counts
+this invocation's training time: a resumed budgeted run starts a fresh budget and plans anew from
+its step (exact resume holds for unbudgeted runs only, since the plan depends on the clock).
 Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files.
 """
 
@@ -41,7 +47,7 @@ from gptlab.training.metrics import (
     model_flops_utilization,
     peak_memory_bytes,
 )
-from gptlab.training.optim import build_optimizer, lr_at, set_lr, total_steps
+from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, total_steps
 from gptlab.training.precision import Precision
 from gptlab.training.run_log import RunLog
 from gptlab.training.step import NonFiniteLoss, optimizer_step
@@ -183,7 +189,7 @@ class Trainer:
         self.epoch_batches_done = 0
         self.start_epoch, self.start_batch = 1, 0
         self.tokens_seen = 0
-        self.eval_seconds = 0.0
+        self.excluded_seconds = 0.0  # evaluating and saving: not training, so not spent from a time budget
         self.last_eval: EvalResult | None = None
         self.last_log_step = -1
         self.last_lr = 0.0
@@ -201,6 +207,10 @@ class Trainer:
         self.resumed = resume is not None
         if resume is not None:
             self._resume(Path(resume))
+        self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
+        self.budget: BudgetPlan | None = None
+        if train_cfg.time_budget is not None:  # counts from this invocation's first step
+            self.budget = BudgetPlan(train_cfg.time_budget, self.total_steps, first_step=self.step)
 
     def _resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
@@ -292,13 +302,13 @@ class Trainer:
                     self._save(every_steps=True)
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     return "max_steps"
-                if cfg.time_budget is not None and self._training_seconds() >= cfg.time_budget:
+                if self.budget is not None and self.budget.record(self.step, self._training_seconds()):
                     return "time_budget"
         return "completed"
 
     def _train_step(self, micro_batches) -> None:
         self.throughput.start()
-        lr = lr_at(self.step, self.total_steps, self.train_cfg)
+        lr = lr_at(self.step, self._schedule_total(), self.train_cfg)
         set_lr(self.optimizer, lr)
         self.last_lr = lr
         result = optimizer_step(
@@ -340,7 +350,7 @@ class Trainer:
         self.last_log_step = self.step
         memory = peak_memory_bytes(self.device)
         line = (
-            f"step {self.step}/{self.total_steps} | epoch {self.epoch} | train loss {self.train_loss:.4f} | "
+            f"step {self.step}/{self.planned_steps} | epoch {self.epoch} | train loss {self.train_loss:.4f} | "
             f"lr {self.last_lr:.2e} | {tokens_per_s:,.0f} tokens/s | MFU {format_mfu(mfu)} | "
             f"peak mem {memory / 2**20:,.0f} MiB"
         )
@@ -357,7 +367,7 @@ class Trainer:
         result = self.task.evaluate(
             self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
         )
-        self.eval_seconds += time.perf_counter() - started
+        self.excluded_seconds += time.perf_counter() - started
         self.last_eval = result
         scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
         self.log.scalars(self.step, scalars)
@@ -376,6 +386,7 @@ class Trainer:
             path = run_files.epoch_checkpoint(directory, cfg.experiment_name, max(self.epoch, 1))
         if self.last_saved == (path, self.step):
             return path
+        started = time.perf_counter()
         model_state = distributed.full_model_state(self.model, self.plain_model, self.world)
         optimizer_state = distributed.full_optimizer_state(self.plain_model, self.optimizer, self.world)
         if self.world.is_main:
@@ -395,6 +406,7 @@ class Trainer:
                 run_files.prune_step_checkpoints(directory, cfg.experiment_name, cfg.keep_last)
             self.log.print(f"saved checkpoint {path}")
         self.last_saved = (path, self.step)
+        self.excluded_seconds += time.perf_counter() - started
         return path
 
     @property
@@ -402,8 +414,24 @@ class Trainer:
         finished = self.epoch_batches_done >= self.batches_per_epoch
         return max(self.epoch if finished else self.epoch - 1, 0)
 
+    # ---- the time budget ------------------------------------------------------------------------
+    def _schedule_total(self) -> int:
+        """The `total` lr_at decays against: the step plan, or under a time budget one less than
+        the steps the budget is estimated to hold, so that the last of them runs at the floor."""
+        if self.budget is None:
+            return self.total_steps
+        self.planned_steps = self.budget.total_steps()
+        self.log.bar.total = self.planned_steps
+        return self.planned_steps - 1
+
     def _training_seconds(self) -> float:
-        return time.perf_counter() - self.started - self.eval_seconds
+        """Seconds since the loop started, evaluation and saving excluded; under torchrun the ranks'
+        mean, so that every rank plans the same schedule and stops at the same step."""
+        seconds = time.perf_counter() - self.started - self.excluded_seconds
+        if self.world.distributed:
+            summed = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            seconds = distributed.all_reduce_sum(summed, self.world).item() / self.world.world_size
+        return seconds
 
     # ---- start and end ---------------------------------------------------------------------------
     def _announce(self) -> None:
