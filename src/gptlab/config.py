@@ -265,3 +265,14 @@ def validated(cls: type[BaseModel], values: dict[str, Any]) -> Any:
         field = ".".join(str(part) for part in first["loc"]) or cls.__name__
         message = first["msg"].removeprefix("Value error, ")
         raise GptlabError(f"invalid config: {field}: {message}") from None
+
+
+def validated_from(cls: type[BaseModel], values: Any, source: str | Path, fix: str) -> Any:
+    """validated(), for values read from the file `source` (a checkpoint, a config.json): a
+    missing section or an invalid field is one line naming the file and `fix`."""
+    if not isinstance(values, dict):
+        raise GptlabError(f"{source} holds no valid {cls.__name__}; {fix}")
+    try:
+        return validated(cls, values)
+    except GptlabError as error:
+        raise GptlabError(f"{source}: {error}") from None

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated_from
 from gptlab.errors import GptlabError
 from gptlab.interop.deps import require
 from gptlab.interop.staging import staged_directory
@@ -83,7 +83,7 @@ def load_safetensors_dir(directory: str | Path, device: str | torch.device = "cp
     """
     directory = Path(directory)
     config = read_config(directory)
-    model_cfg = _section(ModelConfig, config.get("model_config"), directory)
+    model_cfg = validated_from(ModelConfig, config.get("model_config"), directory / CONFIG_FILE, "export the directory again")
     tokenizer = _read_tokenizer(directory, config.get("tokenizer"))
     if model_cfg.tgt_vocab_size is None or model_cfg.tgt_vocab_size < tokenizer.vocab_size:
         raise GptlabError(
@@ -118,15 +118,6 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config.get("version"), int) or config["version"] > VERSION:
         raise GptlabError(f"{path} has version {config.get('version')!r}, this gptlab reads up to {VERSION}; upgrade gptlab")
     return config
-
-
-def _section(cls: type, values: Any, directory: Path) -> Any:
-    if not isinstance(values, dict):
-        raise GptlabError(f"{directory / CONFIG_FILE} lacks a valid {cls.__name__}; export the directory again")
-    try:
-        return validated(cls, values)
-    except GptlabError as error:
-        raise GptlabError(f"{directory / CONFIG_FILE}: {error}") from None
 
 
 def _read_tokenizer(directory: Path, entry: Any) -> Tokenizer:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated_from
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_path
 from gptlab.models import GPT
@@ -293,12 +293,7 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
 
 
 def _config(cls: type, values: Any, path: Path) -> Any:
-    if not isinstance(values, dict):
-        raise GptlabError(f"{path} holds a malformed {cls.__name__}; re-save the checkpoint")
-    try:
-        return validated(cls, values)
-    except GptlabError as err:
-        raise GptlabError(f"{path}: {err}") from None
+    return validated_from(cls, values, path, "re-save the checkpoint")
 
 
 def _tokenizer(entry: Any, path: Path) -> Tokenizer:
