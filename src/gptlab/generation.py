@@ -105,7 +105,7 @@ def stream_batch(
     streams = [TextStream(tokenizer, ids, cfg.stop) for ids in rows]
     finished = [False] * len(rows)
     banned = banned_ids(model.config.tgt_vocab_size, tokenizer, device)
-    steps = generate_token_ids(model, rows, cfg, tokenizer.pad_id, banned, _generator(cfg.seed, device))
+    steps = generate_token_ids(model, rows, cfg, tokenizer.pad_id, banned, seeded_generator(cfg.seed, device))
     try:
         for next_ids in steps:
             for row, token in enumerate(next_ids):
@@ -174,11 +174,12 @@ def banned_ids(model_vocab: int, tokenizer: Tokenizer, device: torch.device) -> 
     return banned
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A random generator for sampling, seeded with `seed` (None: torch's global one)."""
     if seed is None:
         return None
     if device.type not in ("cpu", "cuda"):
-        raise GptlabError(f"seeded sampling is not supported on {device.type}; drop --seed or use cpu/cuda")
+        raise GptlabError(f"seeded sampling is not supported on {device.type}; drop the seed or use cpu/cuda")
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator

@@ -17,7 +17,7 @@ import torch
 
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.generation import banned_ids, generate_token_ids
+from gptlab.generation import banned_ids, generate_token_ids, seeded_generator
 from gptlab.models import GPT
 from gptlab.text_stream import TextStream
 from gptlab.tokenizers.base import Tokenizer
@@ -88,14 +88,3 @@ def run_completions(
             if piece:
                 yield Piece(row, piece)
             yield ChoiceEnd(row, "length", produced[row])
-
-
-def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A random generator seeded like generation's (None: torch's global one)."""
-    if seed is None:
-        return None
-    if device.type not in ("cpu", "cuda"):
-        raise GptlabError(f"seeded sampling is not supported on {device.type}; drop the seed or serve on cpu/cuda")
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
