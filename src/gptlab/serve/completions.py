@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 
 from gptlab.config import SampleConfig
-from gptlab.errors import GptlabError
 from gptlab.generation import banned_ids, generate_token_ids, seeded_generator
 from gptlab.models import GPT
 from gptlab.text_stream import TextStream
