@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR := runs/demo
 SEQ2SEQ_DIR := runs/demo-seq2seq
 
-.PHONY: demo demo-seq2seq test test-slow clean
+.PHONY: demo demo-seq2seq speedrun ablation test test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ demo-seq2seq: $(VENV)/.installed
 	@for s in "the fourth of july, nineteen seventy-six" "december 31, 1999" "1 january two thousand and one" \
 		"february twenty-ninth, twenty twenty-four"; do printf '%s  ->  ' "$$s"; \
 		$(BIN)/gptlab generate --model_path $(SEQ2SEQ_DIR)/dates_e10.pth --prompt "$$s" --beam_size 4; done
+
+# The speedrun of issue 8: nanogpt-char against cpu-10min, 2 seeds each, BUDGET of training per run
+# (4 runs of 10 minutes by default), written to docs/speedrun.md and docs/speedrun.png.
+BUDGET ?= 10m
+speedrun: $(VENV)/.installed
+	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
+
+# How cpu-10min was chosen: one change at a time from nanogpt-char, ABLATION_BUDGET per row (docs/ablation.md).
+ABLATION_BUDGET ?= 2m
+ablation: $(VENV)/.installed
+	$(BIN)/python benchmarks/ablation.py --budget $(ABLATION_BUDGET) --no_progress
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

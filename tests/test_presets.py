@@ -155,3 +155,57 @@ def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
     assert "lower validation bits per byte than **nanogpt-char**" in text and "![" in text
     assert text.count("```text") == 4
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# ---- benchmarks/ablation.py: one change at a time ------------------------------------------------
+ABLATION = PRESETS_DIR.parent / "benchmarks" / "ablation.py"
+
+
+def load_ablation(monkeypatch):
+    load_speedrun(monkeypatch)  # ablation.py imports it by name
+    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ablation", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, monkeypatch):
+    ablation = load_ablation(monkeypatch)
+    baseline = tmp_path / "tiny.yaml"  # a learning rate too small to learn anything in the budget
+    baseline.write_text(
+        "tokenizer:\n  type: char\nmodel: {embed_dim: 32, n_heads: 2, num_layers: 1, seq_len: 16, dropout: 0.0}\n"
+        "data: {batch_size: 8}\ntrain: {epochs: 1000, warmup_steps: 2, learning_rate: 1.0e-7, eval_interval: 50, "
+        "eval_batches: 1}\n"
+    )
+    monkeypatch.setattr(ablation, "BASELINE", str(baseline))
+    monkeypatch.setattr(ablation, "CHANGES", [
+        ablation.Change("a learning rate that learns", {"learning_rate": 0.01}),
+        ablation.Change("back to one that does not", {"learning_rate": 1e-7}),
+        ablation.Change("a byte-level BPE", tokenizer=TokenizerRecipe("default", 300)),
+    ])  # fmt: skip
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    report = tmp_path / "ablation.md"
+    args = ["--budget", "2s", "--no_progress", "--train_data", str(tmp_path / "t.txt"), "--val_data",
+            str(tmp_path / "t.txt"), "--work_dir", str(tmp_path / "w"), "--report", str(report)]  # fmt: skip
+
+    rows = ablation.run(ablation.build_parser().parse_args(args))
+
+    assert [row.kept for row in rows[:3]] == [True, True, False]
+    assert rows[2].delta > 0
+    # Every row is measured against the last kept one: row 3 against row 1, not the dropped row 2.
+    assert rows[3].delta == pytest.approx(rows[3].run.bpb - rows[1].run.bpb)
+    assert rows[3].run.params != rows[1].run.params  # trained with the BPE's vocabulary
+    text = report.read_text()
+    assert text.count("| no |") == 1 + (not rows[3].kept)
+    kept_line = text.splitlines()[-1]
+    assert "learning_rate=0.01" in kept_line  # the kept change, not the dropped one
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")])
+def test_ablation_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    (tmp_path / "t.txt").write_text(TEXT)
+    data = ["--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt")]
+    assert load_ablation(monkeypatch).main([*data, "--work_dir", str(tmp_path / "w"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
