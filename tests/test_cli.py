@@ -77,6 +77,20 @@ def test_generate_several_samples_and_greedy(checkpoint: Path, capsys) -> None:
     assert capsys.readouterr().out.count("-" * 40) == 1
 
 
+def test_generate_in_bf16_holds_bf16_weights_and_mostly_agrees_with_fp32(checkpoint: Path, capsys) -> None:
+    from gptlab.cli import load_trained_model
+
+    model, _ = load_trained_model(str(checkpoint), torch.device("cpu"), "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    argv = ["generate", "--model_path", str(checkpoint), "--prompt", "KING:", "--length", "12", "--greedy"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    fp32 = capsys.readouterr().out
+    assert main([*argv, "--device", "cpu", "--dtype", "bf16"]) == 0
+    bf16 = capsys.readouterr().out
+    assert bf16.startswith("KING:") and len(bf16) > len("KING:\n")
+    assert bf16[:8] == fp32[:8]  # rounding the weights may flip a close call later, not the first tokens
+
+
 def test_long_prompt_is_cropped_with_a_notice(checkpoint: Path, capsys) -> None:
     assert main(["generate", "--model_path", str(checkpoint), "--prompt", "to be or not " * 20, "--length", "3"]) == 0
     assert "keeping its last 16" in capsys.readouterr().err
@@ -179,6 +193,11 @@ def test_unknown_field_in_config_file(workdir: Path, tmp_path: Path, capsys) -> 
 
 def test_unknown_device(workdir: Path, capsys) -> None:
     assert "tpu" in run_error(tiny_train_args(workdir, "--device", "tpu"), capsys)
+
+
+def test_fp16_weights_on_cpu_are_refused(checkpoint: Path, capsys) -> None:
+    message = run_error(["generate", "--model_path", str(checkpoint), "--device", "cpu", "--dtype", "fp16"], capsys)
+    assert "fp16 is for GPUs" in message and "bf16" in message
 
 
 def test_checkpoint_not_ours_or_truncated(checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -65,6 +65,19 @@ def test_cached_logits_equal_the_full_forward_at_each_of_300_steps(pos_encoding)
     assert cache.length == 308
 
 
+def test_a_bf16_model_keeps_a_bf16_cache_that_agrees_with_its_full_forward():
+    model = tiny_model(seq_len=64, pos_encoding="rope").to(torch.bfloat16)
+    ids = torch.tensor([random_ids(40, seed=3)])
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.new_kv_cache(batch=1)
+        model(ids[:, :8], kv_cache=cache)
+        steps = [model(ids[:, t : t + 1], kv_cache=cache)[0][:, 0] for t in range(8, 40)]
+    assert cache.keys.dtype == torch.bfloat16
+    # Both sides round to bf16 (8 bits of mantissa) along different paths: compare at that precision.
+    torch.testing.assert_close(torch.stack(steps, 1).float(), full[:, 8:].float(), rtol=0, atol=0.05)
+
+
 def no_cache_reference(model: GPT, prompt: list[int], steps: int, keep: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding by full forward passes over the visible context: all of it until it
     outgrows seq_len, then its last `keep` tokens (keep = seq_len: crop to the last seq_len)."""

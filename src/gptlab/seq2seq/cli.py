@@ -47,7 +47,7 @@ def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
 def run_generate_seq2seq(args: argparse.Namespace) -> None:
     """Print the target the Transformer checkpoint args.model_path writes for the source args.prompt."""
     from gptlab.cli import check_against_checkpoint
-    from gptlab.device import resolve_device
+    from gptlab.device import resolve_device, weights_dtype
     from gptlab.seq2seq.decoding import translate
     from gptlab.training import load_transformer
 
@@ -62,7 +62,10 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     if args.beam_size < 1:
         raise GptlabError(f"--beam_size must be at least 1, got {args.beam_size}")
     max_len = _positive_int(args.max_new_tokens, "--max_new_tokens") if args.max_new_tokens is not None else None
-    model, tokenizer, _ = load_transformer(args.model_path, resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = weights_dtype(getattr(args, "dtype", "fp32"), device)
+    model, tokenizer, _ = load_transformer(args.model_path, device)
+    model = model.to(dtype)
     check_against_checkpoint(args, model.config, tokenizer)
     [target] = translate(model, tokenizer, [args.prompt], args.beam_size, args.length_penalty, max_len)
     print(target)

@@ -24,7 +24,9 @@ INTERACTIVE_HELP = "Type a prompt and press Enter. Ctrl-C stops an answer; an em
 
 # ---- gptlab serve ----------------------------------------------------------------------------
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`gptlab serve --model_path X [--host H] [--port P] [limits]`."""
+    """`gptlab serve --model_path X [--host H] [--port P] [--dtype D] [limits]`."""
+    from gptlab.cli import add_weights_dtype_flag  # here, not at the top: cli.py imports this module
+
     parser = subparsers.add_parser(
         "serve", help="serve a GPT over HTTP: OpenAI-style completions API and a playground page",
         description=(
@@ -42,6 +44,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_weights_dtype_flag(parser)
     limits = parser.add_argument_group("limits on requests (beyond them a request gets a 4xx saying why)")
     for name, field in ServeLimits.model_fields.items():
         default = "" if field.default is None else f" (default: {field.default})"
@@ -64,7 +67,7 @@ def _serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise GptlabError(f"--port {args.port} is not a TCP port; pass 0 to 65535 (0 picks a free one)")
     with listen(args.host, args.port) as listener:  # bound first: a taken port fails fast, before the slow load
-        model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device))
+        model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device), args.dtype)
         model_name = Path(args.model_path).stem
         app = create_app(model, tokenizer, limits, model_name=model_name)
         host, port = listener.getsockname()[:2]
