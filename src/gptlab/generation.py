@@ -1,13 +1,16 @@
 """Sampling text from a trained GPT: the token loop with its KV cache, and text out of it.
 
 The model stays a plain nn.Module. `generate_token_ids` is the engine (batched prompts, one
-prefill, then one token per step); `stream_batch`, `stream_text` and `generate` turn its ids
-into text pieces, with stop strings and whole characters only (text_stream.py).
+prefill, then one token per step); `sample_events` turns its ids into text pieces, with stop
+strings and whole characters only (text_stream.py), and says how and when each sample ended
+(what the HTTP API reports); `stream_batch`, `stream_text` and `generate` give the text alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,6 +22,7 @@ from gptlab.text_stream import TextStream
 from gptlab.tokenizers.base import Tokenizer
 
 Notice = Callable[[str], None]
+FinishReason = Literal["stop", "length"]
 
 
 @torch.inference_mode()
@@ -87,6 +91,71 @@ def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return logits[:, -1, :]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """New text of one sample (whole characters)."""
+
+    index: int  # the row: sample s of prompt p is row p * num_samples + s
+    text: str
+
+
+@dataclass(frozen=True)
+class SampleEnd:
+    """A sample is complete: "stop" (<EOS> or a stop string) or "length" (max_new_tokens reached)."""
+
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int  # tokens generated, the one that ended the sample included
+
+
+def sample_events(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    cfg: SampleConfig,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Iterator[Piece | SampleEnd]:
+    """Continue each prompt (1 to seq_len token ids) cfg.num_samples times, all rows in one batch.
+
+    Yields each row's text pieces as they become certain, then its SampleEnd; every row ends
+    exactly once, unless `cancelled()` turns true (a client hung up), which stops at the next step.
+    """
+    rows = [list(ids) for ids in prompt_ids for _ in range(cfg.num_samples)]
+    streams = [TextStream(tokenizer, ids, cfg.stop) for ids in rows]
+    produced = [0] * len(rows)
+    ended: list[FinishReason | None] = [None] * len(rows)
+    device = next(model.parameters()).device
+    banned = banned_ids(model.config.tgt_vocab_size, tokenizer, device)
+    steps = generate_token_ids(model, rows, cfg, tokenizer.pad_id, banned, seeded_generator(cfg.seed, device))
+    try:
+        for next_ids in steps:
+            if cancelled():
+                return
+            for row, token in enumerate(next_ids):
+                if ended[row] is not None:
+                    continue
+                produced[row] += 1
+                if token == tokenizer.eos_id:
+                    piece, ended[row] = streams[row].finish(), "stop"
+                else:
+                    piece = streams[row].push(token)
+                    ended[row] = "stop" if streams[row].stopped else None
+                if piece:
+                    yield Piece(row, piece)
+                if ended[row] is not None:
+                    yield SampleEnd(row, "stop", produced[row])
+            if all(reason is not None for reason in ended):
+                return
+    finally:
+        steps.close()
+    for row, stream in enumerate(streams):
+        if ended[row] is None:
+            piece = stream.finish()
+            if piece:
+                yield Piece(row, piece)
+            yield SampleEnd(row, "length", produced[row])
+
+
 def stream_batch(
     model: GPT,
     tokenizer: Tokenizer,
@@ -99,34 +168,10 @@ def stream_batch(
     Row r continues prompts[r // cfg.num_samples]. A row ends at <EOS>, at a stop string (not
     included) or after cfg.max_new_tokens tokens; pieces are whole characters.
     """
-    device = next(model.parameters()).device
     prompt_ids = [prompt_to_ids(prompt, tokenizer, model.config.seq_len, notice) for prompt in prompts]
-    rows = [ids for ids in prompt_ids for _ in range(cfg.num_samples)]
-    streams = [TextStream(tokenizer, ids, cfg.stop) for ids in rows]
-    finished = [False] * len(rows)
-    banned = banned_ids(model.config.tgt_vocab_size, tokenizer, device)
-    steps = generate_token_ids(model, rows, cfg, tokenizer.pad_id, banned, seeded_generator(cfg.seed, device))
-    try:
-        for next_ids in steps:
-            for row, token in enumerate(next_ids):
-                if finished[row]:
-                    continue
-                if token == tokenizer.eos_id:
-                    finished[row] = True
-                    piece = streams[row].finish()
-                else:
-                    piece = streams[row].push(token)
-                    finished[row] = streams[row].stopped
-                if piece:
-                    yield row, piece
-            if all(finished):
-                break
-    finally:
-        steps.close()
-    for row, stream in enumerate(streams):
-        piece = "" if finished[row] else stream.finish()
-        if piece:
-            yield row, piece
+    for event in sample_events(model, tokenizer, prompt_ids, cfg):
+        if isinstance(event, Piece):
+            yield event.index, event.text
 
 
 def stream_text(

@@ -19,8 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gptlab.generation import Piece, SampleEnd
 from gptlab.models import GPT
-from gptlab.serve.completions import ChoiceEnd, Piece
 from gptlab.serve.runner import Failed, Job, ModelRunner
 from gptlab.serve.schemas import (
     ApiError,
@@ -147,7 +147,7 @@ async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, incl
     async for event in job.events():
         if isinstance(event, Piece):
             yield sse_event(meta.envelope([choice(event.index, event.text, None)]))
-        elif isinstance(event, ChoiceEnd):
+        elif isinstance(event, SampleEnd):
             completion_tokens += event.completion_tokens
             yield sse_event(meta.envelope([choice(event.index, "", event.finish_reason)]))
         elif isinstance(event, Failed):
@@ -160,11 +160,11 @@ async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, incl
 async def whole_response(job: Job, meta: CompletionMeta, n_choices: int, prompt_tokens: int) -> dict[str, Any]:
     """The completion as one JSON object, once every choice has ended."""
     texts = [""] * n_choices
-    ends: dict[int, ChoiceEnd] = {}
+    ends: dict[int, SampleEnd] = {}
     async for event in job.events():
         if isinstance(event, Piece):
             texts[event.index] += event.text
-        elif isinstance(event, ChoiceEnd):
+        elif isinstance(event, SampleEnd):
             ends[event.index] = event
         elif isinstance(event, Failed):
             raise ApiError(event.status, event.message, error_kind(event.status))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
+from gptlab.generation import Piece, SampleEnd, sample_events
 from gptlab.models import GPT
-from gptlab.serve.completions import ChoiceEnd, Piece, run_completions
 from gptlab.serve.schemas import ApiError
 from gptlab.tokenizers.base import Tokenizer
 
@@ -52,7 +52,7 @@ class Job:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled.set()
 
-    async def events(self) -> AsyncIterator[Piece | ChoiceEnd | Failed]:
+    async def events(self) -> AsyncIterator[Piece | SampleEnd | Failed]:
         """The job's events until it ends; leaving early (a client hung up) cancels the job."""
         try:
             while (event := await self._queue.get()) is not _END:
@@ -105,7 +105,7 @@ class ModelRunner:
     def _run(self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> None:
         try:
             if not job.cancelled.is_set():  # skip a job whose client left while it was queued
-                for event in run_completions(self.model, self.tokenizer, prompt_ids, cfg, job.cancelled.is_set):
+                for event in sample_events(self.model, self.tokenizer, prompt_ids, cfg, job.cancelled.is_set):
                     job.emit(event)
             if self._closing:
                 job.emit(Failed(503, "the server shut down before this answer was complete; retry on a running server"))
