@@ -4,8 +4,10 @@
 
 For each model size, a random Hugging Face `GPT2LMHeadModel` (vocab 8192, 1024 positions) is
 loaded into gptlab with `GPT.from_hf_gpt2`, so both decode with identical weights. Batch 1,
-a 1-token prompt, greedy, exactly --tokens new tokens. Timed:
-  - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device);
+a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each of --dtypes
+(fp32, and bf16 for both sides: rounded from the same fp32 weights). Timed:
+  - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device) on the model
+    made `ready_for_generation`, as `gptlab generate --dtype D` does;
   - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
   - gptlab without cache: every step a forward pass over the whole text (the naive loop).
 Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
@@ -16,12 +18,14 @@ shared CPU, thread hand-offs cost more than a batch-1 step's arithmetic.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
 
 from gptlab.config import ModelConfig, SampleConfig
-from gptlab.generation import generate_token_ids
+from gptlab.device import DTYPES
+from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import GPT
 
 VOCAB, POSITIONS = 8192, 1024
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the best counts")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES), help="weight dtypes")
     parser.add_argument("--no_cache_repeats", type=int, default=1, help="runs of the slow no-cache loop (0 skips it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,25 +108,35 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
           f"vocab {VOCAB}, n_positions {POSITIONS}\n")  # fmt: skip
-    print("| model | gptlab tok/s | HF tok/s | gptlab / HF | no-cache tok/s | cache / no-cache | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | no-cache tok/s "
+          "| cache / no-cache | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for layers, width, heads in SIZES:
-        hf, ours = make_models(layers, width, heads, device)
-        run_ours(ours, prompt, 20), run_hf(hf, prompt, 20)  # warm up both
-        timed = best_times(args.repeats, {
-            "ours": lambda: run_ours(ours, prompt, n), "hf": lambda: run_hf(hf, prompt, n),
-        }, device)  # fmt: skip
-        (ours_s, ours_tokens), (hf_s, hf_tokens) = timed["ours"], timed["hf"]
-        no_cache = "-", "-"
-        if args.no_cache_repeats:
-            slow = {"slow": lambda: run_ours_without_cache(ours, prompt, n)}
-            slow_s, slow_tokens = best_times(args.no_cache_repeats, slow, device)["slow"]
-            assert slow_tokens == ours_tokens, "the KV cache changed the greedy tokens"
-            no_cache = f"{n / slow_s:,.0f}", f"{slow_s / ours_s:.1f}x"
-        # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
-        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-        print(f"| {layers} layers x {width} | {n / ours_s:,.0f} | {n / hf_s:,.0f} | {hf_s / ours_s:.2f}x "
-              f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |", flush=True)  # fmt: skip
+        hf_fp32, ours_fp32 = make_models(layers, width, heads, device)
+        hf_fp32_tok_s = None
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            # What `gptlab generate --dtype` does to a loaded model; HF's generate takes the model as it is.
+            ours = ready_for_generation(copy.deepcopy(ours_fp32), dtype)
+            hf = copy.deepcopy(hf_fp32).to(dtype)
+            run_ours(ours, prompt, 20), run_hf(hf, prompt, 20)  # warm up both
+            timed = best_times(args.repeats, {
+                "ours": lambda: run_ours(ours, prompt, n), "hf": lambda: run_hf(hf, prompt, n),
+            }, device)  # fmt: skip
+            (ours_s, ours_tokens), (hf_s, hf_tokens) = timed["ours"], timed["hf"]
+            hf_fp32_tok_s = hf_fp32_tok_s or (n / hf_s if dtype_name == "fp32" else None)
+            vs_fp32 = f"{n / ours_s / hf_fp32_tok_s:.2f}x" if hf_fp32_tok_s else "-"
+            no_cache = "-", "-"
+            if args.no_cache_repeats and dtype_name == "fp32":
+                slow = {"slow": lambda: run_ours_without_cache(ours, prompt, n)}
+                slow_s, slow_tokens = best_times(args.no_cache_repeats, slow, device)["slow"]
+                assert slow_tokens == ours_tokens, "the KV cache changed the greedy tokens"
+                no_cache = f"{n / slow_s:,.0f}", f"{slow_s / ours_s:.1f}x"
+            # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
+            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            print(f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
+                  f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {no_cache[0]} | {no_cache[1]} | {same}/{n} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

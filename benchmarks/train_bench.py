@@ -2,8 +2,9 @@
 
 Both train with identical AdamW settings on the same random token batches; each timing is a few
 warm-up steps then `--steps` timed steps, the two models alternated `--rounds` times, best kept.
-Also gptlab with bf16 autocast and with torch.compile, and MFU against a measured float32
-matmul peak. Run:  python benchmarks/train_bench.py  (needs `transformers`).
+Also gptlab with bf16 autocast and with torch.compile, MFU against a measured float32 matmul
+peak, and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
+matrix multiplies, which no fp32 implementation of this model can beat. Run:  python benchmarks/train_bench.py  (needs `transformers`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,34 @@ def steps_per_second(model, loss_of, args, dtype=torch.float32) -> float:
     return args.steps / (time.perf_counter() - started)
 
 
+def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 3) -> float:
+    """Tokens/s if a training step did nothing but the matrix multiplies of its linear layers and
+    output head (forward x W^T, backward dY W and dY^T x), at this step's shapes, in float32.
+
+    Attention, norms, activations, the loss and the optimizer are left out, so no fp32 step of
+    this model can be faster: the ceiling for any implementation, ours or Hugging Face's.
+    """
+    tokens = args.batch_size * args.seq_len
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]  # (out, in)
+    operands = [
+        (torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out)) for n_out, n_in in shapes
+    ]
+
+    def one_step():
+        for x, w, grad_y in operands:
+            torch.mm(x, w.t())  # forward
+            torch.mm(grad_y, w)  # gradient of the input
+            torch.mm(grad_y.t(), x)  # gradient of the weight
+
+    one_step()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        one_step()
+        best = min(best, time.perf_counter() - started)
+    return tokens / best
+
+
 def gptlab_loss(model, x, y):
     return model(x, y)[1]
 
@@ -109,6 +138,7 @@ def main() -> None:
     print(f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
           f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+    best["fp32 matmul floor (linear layers' matmuls alone)"] = matmul_floor_tokens_per_s(ours, args) / tokens
     reference = best["HF GPT2LMHeadModel fp32 eager"]
     print(f"| run | tokens/s | vs HF | MFU (fp32 matmul peak) |\n|---|---|---|---|")
     for name, rate in best.items():

@@ -78,9 +78,9 @@ def test_generate_several_samples_and_greedy(checkpoint: Path, capsys) -> None:
 
 
 def test_generate_in_bf16_holds_bf16_weights_and_mostly_agrees_with_fp32(checkpoint: Path, capsys) -> None:
-    from gptlab.cli import load_trained_model
+    from gptlab.cli import load_for_generation
 
-    model, _ = load_trained_model(str(checkpoint), torch.device("cpu"), "bf16")
+    model, _ = load_for_generation(str(checkpoint), "cpu", "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     argv = ["generate", "--model_path", str(checkpoint), "--prompt", "KING:", "--length", "12", "--greedy"]
     assert main([*argv, "--device", "cpu"]) == 0

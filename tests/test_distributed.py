@@ -72,6 +72,29 @@ def test_two_gloo_processes_match_one_process(single_run, mode: str) -> None:
     assert set(checkpoint.optimizer_state["optimizers"]["adamw"]["state"]) == set(range(len(list(model.parameters()))))
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "gptlab", *args]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="needs torchrun")
+def test_an_fsdp_run_resumed_from_its_gathered_checkpoint_continues_the_same_curve(single_run) -> None:
+    tmp, _ = single_run
+    # A constant learning rate, so that stopping early (--max_steps 3) leaves the schedule unchanged.
+    flags = ["--fsdp", "--warmup_steps", "0", "--min_lr_ratio", "1", "--save_every_steps", "3"]
+    torchrun(*train_args(tmp, "fsdp_whole", *flags, "--max_steps", "6"))
+    torchrun(*train_args(tmp, "fsdp_parts", *flags, "--max_steps", "3"))
+    torchrun(*train_args(tmp, "fsdp_parts", *flags, "--max_steps", "6", "--resume", "auto"))
+
+    whole = read_step_log(tmp / "runs" / "fsdp_whole" / "metrics.jsonl")
+    parts = read_step_log(tmp / "runs" / "fsdp_parts" / "metrics.jsonl")
+    assert [e["step"] for e in parts] == [e["step"] for e in whole] == list(range(1, 7))
+    for a, b in zip(whole, parts):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), b["step"]
+
+
 def test_fsdp_without_torchrun_is_a_clear_error(single_run, capsys) -> None:
     tmp, _ = single_run
     assert main(train_args(tmp, "nofsdp", "--fsdp")) != 0

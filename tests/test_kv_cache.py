@@ -1,12 +1,14 @@
 """The KV cache gives the logits of a full forward pass: step by step, past the context window,
 and for left-padded batches of prompts of different lengths."""
 
+import copy
+
 import pytest
 import torch
 
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.generation import generate_token_ids
+from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import GPT
 
 POS_ENCODINGS = ["rope", "sinusoidal", "learned"]
@@ -76,6 +78,25 @@ def test_a_bf16_model_keeps_a_bf16_cache_that_agrees_with_its_full_forward():
     assert cache.keys.dtype == torch.bfloat16
     # Both sides round to bf16 (8 bits of mantissa) along different paths: compare at that precision.
     torch.testing.assert_close(torch.stack(steps, 1).float(), full[:, 8:].float(), rtol=0, atol=0.05)
+
+
+def test_ready_for_generation_changes_the_weights_layout_not_the_results():
+    model = tiny_model(seq_len=64, pos_encoding="learned")
+    reference = copy.deepcopy(model)
+    prompt, cfg = random_ids(5, seed=4), SampleConfig(greedy=True, max_new_tokens=40)
+    expected = [row[0] for row in generate_token_ids(reference, [prompt], cfg, pad_id=PAD)]
+    recorded = record_last_logits(model)
+
+    ready = ready_for_generation(model)
+
+    assert ready is model and not ready.training
+    for (name, tensor), want in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(tensor, want), name  # same shapes and values
+    assert model.blocks[0].mlp.fc.weight.t().is_contiguous()  # stored (in, out)
+    assert [row[0] for row in generate_token_ids(model, [prompt], cfg, pad_id=PAD)] == expected
+    with torch.no_grad():
+        full, _ = reference(torch.tensor([prompt + expected[:-1]]))
+    torch.testing.assert_close(torch.stack(recorded, 1), full[:, 4:], rtol=0, atol=1e-5)
 
 
 def no_cache_reference(model: GPT, prompt: list[int], steps: int, keep: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -297,14 +297,13 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from gptlab.device import resolve_device
     from gptlab.generation import stream_batch
 
     if is_seq2seq_checkpoint(args.model_path):
         return run_generate_seq2seq(args)
     refuse_seq2seq_flags(args)
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
-    model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device), args.dtype)
+    model, tokenizer = load_for_generation(args.model_path, args.device, args.dtype)
     check_against_checkpoint(args, model.config, tokenizer)
     if args.interactive:
         from gptlab.serve import run_interactive
@@ -342,19 +341,27 @@ def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def load_trained_model(path: str, device, dtype: str = "fp32") -> tuple[Any, Tokenizer]:
-    """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export
-    --format safetensors`, with its weights in `dtype` (see gptlab.device.weights_dtype)."""
-    from gptlab.device import weights_dtype
+def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
+    """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export --format safetensors`."""
     from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
     from gptlab.training import load_model
 
-    dtype_ = weights_dtype(dtype, device)  # checked before the slow load
     if is_safetensors_dir(path):
         model, tokenizer, _ = load_safetensors_dir(path, device)
     else:
         model, tokenizer, _ = load_model(path, device)
-    return model.to(dtype_), tokenizer
+    return model, tokenizer
+
+
+def load_for_generation(path: str, device_name: str, dtype_name: str) -> tuple[Any, Tokenizer]:
+    """load_trained_model, then ready_for_generation in the --dtype asked for (checked before the slow load)."""
+    from gptlab.device import resolve_device, weights_dtype
+    from gptlab.generation import ready_for_generation
+
+    device = resolve_device(device_name)
+    dtype = weights_dtype(dtype_name, device)
+    model, tokenizer = load_trained_model(path, device)
+    return ready_for_generation(model, dtype), tokenizer
 
 
 def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
@@ -200,6 +201,24 @@ def generate(
     for row, piece in stream_batch(model, tokenizer, [prompt], cfg, notice):
         texts[row] += piece
     return texts
+
+
+def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`model` in eval mode with its weights in `dtype`, laid out for decoding one token at a time.
+
+    On CPU in float32, each linear layer's weight is stored transposed in memory, (in, out)
+    contiguous, with its shape and values unchanged: a decoding step multiplies one vector by
+    every matrix, and the CPU kernels read that layout about 1.3x faster (generate_bench.py).
+    Hugging Face's GPT-2 keeps its Conv1D weights that way. bf16 kernels prefer the usual layout.
+    The model is changed in place; it still trains and saves as before.
+    """
+    model = model.to(dtype).eval()
+    if dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 def prompt_to_ids(prompt: str, tokenizer: Tokenizer, seq_len: int, notice: Notice = print) -> list[int]:

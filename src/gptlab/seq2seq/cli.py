@@ -48,6 +48,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     """Print the target the Transformer checkpoint args.model_path writes for the source args.prompt."""
     from gptlab.cli import check_against_checkpoint
     from gptlab.device import resolve_device, weights_dtype
+    from gptlab.generation import ready_for_generation
     from gptlab.seq2seq.decoding import translate
     from gptlab.training import load_transformer
 
@@ -65,7 +66,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     dtype = weights_dtype(getattr(args, "dtype", "fp32"), device)
     model, tokenizer, _ = load_transformer(args.model_path, device)
-    model = model.to(dtype)
+    model = ready_for_generation(model, dtype)
     check_against_checkpoint(args, model.config, tokenizer)
     [target] = translate(model, tokenizer, [args.prompt], args.beam_size, args.length_penalty, max_len)
     print(target)

@@ -59,15 +59,14 @@ def _serve(args: argparse.Namespace) -> None:
         from gptlab.serve.app import create_app
     except ImportError as err:
         raise GptlabError(f"gptlab serve needs {err.name}; install it with: pip install 'gptlab[serve]'") from None
-    from gptlab.cli import load_trained_model  # here, not at the top: cli.py imports this module
-    from gptlab.device import resolve_device
+    from gptlab.cli import load_for_generation  # here, not at the top: cli.py imports this module
 
     given = {name: getattr(args, name) for name in ServeLimits.model_fields}
     limits = validated(ServeLimits, {name: value for name, value in given.items() if value is not None})
     if not 0 <= args.port <= 65535:
         raise GptlabError(f"--port {args.port} is not a TCP port; pass 0 to 65535 (0 picks a free one)")
     with listen(args.host, args.port) as listener:  # bound first: a taken port fails fast, before the slow load
-        model, tokenizer = load_trained_model(args.model_path, resolve_device(args.device), args.dtype)
+        model, tokenizer = load_for_generation(args.model_path, args.device, args.dtype)
         model_name = Path(args.model_path).stem
         app = create_app(model, tokenizer, limits, model_name=model_name)
         host, port = listener.getsockname()[:2]
