@@ -9,7 +9,9 @@ a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each 
   - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device) on the model
     made `ready_for_generation`, as `gptlab generate --dtype D` does;
   - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
-  - gptlab without cache: every step a forward pass over the whole text (the naive loop).
+  - gptlab without cache: every step a forward pass over the whole text (the naive loop);
+and the linear-layer floor: the speed of a step that only multiplied by the weights, which at
+batch 1 read all of them every token: no decoder of this model, ours or HF's, can beat it.
 Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
 machine may be shared; the best run is the least disturbed). One thread by default: on a small
 shared CPU, thread hand-offs cost more than a batch-1 step's arithmetic.
@@ -75,6 +77,22 @@ def run_hf(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@torch.inference_mode()
+def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> float:
+    """Tokens/s if a decoding step did nothing but multiply one token's vector by each linear
+    layer's weights (and add its bias), as the model holds them: no attention, norms or sampling.
+    At batch 1 these products read every weight once per token, so they bound any decoder's speed."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.zeros(1, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for linear, x in zip(linears, inputs):
+            linear(x)
+        best = min(best, time.perf_counter() - started)
+    return 1 / best
+
+
 def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tuple[float, list[int]]]:
     """For each named run(), the shortest wall time of `repeats` calls and its tokens. The runs
     take turns, so that a burst of other work on the machine slows them alike."""
@@ -108,9 +126,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
           f"vocab {VOCAB}, n_positions {POSITIONS}\n")  # fmt: skip
-    print("| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | no-cache tok/s "
-          "| cache / no-cache | same tokens |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
+          "| gptlab / floor | no-cache tok/s | cache / no-cache | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layers, width, heads in SIZES:
         hf_fp32, ours_fp32 = make_models(layers, width, heads, device)
         hf_fp32_tok_s = None
@@ -134,9 +152,10 @@ def main() -> None:
                 no_cache = f"{n / slow_s:,.0f}", f"{slow_s / ours_s:.1f}x"
             # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
             same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            floor = linear_floor_tokens_per_s(ours)
             print(f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
-                  f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {no_cache[0]} | {no_cache[1]} | {same}/{n} |",
-                  flush=True)  # fmt: skip
+                  f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} "
+                  f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
