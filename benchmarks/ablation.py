@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import parse_duration
 from gptlab.data import prepare
 from gptlab.errors import GptlabError
 from gptlab.files import write_atomic
@@ -31,7 +30,8 @@ from gptlab.tokenizers import save_tokenizer
 from gptlab.tokenizers.corpus import read_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speedrun import ROOT, SHAKESPEARE, Recipe, RunResult, run_once  # noqa: E402
+import speedrun  # noqa: E402
+from speedrun import ROOT, SHAKESPEARE, Recipe, RunResult, checked_budget, run_once  # noqa: E402
 
 BASELINE = "nanogpt-char"
 
@@ -149,17 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    try:
-        budget_s = parse_duration(args.budget)
-    except ValueError as err:
-        raise GptlabError(f"--budget: {err}") from None
-    if budget_s <= 0:
-        raise GptlabError(f"--budget must be positive, got {args.budget!r}")
+    budget_s = checked_budget(args)
     if args.rows is not None and args.rows < 0:
         raise GptlabError(f"--rows must be 0 or more, got {args.rows}")
-    for path in (args.train_data, args.val_data):
-        if not path.is_file():
-            raise GptlabError(f"{path} not found; pass --train_data/--val_data")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     texts = TokenizedTexts(args.train_data, args.val_data, args.work_dir)
@@ -187,13 +179,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except GptlabError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return speedrun.main(argv, build_parser(), run)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> list[RunResult]:
+def checked_budget(args: argparse.Namespace) -> float:
+    """--budget in seconds, once --budget, --train_data and --val_data are checked (GptlabError if not)."""
     try:
         budget_s = parse_duration(args.budget)
     except ValueError as err:
@@ -238,6 +239,11 @@ def run(args: argparse.Namespace) -> list[RunResult]:
     for path in (args.train_data, args.val_data):
         if not path.is_file():
             raise GptlabError(f"{path} not found; pass --train_data/--val_data")
+    return budget_s
+
+
+def run(args: argparse.Namespace) -> list[RunResult]:
+    budget_s = checked_budget(args)
     overrides = parse_overrides(args.overrides)
     presets = [load_preset(name) for name in args.recipes]  # every name checked before any work
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -259,8 +265,9 @@ def run(args: argparse.Namespace) -> list[RunResult]:
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None, run=run) -> int:
+    """Parse argv, run; a GptlabError is one line on stderr and exit status 1 (ablation.py shares this)."""
+    args = (parser or build_parser()).parse_args(argv)
     try:
         run(args)
     except GptlabError as error:
