@@ -336,8 +336,8 @@ def _notice(message: str) -> None:
 def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-        help="precision of the weights while generating: bf16 reads half the memory per token, faster on CPUs "
-        "with AVX-512 BF16/AMX and on GPUs, with slightly different logits; fp16 on GPUs only (default: fp32)",
+        help="precision of the weights while generating: bf16 reads half the memory per token (faster for larger "
+        "models on GPUs and CPUs with fast bf16), with slightly different logits; fp16 on GPUs only (default: fp32)",
     )  # fmt: skip
 
 

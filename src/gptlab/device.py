@@ -78,8 +78,8 @@ def weights_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype to hold a model's weights in for generation: "fp32" (exact), "bf16" or "fp16".
 
     Unlike training under autocast there is no float32 copy: the weights themselves are rounded,
-    which halves the memory that every decoding step reads (bf16 is fast on CPUs with AVX-512
-    BF16 or AMX, and slow on CPUs without them). Raises GptlabError for a dtype `device` lacks.
+    which halves the memory that every decoding step reads; whether that is faster depends on the
+    model's size and the processor's bf16 kernels. Raises GptlabError for a dtype `device` lacks.
     """
     if name not in DTYPES:
         raise GptlabError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
