@@ -45,8 +45,11 @@ def gpt2_tokenizer(corpus) -> BPETokenizer:
 # Text that stresses the split and special-token rules, as well as arbitrary code points.
 pieces = st.sampled_from([*SPECIAL_TOKENS, "<EOS", " ", "  ", "\n", "\r\n", "'s", "'LL", "the", " and", "😀", "e\u0301"])
 unicode_text = st.lists(st.one_of(st.text(max_size=8), pieces), max_size=12).map("".join)
+# Unassigned code points (Cn) are left out where the two encoders are compared: the fast path
+# splits with tiktoken's Rust regex and the reference with the `regex` module, and each carries
+# its own Unicode tables, so they may disagree on whether a newly assigned code point is a letter.
 text_with_surrogates = st.lists(
-    st.one_of(st.text(st.characters(exclude_categories=()), max_size=8), pieces), max_size=12
+    st.one_of(st.text(st.characters(exclude_categories=("Cn",)), max_size=8), pieces), max_size=12
 ).map("".join)
 
 

@@ -6,7 +6,9 @@ the special tokens <PAD> <UNK> <BOS> <EOS> take the last four ids. vocab_size co
 Text is first split into chunks by a regex (GPT-4's cl100k pattern by default, GPT-2's as an
 option); each chunk's UTF-8 bytes are then merged, always joining the adjacent pair whose
 joined bytes form the lowest-id token, as tiktoken does. `encode` runs tiktoken's engine on
-our ranks; `encode_reference` is the same algorithm in pure Python and gives identical ids.
+our ranks; `encode_reference` is the same algorithm in pure Python and gives identical ids
+(except where the two regex engines' Unicode tables disagree: code points assigned only in the
+newest Unicode versions may count as letters for one and not the other).
 
 Surrogates: UTF-8 cannot hold them, so (as tiktoken does) a surrogate pair written as two code
 points is encoded as the character it stands for and a lone surrogate as U+FFFD. Every other
