@@ -64,7 +64,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
         raise GptlabError(f"--beam_size must be at least 1, got {args.beam_size}")
     max_len = _positive_int(args.max_new_tokens, "--max_new_tokens") if args.max_new_tokens is not None else None
     device = resolve_device(args.device)
-    dtype = weights_dtype(getattr(args, "dtype", "fp32"), device)
+    dtype = weights_dtype(args.dtype, device)
     model, tokenizer, _ = load_transformer(args.model_path, device)
     model = ready_for_generation(model, dtype)
     check_against_checkpoint(args, model.config, tokenizer)
