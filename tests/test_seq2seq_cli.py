@@ -68,6 +68,16 @@ def test_generate_prints_what_the_python_api_decodes(trained, beam_size):
     assert result.stdout == translate(model, tokenizer, ["bead"], beam_size=beam_size)[0] + "\n"
 
 
+def test_generate_with_bf16_weights_matches_the_python_api_in_bf16(trained):
+    tmp, _ = trained
+    result = gptlab(
+        "generate", "--model_path", "s2s_e1.pth", "--prompt", "bead", "--dtype", "bf16", "--device", "cpu", cwd=tmp
+    )
+    assert result.returncode == 0, result.stderr
+    model, tokenizer, _ = load_transformer(tmp / "s2s_e1.pth")
+    assert result.stdout == translate(model.to(torch.bfloat16), tokenizer, ["bead"])[0] + "\n"
+
+
 @pytest.fixture
 def gpt_checkpoint(tmp_path):
     cfg = ModelConfig(embed_dim=16, n_heads=2, num_layers=1, seq_len=8, tgt_vocab_size=10)
