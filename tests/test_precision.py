@@ -66,3 +66,50 @@ def test_compiled_model_matches_eager(tmp_path, text):
     # The checkpoint of a compiled run holds the plain model's weight names.
     state = load_checkpoint(tmp_path / "ckpt" / "compiled_e1.pth").model_state
     assert not any("_orig_mod" in key for key in state)
+
+
+# ---- fp16 loss scaling: its CUDA-only dtype checks set aside, the GradScaler logic runs on CPU ----
+@pytest.fixture
+def fp16_scaling_on_cpu(monkeypatch):
+    """Precision("fp16") on CPU with a real GradScaler, computing in float32 (no fp16 autocast):
+    the scaling, unscaling, skipping and checkpointing of fp16 training, without a GPU."""
+    import contextlib
+
+    import gptlab.training.precision as precision
+
+    monkeypatch.setattr(precision, "resolve_dtype", lambda name, device: torch.float16)
+    monkeypatch.setattr(precision, "autocast", lambda device, dtype: contextlib.nullcontext())
+    return precision.Precision
+
+
+def test_loss_scaling_leaves_the_training_curve_unchanged(tmp_path, text, fp16_scaling_on_cpu):
+    # Scaling by a power of two and unscaling before clipping and the update is exact in float32.
+    assert losses(tmp_path, text, "scaled", dtype="fp16") == losses(tmp_path, text, "plain")
+    saved = load_checkpoint(tmp_path / "ckpt" / "scaled_e1.pth")
+    assert saved.extra["grad_scaler"]["scale"] == 2.0**16  # no overflow in 4 steps, no growth before 2000
+
+
+def test_a_step_with_overflowing_gradients_is_skipped_and_the_scale_halved(fp16_scaling_on_cpu):
+    from gptlab.training.optim import OptimizerSet
+
+    precision = fp16_scaling_on_cpu("fp16", torch.device("cpu"))
+    layer = torch.nn.Linear(3, 1)
+    optimizer = OptimizerSet({"adamw": torch.optim.AdamW(layer.parameters(), lr=0.1)})
+    before = layer.weight.detach().clone()
+
+    precision.backward(layer.weight.sum() * 1e34)  # finite loss; times the 2**16 scale, inf gradients
+    precision.unscale(optimizer)
+    precision.step(optimizer)
+    assert torch.equal(layer.weight, before) and precision.scaler.get_scale() == 2.0**15
+    assert precision.skips_bad_steps
+
+    optimizer.zero_grad()
+    precision.backward(layer.weight.sum() * 2.0)
+    precision.unscale(optimizer)
+    torch.testing.assert_close(layer.weight.grad, torch.full((1, 3), 2.0))  # the true gradient again
+    precision.step(optimizer)
+    assert not torch.equal(layer.weight, before)
+
+    resumed = fp16_scaling_on_cpu("fp16", torch.device("cpu"))
+    resumed.load_state_dict(precision.state_dict())
+    assert resumed.scaler.get_scale() == precision.scaler.get_scale() == 2.0**15
