@@ -62,6 +62,32 @@ def test_presets_name_their_tokenizer():
     assert load_preset("demo").tokenizer is None
 
 
+def test_training_a_preset_without_a_tokenizer_prints_the_command_that_trains_its_own(tmp_path, capsys, monkeypatch):
+    from gptlab.cli import main
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "nanogpt-char", "--train_data", "t.txt"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--tokenizer is required" in error
+    command = error.split("`")[1]
+    assert command == "gptlab tokenizer train t.txt --type char --out tokenizer-nanogpt-char"
+    assert main(command.split()[1:]) == 0  # the command works as printed
+    assert (tmp_path / "tokenizer-nanogpt-char").is_dir()
+
+
+def test_a_recipe_spells_its_training_command():
+    assert TokenizerRecipe("default", 4096).train_command("a.txt", "tok") == (
+        "gptlab tokenizer train a.txt --vocab_size 4096 --out tok"
+    )
+    assert TokenizerRecipe("default", 512, "gpt2").train_command("a.txt", "t") == (
+        "gptlab tokenizer train a.txt --vocab_size 512 --pattern gpt2 --out t"
+    )
+    assert TokenizerRecipe("sentencepiece", 300).train_command("a.txt", "t").startswith(
+        "gptlab tokenizer train a.txt --type sentencepiece --vocab_size 300"
+    )
+
+
 def test_names_and_paths_resolve(tmp_path, monkeypatch):
     expected = PRESETS_DIR / "cpu-10min.yaml"
     monkeypatch.chdir(tmp_path)  # preset names work from any directory

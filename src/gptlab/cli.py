@@ -214,8 +214,13 @@ def _train(args: argparse.Namespace) -> None:
         model_cfg, tokenizer, init_weights = fine_tuning_start(args.init_from, chosen)
     elif args.tokenizer is None:
         recipe = preset.tokenizer if preset else None
-        hint = f"; preset {preset.name} was designed for a {recipe.describe()} tokenizer" if recipe else ""
-        raise GptlabError(f"--tokenizer is required (train one with `gptlab tokenizer train`){hint}")
+        if recipe is None:
+            raise GptlabError("--tokenizer is required (train one with `gptlab tokenizer train`)")
+        out = f"tokenizer-{preset.name}"
+        raise GptlabError(
+            f"--tokenizer is required; preset {preset.name} was designed for this one: "
+            f"`{recipe.train_command(str(args.train_data), out)}`, then pass --tokenizer {out}"
+        )
     else:
         tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
     result = train(

@@ -43,6 +43,13 @@ class TokenizerRecipe:
         """Train this tokenizer on `texts`."""
         return train_tokenizer(self.kind, texts, self.vocab_size, self.pattern, progress=progress)
 
+    def train_command(self, corpus: str, out: str) -> str:
+        """The `gptlab tokenizer train` command line that trains this tokenizer on `corpus` into `out`."""
+        flags = [f"--type {self.kind}"] if self.kind != "default" else []
+        flags += [f"--vocab_size {self.vocab_size}"] if self.vocab_size is not None else []
+        flags += [f"--pattern {self.pattern}"] if self.kind == "default" and self.pattern != "gpt4" else []
+        return " ".join(["gptlab tokenizer train", corpus, *flags, "--out", out])
+
     def describe(self) -> str:
         """'char' or 'default, vocab 2048'."""
         return self.kind if self.vocab_size is None else f"{self.kind}, vocab {self.vocab_size}"
