@@ -11,7 +11,7 @@ a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each 
   - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
   - gptlab without cache: every step a forward pass over the whole text (the naive loop);
 and the linear-layer floor: the speed of a step that only multiplied by the weights, which at
-batch 1 read all of them every token: no decoder of this model, ours or HF's, can beat it.
+batch 1 read all of them every token: no decoder built on PyTorch's kernels, ours or HF's, can beat it.
 Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
 machine may be shared; the best run is the least disturbed). One thread by default: on a small
 shared CPU, thread hand-offs cost more than a batch-1 step's arithmetic.
@@ -81,7 +81,8 @@ def run_hf(model, prompt: list[int], n: int) -> list[int]:
 def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> float:
     """Tokens/s if a decoding step did nothing but multiply one token's vector by each linear
     layer's weights (and add its bias), as the model holds them: no attention, norms or sampling.
-    At batch 1 these products read every weight once per token, so they bound any decoder's speed."""
+    At batch 1 these products read every weight once per token: they bound any decoder built on
+    these kernels."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.zeros(1, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
     best = float("inf")

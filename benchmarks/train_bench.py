@@ -4,7 +4,8 @@ Both train with identical AdamW settings on the same random token batches; each 
 warm-up steps then `--steps` timed steps, the two models alternated `--rounds` times, best kept.
 Also gptlab with bf16 autocast and with torch.compile, MFU against a measured float32 matmul
 peak, and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
-matrix multiplies, which no fp32 implementation of this model can beat. Run:  python benchmarks/train_bench.py  (needs `transformers`).
+matrix multiplies, which no fp32 implementation of this model on PyTorch's kernels can beat.
+Run:  python benchmarks/train_bench.py  (needs `transformers`).
 """
 
 from __future__ import annotations
