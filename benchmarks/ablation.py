@@ -86,6 +86,7 @@ class TokenizedTexts:
         self._done: dict[TokenizerRecipe, tuple] = {}
 
     def recipe(self, name: str, preset: Preset) -> Recipe:
+        """`preset` made ready to train under `name`, its tokenizer and token files reused when seen before."""
         key = preset.tokenizer
         if key not in self._done:
             slug = key.describe().replace(", vocab ", "-")
@@ -129,8 +130,9 @@ def report(rows: list[Row], kept: Preset, args: argparse.Namespace) -> str:
             f"| {number} | {row.label} | {r.bpb:.4f} | {delta} | {'yes' if row.kept else 'no'} | {r.steps} | "
             f"{r.tokens_per_s:,.0f} | {r.params / 1e6:.2f}M |"
         )
-    changed = {k: v for k, v in kept.values.items() if load_preset(BASELINE).values.get(k) != v}
-    lines += ["", f"Kept recipe: tokenizer {kept.tokenizer.describe()}; " + ", ".join(f"{k}={v}" for k, v in changed.items())]
+    baseline = load_preset(BASELINE).values
+    changed = ", ".join(f"{k}={v}" for k, v in kept.values.items() if baseline.get(k) != v)
+    lines += ["", f"Kept recipe: tokenizer {kept.tokenizer.describe()}; {changed}"]
     return "\n".join(lines) + "\n"
 
 
