@@ -41,12 +41,13 @@ demo-seq2seq: $(VENV)/.installed
 		$(BIN)/gptlab generate --model_path $(SEQ2SEQ_DIR)/dates_e10.pth --prompt "$$s" --beam_size 4; done
 
 # The speedrun of issue 8: nanogpt-char against cpu-10min, 2 seeds each, BUDGET of training per run
-# (4 runs of 10 minutes by default), written to docs/speedrun.md and docs/speedrun.png.
+# (4 runs of 10 minutes by default), written to docs/speedrun.md, docs/speedrun.png and BENCHMARKS.md.
 BUDGET ?= 10m
 speedrun: $(VENV)/.installed
 	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
 
-# How cpu-10min was chosen: one change at a time from nanogpt-char, ABLATION_BUDGET per row (docs/ablation.md).
+# How cpu-10min was chosen: one change at a time from nanogpt-char, ABLATION_BUDGET per row
+# (docs/ablation.md and BENCHMARKS.md).
 ABLATION_BUDGET ?= 2m
 ablation: $(VENV)/.installed
 	$(BIN)/python benchmarks/ablation.py --budget $(ABLATION_BUDGET) --no_progress

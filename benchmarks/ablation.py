@@ -8,7 +8,8 @@ time on shakespeare/train.txt and evaluates it on the whole of val.txt (exactly 
 benchmarks/speedrun.py does). A change is kept when it lowers bits per byte and dropped otherwise,
 so every row is measured against the row that it changed ("Δ vs kept"). Greedy and one seed: a
 difference of a few thousandths is within run-to-run noise (the speedrun's two seeds show how much).
-The report is rewritten after every row, so an interrupted ablation keeps what it measured.
+The report is rewritten after every row, so an interrupted ablation keeps what it measured; at
+the end it also goes into the marked ablation section of --benchmarks (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from gptlab.tokenizers.corpus import read_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
-from speedrun import ROOT, SHAKESPEARE, Recipe, RunResult, checked_budget, run_once  # noqa: E402
+from speedrun import (  # noqa: E402
+    ROOT, SHAKESPEARE, Recipe, RunResult, add_benchmarks_flags, checked_budget, describe_budget, run_once, update_section,
+)
 
 BASELINE = "nanogpt-char"
 
@@ -110,10 +113,10 @@ def apply(preset: Preset, change: Change) -> Preset:
     )
 
 
-def report(rows: list[Row], kept: Preset, args: argparse.Namespace) -> str:
+def report(rows: list[Row], kept: Preset, args: argparse.Namespace, budget_s: float) -> str:
     command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     lines = [
-        f"## Ablation: choosing cpu-10min, {args.budget} per row",
+        f"## Ablation: how cpu-10min was chosen ({describe_budget(budget_s)} a row)",
         "",
         f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, seed {args.seed}. Each row changes one thing in the best recipe "
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
     parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "ablation.md", help="Markdown file to write")
+    add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "ablation", help="tokenizers, data, logs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -172,11 +176,14 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows.append(Row(change.label, result, result.bpb - best, better))
         if better:
             kept, best = candidate, result.bpb
-        write_atomic(args.report, report(rows, kept, args).encode("utf-8"))
-    text = report(rows, kept, args)
+        write_atomic(args.report, report(rows, kept, args, budget_s).encode("utf-8"))
+    text = report(rows, kept, args, budget_s)
     write_atomic(args.report, text.encode("utf-8"))
     print(text)
     print(f"written to {args.report}")
+    if args.benchmarks is not None:
+        update_section(args.benchmarks, "ablation", text)
+        print(f"and into the ablation section of {args.benchmarks}")
     return rows
 
 

@@ -11,7 +11,8 @@ then for each seed, one run after another:
   - the final model evaluated on the WHOLE validation text, in bits per byte, which compares
     models whatever their tokenizer (the last window shorter than seq_len is left out);
   - a 300-character sample.
-Writes a Markdown section to --report (the table: bpb, tokens/s, parameters, tokens seen; mean ±
+Writes a Markdown section to --report and into the marked speedrun section of --benchmarks
+(BENCHMARKS.md; --no_benchmarks leaves it alone) (the table: bpb, tokens/s, parameters, tokens seen; mean ±
 sd per recipe; the relative bpb improvement of each recipe over the baseline; the samples) and
 the validation bpb of every run against wall-clock seconds to --plot.
 Tokenizers, token files, checkpoints and logs go under --work_dir (runs of the same name replaced).
@@ -141,13 +142,33 @@ def mean_and_sd(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
-def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, plot: Path) -> str:
+def describe_budget(budget_s: float) -> str:
+    """600 -> '10 minutes', 90 -> '1.5 minutes', 20 -> '20 s'."""
+    return f"{budget_s / 60:g} minutes" if budget_s >= 60 else f"{budget_s:g} s"
+
+
+def update_section(path: Path, name: str, text: str) -> None:
+    """Put `text` into the Markdown file `path` between the lines `<!-- name:start -->` and
+    `<!-- name:end -->`, replacing what they held; the first time, append it with its markers.
+    Everything else in the file stays as it is (notes written around the section survive)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old.split(start, 1)[1]:
+        before, rest = old.split(start, 1)
+        new = before + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    write_atomic(path, new.encode("utf-8"))
+
+
+def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, image: str) -> str:
     """The Markdown section: setup, per-run table, per-recipe summary, improvement, plot, samples."""
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     by_recipe = {name: [r.bpb for r in runs if r.recipe == name] for name in recipes}
     command = "python benchmarks/speedrun.py " + " ".join(sys.argv[1:])
     lines = [
-        f"## Speedrun: {args.budget} of training per run",
+        f"## Speedrun: {describe_budget(budget_s)} of training per run",
         "",
         f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__} on "
         f"{platform.machine()} ({os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads), device "
@@ -179,7 +200,6 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, plo
             f"**{name}** reaches {100 * gain:.1f}% lower validation bits per byte than **{recipes[0]}** "
             f"(mean over seeds; target ≥ {100 * TARGET_IMPROVEMENT:.0f}%: {verdict})."
         )
-    image = os.path.relpath(plot, args.report.parent)
     lines += [
         "",
         f"![validation bits per byte against wall-clock seconds]({image})",
@@ -206,6 +226,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
+def add_benchmarks_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md",
+        help="also write the report into its marked section of this file (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no_benchmarks", dest="benchmarks", action="store_const", const=None, help="leave BENCHMARKS.md alone"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="10m", help="training time per run: 600, 600s, 10m, 1h (default: %(default)s)")
@@ -218,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "speedrun.md", help="Markdown file to write")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "speedrun.png", help="PNG of bpb against seconds")
+    add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "speedrun", help="tokenizers, data, logs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     parser.add_argument(
@@ -258,10 +289,14 @@ def run(args: argparse.Namespace) -> list[RunResult]:
         labels=[f"{r.recipe}, seed {r.seed}" for r in runs], title=f"Validation bits per byte, {args.budget} budget",
     )  # fmt: skip
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    text = report(runs, args, budget_s, args.plot)
+    text = report(runs, args, budget_s, os.path.relpath(args.plot, args.report.parent))
     write_atomic(args.report, text.encode("utf-8"))
     print(text)
     print(f"written to {args.report} and {args.plot}")
+    if args.benchmarks is not None:
+        image = os.path.relpath(args.plot, args.benchmarks.resolve().parent)
+        update_section(args.benchmarks, "speedrun", report(runs, args, budget_s, image))
+        print(f"and into the speedrun section of {args.benchmarks}")
     return runs
 
 

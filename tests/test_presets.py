@@ -172,6 +172,7 @@ def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
         sys.executable, str(SPEEDRUN), "--budget", "2s", "--seeds", "1", "2", "--no_progress",
         "--train_data", str(tmp_path / "train.txt"), "--val_data", str(tmp_path / "val.txt"),
         "--work_dir", str(tmp_path / "work"), "--report", str(report), "--plot", str(plot), *TINY_FLAGS,
+        "--benchmarks", str(tmp_path / "BENCHMARKS.md"),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     text = report.read_text()
@@ -181,6 +182,8 @@ def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
     assert "lower validation bits per byte than **nanogpt-char**" in text and "![" in text
     assert text.count("```text") == 4
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    section = (tmp_path / "BENCHMARKS.md").read_text()
+    assert section.startswith("<!-- speedrun:start -->\n## Speedrun") and "](docs/speedrun.png)" in section
 
 
 # ---- benchmarks/ablation.py: one change at a time ------------------------------------------------
@@ -211,9 +214,11 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
         ablation.Change("a byte-level BPE", tokenizer=TokenizerRecipe("default", 300)),
     ])  # fmt: skip
     (tmp_path / "t.txt").write_text(TEXT * 4)
-    report = tmp_path / "ablation.md"
+    report, benchmarks = tmp_path / "ablation.md", tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\nnotes kept\n")
     args = ["--budget", "2s", "--no_progress", "--train_data", str(tmp_path / "t.txt"), "--val_data",
-            str(tmp_path / "t.txt"), "--work_dir", str(tmp_path / "w"), "--report", str(report)]  # fmt: skip
+            str(tmp_path / "t.txt"), "--work_dir", str(tmp_path / "w"), "--report", str(report),
+            "--benchmarks", str(benchmarks)]  # fmt: skip
 
     rows = ablation.run(ablation.build_parser().parse_args(args))
 
@@ -226,6 +231,21 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
     assert text.count("| no |") == 1 + (not rows[3].kept)
     kept_line = text.splitlines()[-1]
     assert "learning_rate=0.01" in kept_line  # the kept change, not the dropped one
+    assert benchmarks.read_text() == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation:start -->\n{text}<!-- ablation:end -->\n"
+
+
+def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, monkeypatch):
+    update_section = load_speedrun(monkeypatch).update_section
+    path = tmp_path / "B.md"
+    update_section(path, "run", "## First\n")
+    assert path.read_text() == "<!-- run:start -->\n## First\n<!-- run:end -->\n"
+    path.write_text("intro\n" + path.read_text() + "\nnotes after\n")
+    update_section(path, "run", "## Second")
+    update_section(path, "other", "## Other")
+    assert path.read_text() == (
+        "intro\n<!-- run:start -->\n## Second\n<!-- run:end -->\n\nnotes after\n\n"
+        "<!-- other:start -->\n## Other\n<!-- other:end -->\n"
+    )
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")])
