@@ -11,9 +11,9 @@ then for each seed, one run after another:
   - the final model evaluated on the WHOLE validation text, in bits per byte, which compares
     models whatever their tokenizer (the last window shorter than seq_len is left out);
   - a 300-character sample.
-Writes a Markdown section to --report and into the marked speedrun section of --benchmarks
-(BENCHMARKS.md; --no_benchmarks leaves it alone) (the table: bpb, tokens/s, parameters, tokens seen; mean ±
-sd per recipe; the relative bpb improvement of each recipe over the baseline; the samples) and
+Writes a Markdown section (the table: bpb, tokens/s, parameters, tokens seen; mean ± sd per
+recipe; the relative bpb improvement of each recipe over the baseline; the samples) to --report
+and into the marked speedrun section of --benchmarks (BENCHMARKS.md, unless --no_benchmarks), and
 the validation bpb of every run against wall-clock seconds to --plot.
 Tokenizers, token files, checkpoints and logs go under --work_dir (runs of the same name replaced).
 """
