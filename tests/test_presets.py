@@ -138,12 +138,26 @@ SPEEDRUN = PRESETS_DIR.parent / "benchmarks" / "speedrun.py"
 TINY_FLAGS = [f"--set={k}={v}" for k, v in {**TINY_SHAPES, "eval_interval": 3, "eval_batches": 1}.items()]
 
 
-def load_speedrun(monkeypatch):
-    spec = importlib.util.spec_from_file_location("speedrun", SPEEDRUN)
+def load_script(path, monkeypatch):
+    """Import a benchmarks/ script as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "speedrun", module)  # its dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, path.stem, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_speedrun(monkeypatch):
+    return load_script(SPEEDRUN, monkeypatch)
+
+
+def assert_refused_in_one_line(main, tmp_path, capsys, flags, message):
+    """main(flags) on a tiny text exits 1 with one `error: ...` line holding `message`."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    data = ["--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt")]
+    assert main([*data, "--work_dir", str(tmp_path / "w"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -155,11 +169,7 @@ def load_speedrun(monkeypatch):
     ],
 )
 def test_speedrun_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
-    (tmp_path / "t.txt").write_text(TEXT)
-    data = ["--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt")]
-    assert load_speedrun(monkeypatch).main([*data, "--work_dir", str(tmp_path / "w"), *flags]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_refused_in_one_line(load_speedrun(monkeypatch).main, tmp_path, capsys, flags, message)
 
 
 @pytest.mark.slow
@@ -192,11 +202,7 @@ ABLATION = PRESETS_DIR.parent / "benchmarks" / "ablation.py"
 
 def load_ablation(monkeypatch):
     load_speedrun(monkeypatch)  # ablation.py imports it by name
-    spec = importlib.util.spec_from_file_location("ablation", ABLATION)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "ablation", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ABLATION, monkeypatch)
 
 
 def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, monkeypatch):
@@ -250,8 +256,4 @@ def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, mo
 
 @pytest.mark.parametrize(("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")])
 def test_ablation_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
-    (tmp_path / "t.txt").write_text(TEXT)
-    data = ["--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt")]
-    assert load_ablation(monkeypatch).main([*data, "--work_dir", str(tmp_path / "w"), *flags]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_refused_in_one_line(load_ablation(monkeypatch).main, tmp_path, capsys, flags, message)
