@@ -1,6 +1,6 @@
 """Generation benchmark: gptlab's KV-cache decoding beside Hugging Face's, same weights, one run.
 
-    python benchmarks/generate_bench.py [--tokens 500] [--threads 1] [--repeats 5] [--device cpu]
+    python benchmarks/generate_bench.py [--tokens 500] [--threads N] [--repeats 5] [--device cpu]
 
 For each model size, a random Hugging Face `GPT2LMHeadModel` (vocab 8192, 1024 positions) is
 loaded into gptlab with `GPT.from_hf_gpt2`, so both decode with identical weights. Batch 1,
@@ -10,11 +10,11 @@ a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each 
     made `ready_for_generation`, as `gptlab generate --dtype D` does;
   - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
   - gptlab without cache: every step a forward pass over the whole text (the naive loop);
-and the linear-layer floor: the speed of a step that only multiplied by the weights, which at
-batch 1 read all of them every token: no decoder built on PyTorch's kernels, ours or HF's, can beat it.
+and gptlab's linear-layer floor: the speed of a step that did nothing but gptlab's products of
+one token's vector by every weight matrix, which at batch 1 read all the weights every token.
 Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
-machine may be shared; the best run is the least disturbed). One thread by default: on a small
-shared CPU, thread hand-offs cost more than a batch-1 step's arithmetic.
+machine may be shared; the best run is the least disturbed). Both sides get the same number of
+threads: all cores by default, as torch sets it.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def run_hf(model, prompt: list[int], n: int) -> list[int]:
 @torch.inference_mode()
 def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> float:
     """Tokens/s if a decoding step did nothing but multiply one token's vector by each linear
-    layer's weights (and add its bias), as the model holds them: no attention, norms or sampling.
-    At batch 1 these products read every weight once per token: they bound any decoder built on
-    these kernels."""
+    layer's weights (and add its bias), as the model computes them: no attention, norms or
+    sampling. At batch 1 these products read every weight once per token; they bound this model's
+    decoding speed."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.zeros(1, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
     best = float("inf")
@@ -113,7 +113,9 @@ def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=500, help="new tokens per run (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: %(default)s)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the best counts")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES), help="weight dtypes")
