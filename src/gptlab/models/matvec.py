@@ -34,6 +34,11 @@ class MatVecLinear(nn.Linear):
     computes a contiguous block of y. The results equal F.linear's up to float rounding.
     """
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.wide = out_features >= in_features
+        self.large = in_features * out_features >= MIN_WEIGHTS_TO_SPLIT
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MatVecLinear:
         """A MatVecLinear holding `linear`'s own parameters (a tied weight stays tied), relaid."""
@@ -44,15 +49,13 @@ class MatVecLinear(nn.Linear):
                 new.weight.data = new.weight.data.t().contiguous().t()  # (in, out) in memory
         return new
 
-    @property
-    def wide(self) -> bool:
-        return self.out_features >= self.in_features
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decoding step runs this some 25 times a token: few lookups before the common case.
         splits = torch.get_num_threads()
-        if x.numel() != self.in_features or splits == 1 or self.weight.numel() < MIN_WEIGHTS_TO_SPLIT:
-            return F.linear(x, self.weight, self.bias)
-        n_in, n_out, w = self.in_features, self.out_features, self.weight
+        w, bias = self.weight, self.bias
+        if splits == 1 or not self.large or x.numel() != self.in_features:
+            return F.linear(x, w, bias)
+        n_in, n_out = self.in_features, self.out_features
         if self.wide and n_in % splits == 0 and w.t().is_contiguous():
             blocks = w.t().view(splits, n_in // splits, n_out)  # (splits, in/splits, out)
             y = torch.bmm(x.reshape(splits, 1, n_in // splits), blocks).sum(0)  # (1, out)
@@ -60,9 +63,9 @@ class MatVecLinear(nn.Linear):
             blocks = w.view(splits, n_out // splits, n_in).transpose(1, 2)  # (splits, in, out/splits)
             y = torch.bmm(x.reshape(1, 1, n_in).expand(splits, 1, n_in), blocks).view(1, n_out)
         else:
-            return F.linear(x, self.weight, self.bias)
-        if self.bias is not None:
-            y += self.bias
+            return F.linear(x, w, bias)
+        if bias is not None:
+            y += bias
         return y.view(x.shape[:-1] + (n_out,))
 
 
