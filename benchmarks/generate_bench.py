@@ -12,6 +12,8 @@ a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each 
   - gptlab without cache: every step a forward pass over the whole text (the naive loop);
 and gptlab's linear-layer floor: the speed of a step that did nothing but gptlab's products of
 one token's vector by every weight matrix, which at batch 1 read all the weights every token.
+On CPU, a second table times that product for each kind of matrix of the larger model: as
+nn.Linear, stored (in, out), and as gptlab's MatVecLinear.
 Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
 machine may be shared; the best run is the least disturbed). Both sides get the same number of
 threads: all cores by default, as torch sets it.
@@ -24,11 +26,13 @@ import copy
 import time
 
 import torch
+from torch import nn
 
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.device import DTYPES
 from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import GPT
+from gptlab.models.matvec import MatVecLinear
 
 VOCAB, POSITIONS = 8192, 1024
 SIZES = [(4, 128, 4), (6, 384, 6)]  # (layers, width, heads)
@@ -92,6 +96,33 @@ def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> floa
             linear(x)
         best = min(best, time.perf_counter() - started)
     return 1 / best
+
+
+@torch.inference_mode()
+def matrix_timings(width: int, vocab: int = VOCAB, copies_bytes: float = 60e6) -> None:
+    """Time one row's product with each kind of weight matrix of a `width`-wide GPT-2 block, three
+    ways: nn.Linear, nn.Linear with the weight stored (in, out), and MatVecLinear. Each is timed
+    over enough distinct copies (about 60 MB) that the weights come from memory, as in decoding."""
+    shapes = {"q, k, v": (width, 3 * width), "attention out": (width, width), "MLP up": (width, 4 * width),
+              "MLP down": (4 * width, width), "output head": (width, vocab)}  # fmt: skip
+    print(f"\n| matrix (in x out) | nn.Linear us | (in, out) layout us | MatVecLinear us |\n|---|---|---|---|")
+    for name, (n_in, n_out) in shapes.items():
+        linears = [nn.Linear(n_in, n_out) for _ in range(max(4, int(copies_bytes / (4 * n_in * n_out))))]
+        transposed = [copy.deepcopy(linear) for linear in linears]
+        for linear in transposed:
+            linear.weight.data = linear.weight.data.t().contiguous().t()
+        fast = [MatVecLinear.from_linear(copy.deepcopy(linear)) for linear in linears]
+        x = torch.randn(1, 1, n_in)
+        cells = []
+        for layers in (linears, transposed, fast):
+            best = float("inf")
+            for _ in range(30):
+                started = time.perf_counter()
+                for layer in layers:
+                    layer(x)
+                best = min(best, (time.perf_counter() - started) / len(layers))
+            cells.append(f"{best * 1e6:,.0f}")
+        print(f"| {name}: {n_in} x {n_out} | " + " | ".join(cells) + " |", flush=True)
 
 
 def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tuple[float, list[int]]]:
@@ -159,6 +190,8 @@ def main() -> None:
             print(f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
                   f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} "
                   f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |", flush=True)  # fmt: skip
+    if device.type == "cpu":
+        matrix_timings(width=SIZES[-1][1])
 
 
 if __name__ == "__main__":
