@@ -96,7 +96,7 @@ def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 3) -> float:
 
 
 def gptlab_loss(model, x, y):
-    return model(x, y)[1]
+    return model(x, y, return_logits=False)[1]  # as gptlab's training loop calls it
 
 
 def hf_loss(model, x, y):

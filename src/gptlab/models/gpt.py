@@ -12,6 +12,7 @@ from torch import nn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.blocks import Block, LearnedPositions, RotaryEmbedding, SinusoidalPositions, make_norm
+from gptlab.models.fused_loss import linear_cross_entropy
 from gptlab.models.kv_cache import KVCache
 
 
@@ -63,7 +64,8 @@ class GPT(nn.Module):
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos+T-1.
 
         With targets (B, T), also the mean cross-entropy over positions whose target is not -100.
@@ -71,6 +73,8 @@ class GPT(nn.Module):
         the next slots (start_pos is then the cache's length) and attend to the cached ones.
         last_only=True computes the logits of the last position only, (B, 1, V): all that
         generation needs, and it spares the output head's work on a long prompt.
+        return_logits=False (with targets) returns (None, loss) and computes the loss without ever
+        holding the logits, a slice of rows at a time (models/fused_loss.py): what training uses.
         """
         if idx.dim() != 2:
             raise GptlabError(f"GPT expects token ids of shape (batch, time), got shape {tuple(idx.shape)}")
@@ -94,7 +98,10 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        x = self.norm_f(x)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.

@@ -77,7 +77,7 @@ class LanguageModelTask(Task):
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         if not self.train_cfg.label_smoothing:
-            return model(x, y)[1]
+            return model(x, y, return_logits=False)[1]
         logits, _ = model(x)  # (B, T, V)
         return F.cross_entropy(
             logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, label_smoothing=self.train_cfg.label_smoothing

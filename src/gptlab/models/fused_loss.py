@@ -1,0 +1,81 @@
+"""The output head and the cross-entropy loss in one step, a slice of rows at a time.
+
+A language model's logits are the largest tensor of a training step: (tokens, vocabulary). For
+16 x 256 tokens and GPT-2's 50,257-token vocabulary that is 823 MB in float32, and the plain path
+(head, log-softmax, loss, and their backward) writes and reads several tensors of that size.
+linear_cross_entropy never holds more than `chunk_rows` rows of logits: for each slice of rows it
+computes the logits, their share of the loss, and at once their gradient (softmax - one-hot),
+which it turns into the gradients of the hidden states and of the head's weight before moving on.
+Backward then only scales those gradients. The result equals
+F.cross_entropy(F.linear(hidden, weight), targets) up to float rounding.
+
+Measured on this project's 2-core CPU: for 16,384 tokens and a 50,304-token vocabulary, the head
+and loss peak at 1.2 GB above their inputs instead of 9.4 GB; for 4,096 tokens and 8,192 ids,
+forward and backward take 560 ms instead of 650 ms, about 3 % of a training step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Enough rows for each slice's matrix products to run at full speed (fewer slow them down).
+ROWS_PER_SLICE = 2048
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T against targets, never materialised.
+
+    hidden (N, C), weight (V, C), targets (N,) with IGNORE_INDEX for positions without a target.
+    Under autocast the products run in its dtype, and the softmax and the loss in float32.
+    """
+    rows = chunk_rows or ROWS_PER_SLICE
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
+    loss, _, _ = _loss_and_gradients(hidden, weight, targets, rows, with_gradients=False)
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Computes the gradients during the forward pass, slice by slice; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        loss, grad_hidden, grad_weight = _loss_and_gradients(hidden, weight, targets, rows, with_gradients=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
+    """The mean loss and, if asked, its gradients with respect to hidden and weight."""
+    counted = targets != IGNORE_INDEX  # (N,)
+    count = counted.sum().clamp(min=1)  # a batch with nothing to count gives 0 loss, not NaN
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_gradients else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_gradients else None
+    for start in range(0, hidden.size(0), rows):
+        h, y, keep = hidden[start : start + rows], targets[start : start + rows], counted[start : start + rows]
+        y = y.clamp(min=0)  # an ignored position reads any real column; `keep` zeroes its share
+        logits = (h @ weight.t()).float()  # (rows, V): the only logits in memory
+        log_norm = torch.logsumexp(logits, dim=-1)  # (rows,)
+        target_logit = logits.gather(1, y[:, None]).squeeze(1)
+        total += ((log_norm - target_logit) * keep).sum()
+        if not with_gradients:
+            continue
+        # d loss / d logits = (softmax - one_hot) / count on counted rows, 0 on ignored ones.
+        grad_logits = logits.sub_(log_norm[:, None]).exp_()
+        grad_logits[torch.arange(len(y), device=y.device), y] -= 1
+        grad_logits *= (keep / count)[:, None]
+        grad_logits = grad_logits.to(weight.dtype)  # under autocast the products below cast it anyway
+        grad_hidden[start : start + rows] = (grad_logits @ weight).to(hidden.dtype)
+        grad_weight += (grad_logits.t() @ h).to(torch.float32)
+    grad_weight = grad_weight.to(weight.dtype) if with_gradients else None
+    return total / count, grad_hidden, grad_weight

@@ -1,0 +1,81 @@
+"""linear_cross_entropy: the head and the loss a slice at a time, equal to the plain path."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptlab.config import ModelConfig
+from gptlab.device import autocast
+from gptlab.models import GPT
+from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
+
+
+def problem(rows=70, width=16, vocab=50, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[::7] = IGNORE_INDEX  # positions without a target count for nothing
+    return hidden, weight, targets
+
+
+def loss_and_grads(loss_fn, hidden, weight, targets, scale=1.0):
+    hidden, weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = loss_fn(hidden, weight, targets)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def plain(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 16, 64, 70, 1000])  # 16 and 64 leave a short last slice
+def test_loss_and_gradients_equal_the_plain_path(chunk_rows):
+    hidden, weight, targets = problem()
+    want = loss_and_grads(plain, hidden, weight, targets)
+    got = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows), hidden, weight, targets)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_upstream_gradient_scales_the_result():
+    hidden, weight, targets = problem()
+    _, grad_hidden, grad_weight = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    _, scaled_hidden, scaled_weight = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=1024.0)
+    torch.testing.assert_close(scaled_hidden, 1024 * grad_hidden)  # what a GradScaler relies on
+    torch.testing.assert_close(scaled_weight, 1024 * grad_weight)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, targets = problem()
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 16), plain(hidden, weight, targets))
+
+
+def test_nothing_to_count_gives_zero_loss_and_zero_gradients():
+    hidden, weight, _ = problem()
+    targets = torch.full((hidden.size(0),), IGNORE_INDEX)
+    loss, grad_hidden, grad_weight = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert loss.item() == 0 and not grad_hidden.any() and not grad_weight.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_without_logits_trains_like_the_plain_loss(dtype):
+    config = ModelConfig(embed_dim=32, num_layers=2, n_heads=4, seq_len=16, tgt_vocab_size=97, dropout=0.0)
+    torch.manual_seed(0)
+    plain_model = GPT(config)  # tied embeddings: the head's gradient adds to the table's
+    fused_model = copy.deepcopy(plain_model)
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    y[0, :4] = IGNORE_INDEX
+    with autocast(torch.device("cpu"), dtype):
+        logits, want = plain_model(x, y)
+        none, got = fused_model(x, y, return_logits=False)
+    assert logits.shape == (3, 16, 97) and none is None
+    want.backward(), got.backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
+    torch.testing.assert_close(got, want, **tolerance)
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **tolerance, msg=name)
