@@ -65,13 +65,12 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
         h, y, keep = hidden[start : start + rows], targets[start : start + rows], counted[start : start + rows]
         y = y.clamp(min=0)  # an ignored position reads any real column; `keep` zeroes its share
         logits = (h @ weight.t()).float()  # (rows, V): the only logits in memory
-        log_norm = torch.logsumexp(logits, dim=-1)  # (rows,)
-        target_logit = logits.gather(1, y[:, None]).squeeze(1)
-        total += ((log_norm - target_logit) * keep).sum()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        total -= (log_probs.gather(1, y[:, None]).squeeze(1) * keep).sum()
         if not with_gradients:
             continue
         # d loss / d logits = (softmax - one_hot) / count on counted rows, 0 on ignored ones.
-        grad_logits = logits.sub_(log_norm[:, None]).exp_()
+        grad_logits = log_probs.exp_()
         grad_logits[torch.arange(len(y), device=y.device), y] -= 1
         grad_logits *= (keep / count)[:, None]
         grad_logits = grad_logits.to(weight.dtype)  # under autocast the products below cast it anyway
