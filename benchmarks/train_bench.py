@@ -5,7 +5,9 @@ warm-up steps then `--steps` timed steps, the two models alternated `--rounds` t
 Also gptlab with bf16 autocast and with torch.compile, MFU against a measured float32 matmul
 peak, and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
 matrix multiplies, which no fp32 implementation of this model on PyTorch's kernels can beat.
-Run:  python benchmarks/train_bench.py  (needs `transformers`).
+With --loss_memory, also the peak memory of the output head and loss with GPT-2's vocabulary,
+fused (as gptlab trains) or not.
+Run:  python benchmarks/train_bench.py [--loss_memory]  (needs `transformers`).
 """
 
 from __future__ import annotations
@@ -95,6 +97,34 @@ def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 3) -> float:
     return tokens / best
 
 
+def head_and_loss_peak_mb(fused: bool, tokens: int = 16384, width: int = 384, vocab: int = 50304) -> float:
+    """Peak memory (MB of RSS above the start) of the output head and loss, forward and backward,
+    for `tokens` positions: gptlab's linear_cross_entropy (fused) or F.linear + F.cross_entropy.
+    Run in a fresh process each, since a process's peak RSS only grows."""
+    import resource
+
+    from gptlab.models.fused_loss import linear_cross_entropy
+
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, width)).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if fused:
+        linear_cross_entropy(hidden, weight, targets).backward()
+    else:
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets).backward()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024  # Linux: KiB
+
+
+def print_loss_memory() -> None:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        fused, plain = (pool.apply(head_and_loss_peak_mb, (flag,)) for flag in (True, False))
+    print(f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
+          f"(linear_cross_entropy) against {plain:,.0f} MB (F.linear + F.cross_entropy)")  # fmt: skip
+
+
 def gptlab_loss(model, x, y):
     return model(x, y, return_logits=False)[1]  # as gptlab's training loop calls it
 
@@ -117,13 +147,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "compile"], help="variants to leave out")
+    parser.add_argument("--loss_memory", action="store_true", help="also the head and loss's peak memory, fused or not")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     ours, theirs = gptlab_model(args), hf_model(args)
     ours.train(), theirs.train()
     tokens = args.batch_size * args.seq_len
-    peak = measure_matmul_flops()
+    peak = measure_matmul_flops(repeats=20)  # the best of many: the machine may be shared
     flops_per_token = ours.flops_per_token()
     best = {"gptlab fp32 eager": 0.0, "HF GPT2LMHeadModel fp32 eager": 0.0}
     for _ in range(args.rounds):  # alternate, keep the best: the machine is shared and noisy
@@ -146,6 +177,8 @@ def main() -> None:
         tokens_per_s = rate * tokens
         mfu = flops_per_token * tokens_per_s / peak
         print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% |")
+    if args.loss_memory:
+        print_loss_memory()
 
 
 if __name__ == "__main__":
