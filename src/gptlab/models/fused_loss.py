@@ -69,12 +69,13 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
         total -= (log_probs.gather(1, y[:, None]).squeeze(1) * keep).sum()
         if not with_gradients:
             continue
-        # d loss / d logits = (softmax - one_hot) / count on counted rows, 0 on ignored ones.
+        # d loss / d logits = (softmax - one_hot) / count on counted rows, 0 on ignored ones. The
+        # products below run before any division by count: their inputs stay within [-1, 1], which
+        # fp16 holds, where unscaled gradients (no GradScaler acts here) could underflow.
         grad_logits = log_probs.exp_()
         grad_logits[torch.arange(len(y), device=y.device), y] -= 1
-        grad_logits *= (keep / count)[:, None]
-        grad_logits = grad_logits.to(weight.dtype)  # under autocast the products below cast it anyway
-        grad_hidden[start : start + rows] = (grad_logits @ weight).to(hidden.dtype)
-        grad_weight += (grad_logits.t() @ h).to(torch.float32)
-    grad_weight = grad_weight.to(weight.dtype) if with_gradients else None
+        grad_logits = (grad_logits * keep[:, None]).to(weight.dtype)  # under autocast: cast anyway
+        grad_hidden[start : start + rows] = (grad_logits @ weight).float().div_(count).to(hidden.dtype)
+        grad_weight += (grad_logits.t() @ h).float()
+    grad_weight = grad_weight.div_(count).to(weight.dtype) if with_gradients else None
     return total / count, grad_hidden, grad_weight
