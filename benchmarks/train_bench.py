@@ -69,7 +69,7 @@ def steps_per_second(model, loss_of, args, dtype=torch.float32) -> float:
     return args.steps / (time.perf_counter() - started)
 
 
-def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 3) -> float:
+def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 10) -> float:
     """Tokens/s if a training step did nothing but the matrix multiplies of its linear layers and
     output head (forward x W^T, backward dY W and dY^T x), at this step's shapes, in float32.
 
