@@ -1,18 +1,20 @@
 """Linear layers laid out for decoding one token at a time on a CPU, in float32.
 
 At batch 1, each decoding step multiplies one vector by every weight matrix of the model, so its
-speed is that of a matrix-vector product that reads each weight once. PyTorch's CPU kernel for it
-(MKL's sgemv) runs on one core whatever the thread count, reads memory at well under what one core
-can (about 15 GB/s where a plain sum reads 35), and is faster in one layout than the other
-depending on the matrix's shape. A MatVecLinear fixes both, with PyTorch's own operations:
+speed is that of a matrix-vector product that reads each weight once. On this project's CPU,
+PyTorch's kernel for it (MKL's sgemv) ran no faster with two threads than with one, read memory
+at well under what one core can (about 15 GB/s where a plain sum reads 35), and was faster in one
+layout than the other depending on the matrix's shape. A MatVecLinear fixes both, with PyTorch's
+own operations:
 
 - its weight is stored in the faster layout for its shape (the tensor keeps its shape and values);
 - with several threads, it cuts the product into one independent slice per thread and runs the
   slices as one torch.bmm, which works on the batch of slices in parallel.
 
-On this project's 2-core CPU, the six-layer, 384-wide model's matrix products take 1.8 ms a token
-this way against 3.6 ms as nn.Linear (benchmarks/generate_bench.py). Any other input, e.g. a
-prompt of many tokens, goes through the plain nn.Linear product.
+On this project's 2-core CPU, the six-layer, 384-wide model's matrix products take about 2.1 ms a
+token this way, against 3.6 ms with every weight stored (in, out) and 5.3 ms as plain nn.Linear
+(benchmarks/generate_bench.py, BENCHMARKS.md). Any other input, e.g. a prompt of many tokens,
+goes through the plain nn.Linear product.
 """
 
 from __future__ import annotations
