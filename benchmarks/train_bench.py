@@ -100,26 +100,30 @@ def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 10) -> float:
 def head_and_loss_peak_mb(fused: bool, tokens: int = 16384, width: int = 384, vocab: int = 50304) -> float:
     """Peak memory (MB of RSS above the start) of the output head and loss, forward and backward,
     for `tokens` positions: gptlab's linear_cross_entropy (fused) or F.linear + F.cross_entropy.
-    Run in a fresh process each, since a process's peak RSS only grows."""
-    import resource
-
+    Linux only: it resets the process's peak RSS (/proc/self/clear_refs) and reads it back (VmHWM)."""
     from gptlab.models.fused_loss import linear_cross_entropy
+
+    def rss_kib(field: str) -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
     hidden = torch.randn(tokens, width, requires_grad=True)
     weight = (0.02 * torch.randn(vocab, width)).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,))
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # the peak starts again from the current RSS
+    start = rss_kib("VmRSS")
     if fused:
         linear_cross_entropy(hidden, weight, targets).backward()
     else:
         torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets).backward()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024  # Linux: KiB
+    return (rss_kib("VmHWM") - start) / 1024
 
 
 def print_loss_memory() -> None:
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process each
         fused, plain = (pool.apply(head_and_loss_peak_mb, (flag,)) for flag in (True, False))
     print(f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
           f"(linear_cross_entropy) against {plain:,.0f} MB (F.linear + F.cross_entropy)")  # fmt: skip

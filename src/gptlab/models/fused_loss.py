@@ -10,7 +10,7 @@ Backward then only scales those gradients. The result equals
 F.cross_entropy(F.linear(hidden, weight), targets) up to float rounding.
 
 Measured on this project's 2-core CPU (benchmarks/train_bench.py, BENCHMARKS.md): for 16,384
-tokens and a 50,304-token vocabulary, the head and loss peak at 1.2 GB above their inputs instead
+tokens and a 50,304-token vocabulary, the head and loss peak at 1.3 GB above their inputs instead
 of 9.4 GB; for 4,096 tokens and 8,192 ids, forward and backward take 521 ms instead of 584 ms
 (of which the matrix products are 456 ms).
 """
