@@ -71,7 +71,8 @@ def evaluate(
     """Mean loss of `model` on up to `max_batches` batches of `dataset` (all when None).
 
     The model runs in eval mode (no dropout), under autocast to `dtype` (default: the device's
-    usual, see device.autocast), and is put back in the mode it was in.
+    usual, see device.autocast), and is put back in the mode it was in. It is called as GPT is in
+    training, model(x, y, return_logits=False) -> (_, mean loss): no logits held.
     """
     device = torch.device(device)
     was_training = model.training
@@ -84,7 +85,7 @@ def evaluate(
             break
         x, y = x.to(device), y.to(device)  # (B, T)
         with autocast(device, dtype):
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         counted = int((y != -100).sum())
         total_loss += loss.double() * counted
         total_tokens += counted
