@@ -105,7 +105,7 @@ def matrix_timings(width: int, vocab: int = VOCAB, copies_bytes: float = 60e6) -
     over enough distinct copies (about 60 MB) that the weights come from memory, as in decoding."""
     shapes = {"q, k, v": (width, 3 * width), "attention out": (width, width), "MLP up": (width, 4 * width),
               "MLP down": (4 * width, width), "output head": (width, vocab)}  # fmt: skip
-    print(f"\n| matrix (in x out) | nn.Linear us | (in, out) layout us | MatVecLinear us |\n|---|---|---|---|")
+    print("\n| matrix (in x out) | nn.Linear us | (in, out) layout us | MatVecLinear us |\n|---|---|---|---|")
     for name, (n_in, n_out) in shapes.items():
         linears = [nn.Linear(n_in, n_out) for _ in range(max(4, int(copies_bytes / (4 * n_in * n_out))))]
         transposed = [copy.deepcopy(linear) for linear in linears]

@@ -121,6 +121,7 @@ def head_and_loss_peak_mb(fused: bool, tokens: int = 16384, width: int = 384, vo
 
 
 def print_loss_memory() -> None:
+    """head_and_loss_peak_mb, fused and not, each in a fresh process (peak RSS only grows)."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process each
@@ -176,7 +177,7 @@ def main() -> None:
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     best["fp32 matmul floor (linear layers' matmuls alone)"] = matmul_floor_tokens_per_s(ours, args) / tokens
     reference = best["HF GPT2LMHeadModel fp32 eager"]
-    print(f"| run | tokens/s | vs HF | MFU (fp32 matmul peak) |\n|---|---|---|---|")
+    print("| run | tokens/s | vs HF | MFU (fp32 matmul peak) |\n|---|---|---|---|")
     for name, rate in best.items():
         tokens_per_s = rate * tokens
         mfu = flops_per_token * tokens_per_s / peak
