@@ -62,11 +62,14 @@ def test_nothing_to_count_gives_zero_loss_and_zero_gradients():
     assert loss.item() == 0 and not grad_hidden.any() and not grad_weight.any()
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpt_without_logits_trains_like_the_plain_loss(dtype):
-    config = ModelConfig(embed_dim=32, num_layers=2, n_heads=4, seq_len=16, tgt_vocab_size=97, dropout=0.0)
+def test_gpt_without_logits_trains_like_the_plain_loss(dtype, tied):
+    config = ModelConfig(
+        embed_dim=32, num_layers=2, n_heads=4, seq_len=16, tgt_vocab_size=97, dropout=0.0, tie_embeddings=tied
+    )
     torch.manual_seed(0)
-    plain_model = GPT(config)  # tied embeddings: the head's gradient adds to the table's
+    plain_model = GPT(config)  # tied: the head's gradient adds to the embedding table's
     fused_model = copy.deepcopy(plain_model)
     x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
     y[0, :4] = IGNORE_INDEX
