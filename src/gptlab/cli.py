@@ -342,7 +342,8 @@ def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
         help="precision of the weights while generating: bf16 reads half the memory per token (faster for larger "
-        "models on GPUs and CPUs with fast bf16), with slightly different logits; fp16 on GPUs only (default: fp32)",
+        "models on GPUs; on CPUs usually slower than fp32), with slightly different logits; fp16 on GPUs only "
+        "(default: fp32)",
     )  # fmt: skip
 
 

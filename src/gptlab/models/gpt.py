@@ -12,7 +12,7 @@ from torch import nn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.blocks import Block, LearnedPositions, RotaryEmbedding, SinusoidalPositions, make_norm
-from gptlab.models.fused_loss import linear_cross_entropy
+from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from gptlab.models.kv_cache import KVCache
 
 
@@ -105,7 +105,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def new_kv_cache(
