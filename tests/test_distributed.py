@@ -56,6 +56,7 @@ def test_two_gloo_processes_match_one_process(single_run, mode: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     # Rank 0 alone logs: one "saved checkpoint" line per save, not two.
     assert done.stdout.count(f"saved checkpoint {tmp / 'ckpt' / mode}_e1.pth") == 1
+    assert done.stdout.count("max_steps: 5 steps") == 1  # the summary at the end too
 
     losses = [entry["loss"] for entry in read_step_log(tmp / "runs" / mode / "metrics.jsonl")]
     assert len(losses) == len(single) == 5
@@ -82,8 +83,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="needs torchrun")
 def test_an_fsdp_run_resumed_from_its_gathered_checkpoint_continues_the_same_curve(single_run) -> None:
     tmp, _ = single_run
-    # A constant learning rate, so that stopping early (--max_steps 3) leaves the schedule unchanged.
-    flags = ["--fsdp", "--warmup_steps", "0", "--min_lr_ratio", "1", "--save_every_steps", "3"]
+    # A constant learning rate, so that stopping early (--max_steps 3) leaves the schedule unchanged;
+    # dropout, so that each rank must get its own random generator back.
+    flags = ["--fsdp", "--warmup_steps", "0", "--min_lr_ratio", "1", "--save_every_steps", "3", "--dropout", "0.1"]
     torchrun(*train_args(tmp, "fsdp_whole", *flags, "--max_steps", "6"))
     torchrun(*train_args(tmp, "fsdp_parts", *flags, "--max_steps", "3"))
     torchrun(*train_args(tmp, "fsdp_parts", *flags, "--max_steps", "6", "--resume", "auto"))
@@ -93,6 +95,9 @@ def test_an_fsdp_run_resumed_from_its_gathered_checkpoint_continues_the_same_cur
     assert [e["step"] for e in parts] == [e["step"] for e in whole] == list(range(1, 7))
     for a, b in zip(whole, parts):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), b["step"]
+    saved = torch.load(tmp / "ckpt" / "fsdp_parts_s3.pth", weights_only=True)
+    ranks = saved["extra"]["rank_rng"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # seeded apart
 
 
 def test_fsdp_without_torchrun_is_a_clear_error(single_run, capsys) -> None:

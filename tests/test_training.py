@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 from helpers import ByteTokenizer
 import torch
 
+import gptlab.training.tasks as tasks_module
 import gptlab.training.trainer as trainer_module
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated
 from gptlab.data import TokenDataset, resolve_data
@@ -183,24 +186,33 @@ def test_same_seed_same_run(tmp_path, corpus):
     assert first.train_loss == second.train_loss
 
 
+def ctrl_c_during_forward(monkeypatch, call: int, times: int = 1) -> None:
+    """Send this process SIGINT (what Ctrl-C does) `times` times in the `call`-th training forward,
+    in the middle of a step: after dropout has drawn, before the optimizer has moved."""
+    real = tasks_module.LanguageModelTask.loss
+    calls = {"n": 0}
+
+    def loss_then_ctrl_c(self, model, batch):
+        loss = real(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == call:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(tasks_module.LanguageModelTask, "loss", loss_then_ctrl_c)
+
+
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, corpus, monkeypatch):
     model_cfg, data_cfg, train_cfg = configs(tmp_path / "whole")
     model_cfg = model_cfg.model_copy(update={"dropout": 0.1})  # the dropout masks must line up too
     whole = train_fn(model_cfg, data_cfg, train_cfg, corpus)
 
-    real = trainer_module.iterate_batches
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if kwargs["epoch"] == 2 and i == 2:
-                raise KeyboardInterrupt
-            yield batch
-
     _, _, parts_cfg = configs(tmp_path / "parts")
-    monkeypatch.setattr(trainer_module, "iterate_batches", interrupted_in_epoch_2)
-    first = train_fn(model_cfg, data_cfg, parts_cfg, corpus)
-    assert (first.stopped_reason, first.steps) == ("interrupted", 8)
-    monkeypatch.setattr(trainer_module, "iterate_batches", real)
+    with monkeypatch.context() as patch:
+        ctrl_c_during_forward(patch, call=9)  # in step 9, the third of epoch 2: it finishes, then the run stops
+        first = train_fn(model_cfg, data_cfg, parts_cfg, corpus)
+    assert (first.stopped_reason, first.steps) == ("interrupted", 9)
     rest = train(
         model_cfg, data_cfg, parts_cfg, ByteTokenizer(), *corpus, progress=False, resume=first.final_checkpoint
     )
@@ -211,6 +223,47 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, corpus, monkeypatch)
     for name, tensor in a.model_state.items():
         torch.testing.assert_close(b.model_state[name], tensor, rtol=0, atol=0, msg=name)
     assert rest.eval.loss == whole.eval.loss
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, corpus, monkeypatch, capsys):
+    ctrl_c_during_forward(monkeypatch, call=8, times=2)  # in step 8, after epoch 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, corpus, checkpoint_every=1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pth")) == ["tiny_e1.pth"]
+    assert load_checkpoint(tmp_path / "ckpt" / "tiny_e1.pth").step == 6
+    assert "stopped in the middle of step 8: nothing saved; the last checkpoint is" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 5}, "trained with other seed"),
+        ({"shuffle": False}, "trained with other shuffle"),
+        ({"train_text": "other words entirely. " * 40}, r"trained with other training data \([\d,]+ tokens; this run's has"),
+    ],
+)
+def test_resume_refuses_other_data_or_order(tmp_path, corpus, change, message):
+    first = run(tmp_path, corpus, max_steps=2)
+    model_cfg, data_cfg, train_cfg = configs(tmp_path)
+    train_cfg = train_cfg.model_copy(update={"seed": change.get("seed", 0)})
+    data_cfg = data_cfg.model_copy(update={"shuffle": change.get("shuffle", True)})
+    train_path = corpus[0]
+    if "train_text" in change:
+        train_path = tmp_path / "other.txt"
+        train_path.write_text(change["train_text"])
+    with pytest.raises(GptlabError, match=message):
+        train(model_cfg, data_cfg, train_cfg, ByteTokenizer(), train_path, progress=False, resume=first.final_checkpoint)
+
+
+def test_resume_refuses_a_checkpoint_without_random_states(tmp_path, corpus):
+    first = run(tmp_path, corpus, max_steps=2)
+    raw = torch.load(first.final_checkpoint, weights_only=True)
+    del raw["rng"]
+    torch.save(raw, tmp_path / "no_rng.pth")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path)
+    with pytest.raises(GptlabError, match="holds no random generator states, so it cannot be resumed exactly"):
+        train(model_cfg, data_cfg, train_cfg, ByteTokenizer(), *corpus, progress=False, resume=tmp_path / "no_rng.pth")
 
 
 def test_resume_refuses_another_model(tmp_path, corpus):

@@ -199,6 +199,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from gptlab.training import train
+    from gptlab.training.distributed import is_main_process
 
     preset = load_preset(args.config) if args.config else None
     values = dict(preset.values) if preset else {}
@@ -227,7 +228,8 @@ def _train(args: argparse.Namespace) -> None:
         model_cfg, data_cfg, train_cfg, tokenizer, args.train_data, args.eval_data,
         progress=not args.no_progress, resume=args.resume, init_weights=init_weights,
     )
-    print_train_result(result)
+    if is_main_process():  # under torchrun every rank returns here
+        print_train_result(result)
 
 
 def print_train_result(result) -> None:

@@ -93,6 +93,11 @@ def weights_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype to sum losses and counts in on `device`: float64, or float32 on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` on `device` (default: resolve_dtype("auto", device)); float32 is a no-op context.
 

@@ -16,6 +16,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the file should read like any other
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -40,6 +41,7 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        staging.chmod(0o777 & ~_umask())  # as for atomic_path: mkdtemp makes it owner-only
     except OSError as err:
         from gptlab.errors import GptlabError
 
@@ -58,3 +60,10 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

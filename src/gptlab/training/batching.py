@@ -3,8 +3,9 @@ each micro-batch, into rows per rank (data parallelism).
 
 A step consumes `batch_size * grad_accum_steps` windows, drawn by data.iterate_batches exactly as
 one big batch would be. Micro-batch i is rows [i*batch_size, (i+1)*batch_size) of it, and rank r
-takes rows r::world_size of each micro-batch, so the sequence of step batches (and with it the
-loss curve) does not depend on how many micro-batches or ranks share the work.
+takes rows r::world_size of each micro-batch, so the sequence of step batches does not depend on
+how many micro-batches or ranks share the work; nor, without dropout, does the loss curve (the
+dropout masks a row gets depend on where it runs).
 """
 
 from __future__ import annotations

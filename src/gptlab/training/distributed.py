@@ -48,6 +48,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a process on its own: the one that prints and writes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup(cfg: TrainConfig) -> tuple[World, torch.device]:
     """Join the torchrun process group (when there is one) and pick this rank's device:
     cuda:LOCAL_RANK on GPUs, else the device cfg.device names."""
@@ -91,6 +96,15 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     """`values` summed over ranks (the tensor itself when alone)."""
     if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] when alone."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.world_size
+    dist.all_gather_object(values, value)
     return values
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from gptlab.data import TokenDataset, iterate_batches
 from gptlab.data.pairs import PairDataset
-from gptlab.device import autocast
+from gptlab.device import autocast, sum_dtype
 from gptlab.tokenizers.base import Tokenizer
 
 # Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
@@ -77,7 +77,7 @@ def evaluate(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: one sync
+    total_loss = torch.zeros((), dtype=sum_dtype(device), device=device)  # summed on device: one sync
     total_tokens = 0
     batches = iterate_batches(dataset, batch_size, shuffle=max_batches is not None, seed=_EVAL_SEED, epoch=0)
     for i, (x, y) in enumerate(batches):
@@ -87,7 +87,7 @@ def evaluate(
         with autocast(device, dtype):
             _, loss = model(x, y, return_logits=False)
         counted = int((y != -100).sum())
-        total_loss += loss.double() * counted
+        total_loss += loss.to(total_loss.dtype) * counted
         total_tokens += counted
     model.train(was_training)
     return _result(total_loss.item(), total_tokens, dataset.bytes_per_token)
@@ -111,7 +111,7 @@ def evaluate_pairs(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_loss = torch.zeros((), dtype=sum_dtype(device), device=device)
     total_tokens = exact = examples = 0
     batches = iterate_batches(dataset, batch_size, shuffle=max_batches is not None, seed=_EVAL_SEED, epoch=0)
     for i, batch in enumerate(batches):
@@ -122,7 +122,7 @@ def evaluate_pairs(
             _, loss = model(batch.src, batch.tgt, batch.src_mask, batch.labels)
             decoded = greedy_decode(model, batch.src, batch.src_mask, tokenizer)
         counted = int((batch.labels != -100).sum())
-        total_loss += loss.double() * counted
+        total_loss += loss.to(total_loss.dtype) * counted
         total_tokens += counted
         exact += sum(ids == dataset.reference(j) for ids, j in zip(decoded, batch.indices))
         examples += len(batch.indices)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gptlab.device import sum_dtype
 from gptlab.training.batching import MicroBatch
 from gptlab.training.distributed import World, all_reduce_sum, gradient_sync
 from gptlab.training.optim import OptimizerSet
@@ -46,12 +47,12 @@ def optimizer_step(
     rate already set). Raises NonFiniteLoss, leaving the weights untouched, on a nan/inf loss."""
     local_targets = sum(mb.targets for mb in micro_batches)
     # Every rank needs the step's total target count before its first backward.
-    counted = torch.tensor([float(local_targets)], dtype=torch.float64, device=device)
+    counted = torch.tensor([float(local_targets)], dtype=sum_dtype(device), device=device)
     total_targets = all_reduce_sum(counted, world).item()
     # DDP / FSDP average gradients over ranks; scaling by world_size turns that average into our sum.
     ranks = world.world_size
     optimizer.zero_grad(set_to_none=True)
-    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    step_loss = torch.zeros((), dtype=sum_dtype(device), device=device)
     tokens = 0
     for i, micro in enumerate(micro_batches):
         batch = task.to_device(micro.batch, device)
@@ -60,7 +61,7 @@ def optimizer_step(
             with precision.autocast():
                 loss = task.loss(model, batch)  # mean over this micro-batch's targets
             precision.backward(loss * (weight * ranks))
-        step_loss += loss.detach().double() * weight
+        step_loss += loss.detach().to(step_loss.dtype) * weight
         tokens += task.num_tokens(micro.batch) if micro.targets else 0
 
     precision.unscale(optimizer)
@@ -69,7 +70,7 @@ def optimizer_step(
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     totals = all_reduce_sum(torch.stack([step_loss, step_loss.new_tensor(float(tokens))]), world)
-    norm = grad_norm.detach().to(device, torch.float64).reshape(1)
+    norm = grad_norm.detach().to(device, step_loss.dtype).reshape(1)
     loss_value, token_count, norm_value = torch.cat([totals, norm]).tolist()  # one sync
     if not math.isfinite(loss_value):
         raise NonFiniteLoss(f"the training loss became {loss_value}")

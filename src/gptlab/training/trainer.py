@@ -13,7 +13,9 @@ when step times vary); evaluation and checkpoint saving are not spent from the b
 that the first step alone uses up is a GptlabError (only a timed step can tell). The budget counts
 this invocation's training time: a resumed budgeted run starts a fresh budget and plans anew from
 its step (exact resume holds for unbudgeted runs only, since the plan depends on the clock).
-Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files.
+Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files,
+and a checkpoint keeps every rank's random generators.
+Ctrl-C stops the run once the step in progress is done and saves a checkpoint (stop_request.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +41,14 @@ from gptlab.files import write_atomic
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
-from gptlab.training.checkpoint import check_resumable, load_checkpoint, load_weights, restore_rng_state, save_checkpoint
+from gptlab.training.checkpoint import (
+    capture_rng_state,
+    check_resumable,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
@@ -51,9 +61,10 @@ from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, to
 from gptlab.training.precision import Precision
 from gptlab.training.run_log import RunLog
 from gptlab.training.step import NonFiniteLoss, optimizer_step
+from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
 
-StopReason = Literal["completed", "max_steps", "time_budget", "interrupted", "nan"]
+StopReason = Literal["completed", "max_steps", "time_budget", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,9 @@ def train(
     `init_weights` (a state dict of model_cfg's shapes, e.g. pretrained GPT-2) replaces the
     random initialisation: fine-tuning.
     Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). Raises GptlabError
-    for bad settings or data, and when the loss becomes nan/inf. Ctrl-C saves a checkpoint and
-    returns with stopped_reason "interrupted".
+    for bad settings or data, and when the loss becomes nan/inf. Ctrl-C lets the step in progress
+    finish, saves a checkpoint and returns with stopped_reason "interrupted"; a second Ctrl-C
+    raises KeyboardInterrupt at once and saves nothing.
     """
     return Trainer(
         model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
@@ -175,6 +187,8 @@ class Trainer:
         if init_weights is not None:  # fine-tuning: start from given weights, not a random init
             load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)")
         self.plain_model.to(self.device)
+        if self.world.distributed:  # same weights everywhere (drawn above), but each rank its own dropout masks
+            torch.manual_seed(train_cfg.seed + self.world.rank)
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
@@ -215,14 +229,23 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
         checkpoint = load_checkpoint(path)
-        check_resumable(checkpoint, path, self.model_cfg, self.data_cfg, self.tokenizer, self.step_batch)
+        check_resumable(
+            checkpoint, path, self.model_cfg, self.data_cfg, self.tokenizer, self.step_batch,
+            seed=self.train_cfg.seed, train_tokens=self.train_set.num_tokens,
+        )  # fmt: skip
+        rng = checkpoint.raw.get("rng")
+        if not isinstance(rng, dict):
+            raise GptlabError(f"{path} holds no random generator states, so it cannot be resumed exactly; train from scratch")
         if not self.world.fsdp:
             load_weights(self.plain_model, checkpoint.model_state, path)
         else:
             distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
         distributed.load_full_optimizer_state(self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world)
         self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
-        restore_rng_state(checkpoint.raw["rng"])
+        rank_rngs = checkpoint.extra.get("rank_rng")  # one per rank, saved by a run under torchrun
+        if isinstance(rank_rngs, list) and len(rank_rngs) == self.world.world_size:
+            rng = rank_rngs[self.world.rank]
+        restore_rng_state(rng)
         self.step, self.epoch = checkpoint.step, checkpoint.epoch
         self.tokens_seen = int(checkpoint.extra.get("tokens_seen", 0))
         self.epoch_batches_done = int(checkpoint.extra.get("epoch_batches_done", self.batches_per_epoch))
@@ -247,10 +270,19 @@ class Trainer:
     def _run(self) -> TrainResult:
         self._open_logs()
         self.started = time.perf_counter()
+        self.in_step = False
         try:
-            reason = self._loop()
+            with StopRequest(announce=self.world.is_main) as self.stop_request:
+                reason = self._loop()
         except KeyboardInterrupt:
-            reason = "interrupted"
+            if self.in_step:  # a second Ctrl-C: the step was cut short, so its state is not one to save
+                self._close()
+                saved = self.last_saved[0] if self.last_saved else None
+                kept = f"the last checkpoint is {saved}" if saved else "no checkpoint was saved"
+                if self.world.is_main:
+                    print(f"stopped in the middle of step {self.step + 1}: nothing saved; {kept}", file=sys.stderr)
+                raise
+            reason = "interrupted"  # between steps: the state is whole
         except NonFiniteLoss as err:
             self._close()
             saved = self.last_saved[0] if self.last_saved else None
@@ -304,9 +336,20 @@ class Trainer:
                     return "max_steps"
                 if self.budget is not None and self.budget.record(self.step, self._training_seconds()):
                     return "time_budget"
+                if self._stop_requested():
+                    return "interrupted"
         return "completed"
 
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C asked to stop; under torchrun whether any rank's did, so that all stop together."""
+        requested = self.stop_request.requested
+        if self.world.distributed:
+            flags = torch.tensor([float(requested)], device=self.device)
+            requested = distributed.all_reduce_sum(flags, self.world).item() > 0
+        return requested
+
     def _train_step(self, micro_batches) -> None:
+        self.in_step = True
         self.throughput.start()
         lr = lr_at(self.step, self._schedule_total(), self.train_cfg)
         set_lr(self.optimizer, lr)
@@ -321,6 +364,7 @@ class Trainer:
         self.tokens_seen += result.tokens
         self.interval_losses.append(result.loss)
         self._record_step(result.loss, result.grad_norm, lr, result.tokens)
+        self.in_step = False
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
     def _open_logs(self) -> None:
@@ -389,13 +433,17 @@ class Trainer:
         started = time.perf_counter()
         model_state = distributed.full_model_state(self.model, self.plain_model, self.world)
         optimizer_state = distributed.full_optimizer_state(self.plain_model, self.optimizer, self.world)
+        rank_rngs = distributed.gather_objects(capture_rng_state(), self.world)
         if self.world.is_main:
             extra = {
                 "epoch_batches_done": self.epoch_batches_done,
                 "tokens_seen": self.tokens_seen,
                 "step_batch": self.step_batch,
+                "train_tokens": self.train_set.num_tokens,
                 "grad_scaler": self.precision.state_dict(),
             }
+            if self.world.distributed:
+                extra["rank_rng"] = rank_rngs
             save_checkpoint(
                 path, self.plain_model, self.tokenizer, self.model_cfg, self.data_cfg, cfg,
                 step=self.step, epoch=max(self.epoch, 1), extra=extra,
