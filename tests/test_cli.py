@@ -245,3 +245,29 @@ def test_export_safetensors_then_generate_and_eval_from_the_directory(checkpoint
     assert "not empty" in run_error(
         ["export", "--model_path", str(checkpoint), "--format", "safetensors", "--out", str(out)], capsys
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--temperature", "inf"], "temperature"),
+        (["--temperature", "1000"], "temperature"),
+        (["--repetition_penalty", "1e-45"], "repetition_penalty"),
+        (["--seed", str(2**64)], "seed"),
+        (["--window_keep", "1000"], "window_keep=1000 exceeds the model's context (seq_len=16)"),
+    ],
+)
+def test_out_of_range_sampling_values_are_one_line_errors_before_any_output(checkpoint, capsys, flags, words):
+    argv = ["generate", "--model_path", str(checkpoint), "--prompt", "Once", "--length", "3", *flags]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # not even the prompt
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and words in captured.err
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(checkpoint, capsys) -> None:
+    common = ["generate", "--model_path", str(checkpoint), "--prompt", "Once", "--length", "8", "--device", "cpu"]
+    assert main([*common, "--temperature", "1e-40", "--seed", "3"]) == 0
+    tiny = capsys.readouterr().out
+    assert main([*common, "--greedy"]) == 0
+    assert tiny == capsys.readouterr().out

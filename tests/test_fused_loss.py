@@ -62,6 +62,16 @@ def test_nothing_to_count_gives_zero_loss_and_zero_gradients():
     assert loss.item() == 0 and not grad_hidden.any() and not grad_weight.any()
 
 
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_gpt_gives_zero_loss_for_a_batch_with_nothing_to_count_on_both_paths(return_logits):
+    config = ModelConfig(embed_dim=32, num_layers=1, n_heads=4, seq_len=8, tgt_vocab_size=50, dropout=0.0)
+    model = GPT(config)
+    x = torch.randint(0, 50, (2, 8))
+    _, loss = model(x, torch.full((2, 8), IGNORE_INDEX), return_logits=return_logits)
+    loss.backward()
+    assert loss.item() == 0 and all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpt_without_logits_trains_like_the_plain_loss(dtype, tied):

@@ -2,6 +2,7 @@
 <EOS>, whole-character streaming, batched samples and long prompts."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ class ScriptedModel(nn.Module):
 
     def __init__(self, script: list[int], vocab_size: int = BYTES.vocab_size):
         super().__init__()
-        self.config = ModelConfig(embed_dim=4, n_heads=1, num_layers=1, seq_len=256, tgt_vocab_size=vocab_size)
+        self.config = ModelConfig(embed_dim=4, n_heads=1, num_layers=1, seq_len=256, tgt_vocab_size=vocab_size, dropout=0.0)
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device to read
         self.script, self.calls, self.batch_sizes = script, 0, []
 
@@ -220,3 +221,14 @@ def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_notice():
     assert notices == ["prompt is 43 tokens; keeping its last 16 (the model's context length)"]
     assert seen_prompts[0].tolist() == [byte_ids(prompt)[-16:]]
     assert len(texts) == 1
+
+
+def test_a_model_left_in_training_mode_with_dropout_is_warned_about():
+    config = ModelConfig(embed_dim=32, n_heads=4, num_layers=2, seq_len=16, tgt_vocab_size=BYTES.vocab_size, dropout=0.1)
+    model = GPT(config)  # a new module is in training mode
+    cfg = SampleConfig(greedy=True, max_new_tokens=2)
+    with pytest.warns(UserWarning, match=r"training mode, so dropout changes what it generates; call model.eval\(\)"):
+        list(generate_token_ids(model, [byte_ids("ab")], cfg, BYTES.pad_id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(generate_token_ids(model.eval(), [byte_ids("ab")], cfg, BYTES.pad_id))

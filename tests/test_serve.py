@@ -73,7 +73,7 @@ class ScriptedModel(nn.Module):
     ):
         super().__init__()
         self.config = ModelConfig(
-            embed_dim=4, n_heads=1, num_layers=1, seq_len=64, tgt_vocab_size=TOKENIZER.vocab_size
+            embed_dim=4, n_heads=1, num_layers=1, seq_len=64, tgt_vocab_size=TOKENIZER.vocab_size, dropout=0.0
         )
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device to read
         self.script, self.gate, self.delay, self.interrupt_after = script, gate, delay, interrupt_after

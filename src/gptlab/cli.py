@@ -304,7 +304,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from gptlab.generation import stream_batch
+    from gptlab.generation import stream_batch, window_keep
 
     if is_seq2seq_checkpoint(args.model_path):
         return run_generate_seq2seq(args)
@@ -312,6 +312,7 @@ def _generate(args: argparse.Namespace) -> None:
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
     model, tokenizer = load_for_generation(args.model_path, args.device, args.dtype)
     check_against_checkpoint(args, model.config, tokenizer)
+    window_keep(sample_cfg, model.config.seq_len)  # before the prompt is printed
     if args.interactive:
         from gptlab.serve import run_interactive
 

@@ -116,7 +116,7 @@ class TrainConfig(_Config):
     checkpoint_dir: str = Field(".", description="Where <experiment_name>_e<epoch>.pth files go.")
     log_dir: str = Field("runs", description="TensorBoard logs go to <log_dir>/<experiment_name>/.")
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    seed: int = Field(1337, description="Seeds weights, shuffling and dropout.")
+    seed: int = Field(1337, ge=-(2**63), lt=2**63, description="Seeds weights, shuffling and dropout.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds ('10m', '1h' accepted).")
     save_every_steps: int | None = Field(
@@ -165,18 +165,19 @@ class SampleConfig(_Config):
     """
 
     max_new_tokens: int = Field(200, gt=0, description="Tokens to generate.")
-    temperature: float = Field(1.0, ge=0, description="Divide the logits by this; 0 means greedy.")
+    temperature: float = Field(1.0, ge=0, le=100, description="Divide the logits by this; 0 means greedy.")
     top_k: int | None = Field(None, gt=0, description="Keep only the k most likely tokens.")
     top_p: float | None = Field(None, gt=0, le=1, description="Keep the smallest set with this total probability.")
     min_p: float | None = Field(
         None, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
     )
     repetition_penalty: float = Field(
-        1.0, gt=0, description="Make tokens already in the text less likely (CTRL); 1 is off, 1.1-1.3 typical."
+        1.0, ge=0.01, le=1e30,  # beyond float32's range a logit of 0 times the penalty is NaN
+        description="Make tokens already in the text less likely (CTRL); 1 is off, 1.1-1.3 typical.",
     )
     greedy: bool = Field(False, description="Always take the most likely token.")
     num_samples: int = Field(1, gt=0, description="Independent samples of the same prompt, generated as one batch.")
-    seed: int | None = Field(None, description="Seed for reproducible samples.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Seed for reproducible samples.")
     window_keep: int | None = Field(
         None, gt=0, description="When the text outgrows the context, continue from its last this many tokens "
         "(default seq_len/2; seq_len = a sliding window, slower).",

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.models import GPT, KVCache
 from gptlab.models.matvec import use_matvec_linears
-from gptlab.sampling import sample_next
+from gptlab.sampling import banned_ids, sample_next
 from gptlab.text_stream import TextStream
 from gptlab.tokenizers.base import Tokenizer
 
@@ -39,7 +41,9 @@ def generate_token_ids(
     """Yield the next token id of every row, once per step, for cfg.max_new_tokens steps.
 
     Prompts (each at most seq_len ids) may differ in length: they are left padded with pad_id,
-    and padding never changes a row's result. `banned` (V,) bool marks ids never to produce.
+    and padding does not change a row's result while the batch's longest text fits in seq_len.
+    Past that, the rows move their window together (below), so a shorter row may keep less context
+    than it would alone, unless window_keep = seq_len. `banned` (V,) bool marks ids never to produce.
     The caller stops early (all rows finished) by closing the iterator; rows go on otherwise.
     """
     seq_len = model.config.seq_len
@@ -48,9 +52,9 @@ def generate_token_ids(
     # its keys hold absolute positions past seq_len, and in deeper layers the context of tokens
     # that have left the window. Re-prefilling is exact: keep = seq_len is the no-cache sliding
     # window (a full forward per step); the default seq_len // 2 costs one prefill per seq_len // 2 tokens.
-    keep = cfg.window_keep or max(1, seq_len // 2)
-    if keep > seq_len:
-        raise GptlabError(f"window_keep={keep} exceeds the model's context (seq_len={seq_len}); lower it")
+    keep = window_keep(cfg, seq_len)
+    if model.training and model.config.dropout > 0:
+        warnings.warn("the model is in training mode, so dropout changes what it generates; call model.eval() first")
     if not prompts or any(not ids for ids in prompts) or max(len(ids) for ids in prompts) > seq_len:
         raise GptlabError(f"every prompt needs 1 to seq_len={seq_len} token ids; crop or fill it")
     device = next(model.parameters()).device
@@ -85,6 +89,15 @@ def generate_token_ids(
         else:
             cache.reset(pad=(pad - (end - keep)).clamp(min=0))  # rows' padding left in the window
             logits = _last_logits(model, tokens[:, end - keep : end], cache)
+
+
+def window_keep(cfg: SampleConfig, seq_len: int) -> int:
+    """The tokens a window restart keeps: cfg.window_keep, by default seq_len // 2; GptlabError
+    when it exceeds seq_len (callers check before printing anything)."""
+    keep = cfg.window_keep or max(1, seq_len // 2)
+    if keep > seq_len:
+        raise GptlabError(f"window_keep={keep} exceeds the model's context (seq_len={seq_len}); lower it")
+    return keep
 
 
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -226,14 +239,6 @@ def prompt_to_ids(prompt: str, tokenizer: Tokenizer, seq_len: int, notice: Notic
         notice(f"prompt is {len(ids)} tokens; keeping its last {seq_len} (the model's context length)")
         ids = ids[-seq_len:]
     return ids
-
-
-def banned_ids(model_vocab: int, tokenizer: Tokenizer, device: torch.device) -> torch.Tensor:
-    """Ids the model must never produce (V,) bool: rows beyond the tokenizer's vocabulary, <PAD>, <BOS>."""
-    banned = torch.zeros(model_vocab, dtype=torch.bool, device=device)
-    banned[tokenizer.vocab_size :] = True
-    banned[[tokenizer.pad_id, tokenizer.bos_id]] = True
-    return banned
 
 
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

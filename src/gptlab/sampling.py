@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from gptlab.config import SampleConfig
+from gptlab.tokenizers.base import Tokenizer
 
 NEG_INF = float("-inf")
 
@@ -59,7 +60,9 @@ def process_logits(logits: torch.Tensor, cfg: SampleConfig, seen: torch.Tensor |
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if is_greedy(cfg):
         return logits  # the argmax is all that matters; the filters below keep it anyway
-    logits = logits / cfg.temperature
+    # Shifted so that the largest is 0 first: a tiny temperature then sends the others to -inf
+    # instead of overflowing the largest to inf (and the softmax to NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k is not None:
         logits = keep_top_k(logits, cfg.top_k)
     if cfg.top_p is not None:
@@ -67,6 +70,14 @@ def process_logits(logits: torch.Tensor, cfg: SampleConfig, seen: torch.Tensor |
     if cfg.min_p is not None and cfg.min_p > 0:
         logits = keep_min_p(logits, cfg.min_p)
     return logits
+
+
+def banned_ids(model_vocab: int, tokenizer: Tokenizer, device: torch.device) -> torch.Tensor:
+    """Ids the model must never produce (V,) bool: rows beyond the tokenizer's vocabulary, <PAD>, <BOS>."""
+    banned = torch.zeros(model_vocab, dtype=torch.bool, device=device)
+    banned[tokenizer.vocab_size :] = True
+    banned[[tokenizer.pad_id, tokenizer.bos_id]] = True
+    return banned
 
 
 def is_greedy(cfg: SampleConfig) -> bool:

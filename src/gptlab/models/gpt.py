@@ -105,8 +105,10 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        # Summed, then divided by at least 1: a batch with nothing to count gives 0, as the fused loss does.
+        flat = targets.flatten()
+        summed = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+        return logits, summed / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
     def new_kv_cache(
         self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None

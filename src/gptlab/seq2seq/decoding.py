@@ -13,15 +13,8 @@ import torch
 from gptlab.data.pairs import pad, pad_mask
 from gptlab.errors import GptlabError
 from gptlab.models.transformer import Transformer
+from gptlab.sampling import banned_ids
 from gptlab.tokenizers.base import Tokenizer
-
-
-def banned_ids(model_vocab: int, tokenizer: Tokenizer, device: torch.device) -> torch.Tensor:
-    """(V,) True at ids a decoder must never write: <PAD>, <BOS> and rows past the tokenizer's vocabulary."""
-    banned = torch.zeros(model_vocab, dtype=torch.bool, device=device)
-    banned[tokenizer.vocab_size :] = True
-    banned[[tokenizer.pad_id, tokenizer.bos_id]] = True
-    return banned
 
 
 @torch.no_grad()
