@@ -4,14 +4,17 @@ and the one-line errors for each bad input a user can cause."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptlab.cli import main
+from gptlab.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
@@ -143,6 +146,28 @@ def test_seed_scripts_train_then_generate(tmp_path: Path) -> None:
     )
     assert generate.returncode == 0, generate.stderr
     assert generate.stdout.startswith("Once upon a time")
+
+
+def test_ctrl_c_on_the_command_line_finishes_the_step_saves_and_exits_cleanly(workdir: Path, tmp_path: Path) -> None:
+    """A real SIGINT to `gptlab train`: the run stops at a step boundary, saves, prints its summary."""
+    args = [*tiny_train_args(workdir), "--max_steps", "100000", "--eval_interval", "100000"]
+    args[args.index("--checkpoint_dir") + 1] = str(tmp_path)
+    args[args.index("--log_dir") + 1] = str(tmp_path / "runs")
+    run = subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = tmp_path / "runs" / "tiny" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline:
+        if steps.is_file() and steps.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "Ctrl-C: stopping after this step" in err
+    summary = out.strip().splitlines()[-2]
+    assert summary.startswith("interrupted: ")
+    steps_done = int(summary.split()[1])
+    assert load_checkpoint(tmp_path / "tiny_e1.pth").step == steps_done >= 3
 
 
 # ---- bad input: one line, non-zero exit, nothing overwritten ----------------------------------

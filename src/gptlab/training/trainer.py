@@ -362,9 +362,9 @@ class Trainer:
         self.step += 1
         self.epoch_batches_done += 1
         self.tokens_seen += result.tokens
+        self.in_step = False  # the step's state is whole from here: logging it may be cut short
         self.interval_losses.append(result.loss)
         self._record_step(result.loss, result.grad_norm, lr, result.tokens)
-        self.in_step = False
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
     def _open_logs(self) -> None:
