@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from gptlab.errors import GptlabError
 from gptlab.files import staged_directory, write_atomic
 
 
@@ -39,3 +40,13 @@ def test_a_failed_staging_leaves_the_previous_directory_as_it_was(tmp_path, umas
             raise RuntimeError("boom")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["v1.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_current_directory_or_one_holding_it_is_never_replaced(tmp_path, monkeypatch):
+    (tmp_path / "inner").mkdir()
+    monkeypatch.chdir(tmp_path / "inner")
+    for out in (".", "..", str(tmp_path)):
+        with pytest.raises(GptlabError, match="is the current directory or holds it"):
+            with staged_directory(out):
+                pass
+    assert (tmp_path / "inner").is_dir()

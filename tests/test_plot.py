@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from gptlab.cli import main
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.plot import add_plot_parser, draw_curves, plot_runs, read_curve
@@ -79,3 +80,14 @@ def test_bad_input_is_one_clear_error(runs, tmp_path):
     with pytest.raises(GptlabError, match="image format"):
         plot_runs([runs / "alpha"], tmp_path / "x.gif")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "onto_a_directory"])
+def test_an_unwritable_out_is_one_line_on_the_command_line(runs, tmp_path, capsys, where):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "d.png").mkdir()
+    out = tmp_path / ("afile/x.png" if where == "under_a_file" else "d.png")
+    assert main(["plot", str(runs / "alpha"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.png"]  # no temporary left

@@ -303,7 +303,8 @@ def test_a_reader_that_leaves_stops_the_generation():
     assert model.forward_calls < 30  # stopped long before its 60 tokens
 
 
-def test_a_client_that_hangs_up_frees_the_model_over_http():
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_hangs_up_frees_the_model_over_http(stream):
     import uvicorn
 
     model = ScriptedModel(TOKENIZER.encode(" the cat sat on the mat" * 20), delay=0.02)
@@ -313,9 +314,13 @@ def test_a_client_that_hangs_up_frees_the_model_over_http():
     thread.start()
     try:
         url = "http://127.0.0.1:%d" % listener.getsockname()[1]
-        body = {"prompt": PROMPT, "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body) as response:
-            next(response.iter_lines())  # one chunk, then hang up
+        body = {"prompt": PROMPT, "max_tokens": 100, "stream": stream}
+        if stream:
+            with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+                next(response.iter_lines())  # one chunk, then hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the answer is not ready: give up waiting, hang up
+                httpx.post(url + "/v1/completions", json=body, timeout=0.3)
         deadline = time.monotonic() + 10
         while httpx.get(url + "/health").json()["in_flight"]:
             assert time.monotonic() < deadline, "the generation went on after its client left"

@@ -442,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except GptlabError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except OSError as error:  # a file problem no check above foresaw: still one line
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

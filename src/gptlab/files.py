@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gptlab.errors import GptlabError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -38,13 +40,13 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     directory of files (a tokenizer, prepared data, an export) is never seen half-written.
     """
     out = Path(out)
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise GptlabError(f"{out} is the current directory or holds it, so it cannot be replaced; choose another directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         staging.chmod(0o777 & ~_umask())  # as for atomic_path: mkdtemp makes it owner-only
     except OSError as err:
-        from gptlab.errors import GptlabError
-
         raise GptlabError(f"cannot write {out} ({err.strerror}); choose a writable directory") from None
     retired = staging.with_suffix(".old")
     try:

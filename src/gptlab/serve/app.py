@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -83,7 +84,7 @@ def create_app(
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "gptlab"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         cfg = body.sample_config()
         prompts = body.prompts
         check_request_size(len(prompts), body.n, body.max_tokens, limits)
@@ -96,9 +97,21 @@ def create_app(
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = stream_events(job, meta, prompt_tokens, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        return await whole_response(job, meta, len(prompts) * body.n, prompt_tokens)
+        watcher = asyncio.create_task(cancel_when_gone(request, job))
+        try:
+            return await whole_response(job, meta, len(prompts) * body.n, prompt_tokens)
+        finally:
+            watcher.cancel()
 
     return app
+
+
+async def cancel_when_gone(request: Request, job: Job, every_s: float = 0.1) -> None:
+    """Cancel `job` when its client hangs up. A streamed response notices by itself (its writes
+    fail); a whole one writes nothing until the end, so it must ask."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    job.cancelled.set()
 
 
 def check_request_size(n_prompts: int, n: int, max_tokens: int, limits: ServeLimits) -> None:
@@ -168,6 +181,8 @@ async def whole_response(job: Job, meta: CompletionMeta, n_choices: int, prompt_
             ends[event.index] = event
         elif isinstance(event, Failed):
             raise ApiError(event.status, event.message, error_kind(event.status))
+    if len(ends) < n_choices:  # cancelled: the client hung up, and nobody reads this
+        raise ApiError(499, "the client closed the connection before the answer was complete")
     choices = [choice(i, texts[i], ends[i].finish_reason) for i in range(n_choices)]
     completion_tokens = sum(end.completion_tokens for end in ends.values())
     return {**meta.envelope(choices), "usage": usage(prompt_tokens, completion_tokens)}

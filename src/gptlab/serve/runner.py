@@ -3,7 +3,7 @@
 A single-thread executor serialises access to the model (on a CPU, two generations at once
 only slow each other down) and keeps the event loop free to answer other requests. Events
 travel from the worker to the request's coroutine through an asyncio queue; a request that
-goes away sets its job's `cancelled` flag, and the worker stops at the next token.
+goes away (app.py notices) sets its job's `cancelled` flag, and the worker stops at the next token.
 """
 
 from __future__ import annotations
