@@ -109,14 +109,14 @@ def test_truncated_file(saved, tmp_path):
     path, _, _ = saved
     cut = tmp_path / "cut.pth"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint"):
+    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint: it is truncated or not a torch file;"):
         load_checkpoint(cut)
 
 
 def test_text_file(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello\n")
-    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint"):
+    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint: it is (truncated or )?not a torch file;"):
         load_checkpoint(path)
 
 
@@ -134,7 +134,7 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "pickle.pth"
     torch.save({"format": "gptlab-checkpoint", "obj": Payload()}, path)
-    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint"):
+    with pytest.raises(GptlabError, match="it holds Python objects, not only tensors .* will not unpickle them;"):
         load_checkpoint(path)
 
 

@@ -148,7 +148,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *config_classes: type[Base
         for name, field in cls.model_fields.items():
             if name in skip:
                 continue
-            help_text = f"{field.description or ''} (default: {field.default})".strip()
+            default = field.get_default(call_default_factory=True)  # [] rather than "PydanticUndefined"
+            help_text = f"{field.description or ''} (default: {default})".strip()
             if field.annotation is bool:
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text)
             elif typing.get_origin(field.annotation) is list:
@@ -197,7 +198,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_train)
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from gptlab.training import train
     from gptlab.training.distributed import is_main_process
 
@@ -230,6 +231,7 @@ def _train(args: argparse.Namespace) -> None:
     )
     if is_main_process():  # under torchrun every rank returns here
         print_train_result(result)
+    return 130 if result.stopped_reason == "interrupted" else 0  # what a script expects of Ctrl-C
 
 
 def print_train_result(result) -> None:
@@ -390,8 +392,14 @@ def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, t
 
 # ---- gptlab eval -----------------------------------------------------------------------------
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="loss, perplexity and bits per byte of a GPT on some text")
-    parser.add_argument("--model_path", required=True, help="a .pth checkpoint written by gptlab train")
+    parser = subparsers.add_parser(
+        "eval", help="loss, perplexity and bits per byte of a GPT on some text",
+        description="Evaluate a GPT on text: mean loss, perplexity and bits per byte (comparable across tokenizers).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model_path", required=True,
+        help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors",
+    )  # fmt: skip
     parser.add_argument("--data", required=True, help="a .txt file, a directory of them, or a prepared directory")
     parser.add_argument("--batch_size", type=int, default=32, help="windows per batch (default: %(default)s)")
     parser.add_argument("--max_batches", type=int, help="evaluate on at most this many batches (default: all)")
@@ -438,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("default")
         warnings.showwarning = _print_warning
         try:
-            args.handler(args)
+            status = args.handler(args)
         except GptlabError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -448,4 +456,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
-    return 0
+    return status or 0

@@ -88,7 +88,9 @@ class ModelConfig(_Config):
 class DatasetConfig(_Config):
     """How windows of the token file are batched."""
 
-    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
+    batch_size: int = Field(
+        64, gt=0, description="Sequences per micro-batch, over all ranks (a step takes batch_size x grad_accum_steps)."
+    )
     shuffle: bool = Field(True, description="Reorder the windows every epoch (seeded).")
     skip_bad_lines: bool = Field(
         False, description="Paired data: skip malformed lines with a warning instead of refusing the file."

@@ -35,7 +35,10 @@ def is_seq2seq_checkpoint(path: str | Path) -> bool:
 
 
 def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
-    """GptlabError when beam-search flags are given for a GPT checkpoint."""
+    """GptlabError when beam-search flags are given for a GPT checkpoint (or for no checkpoint:
+    the loader then says what is wrong with the path)."""
+    if not Path(args.model_path).exists():
+        return
     for flag, default in (("beam_size", 1), ("length_penalty", 1.0)):
         if getattr(args, flag, default) != default:
             raise GptlabError(

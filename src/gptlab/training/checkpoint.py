@@ -297,11 +297,14 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign, truncated or unsafe files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise GptlabError(
-            f"{path} is not a readable gptlab checkpoint (not a torch file, truncated, or holding "
-            f"Python objects gptlab will not unpickle: {reason}); pass a .pth written by gptlab train"
-        ) from None
+        # torch's own messages run to paragraphs; say which of the three cases this is instead.
+        if "Weights only load failed" in str(err):
+            reason = "it holds Python objects, not only tensors and plain values, and gptlab will not unpickle them"
+        elif "zip archive" in str(err) or "central directory" in str(err):
+            reason = "it is truncated or not a torch file"
+        else:
+            reason = "it is not a torch file"
+        raise GptlabError(f"{path} is not a readable gptlab checkpoint: {reason}; pass a .pth written by gptlab train") from None
 
 
 def _config(cls: type, values: Any, path: Path) -> Any:
