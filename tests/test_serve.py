@@ -229,6 +229,8 @@ def test_health_models_and_page():
         ({"stop": ["a", "b", "c", "d", "e"]}, 422, ["stop", "at most 4"]),
         ({"max_tokens": "many"}, 422, ["max_tokens", "integer"]),
         ({"logit_bias": {}}, 422, ["unknown field 'logit_bias'", "max_tokens"]),
+        ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, 422, ["unknown field 'stream_options.x'"]),
+        ({"temperature": 1000}, 400, ["temperature", "less than or equal to 100"]),
     ],
 )
 def test_requests_beyond_limits_or_invalid_get_4xx_with_a_message(body, status, words):

@@ -203,6 +203,8 @@ def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, st
         return 400, f"the request body is not valid JSON; send {JSON_EXAMPLE}", None
     if field is None:
         return 422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json", None
+    if first.get("type") == "extra_forbidden" and len(location) > 1:  # inside an object, e.g. stream_options
+        return 422, f"unknown field {'.'.join(map(str, location))!r}", field
     if first.get("type") == "extra_forbidden":
         return 422, f"unknown field {field!r}; the fields this server reads are {REQUEST_FIELDS}", field
     return 422, f"{field}: {first.get('msg', 'invalid value')}", field
