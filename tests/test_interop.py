@@ -2,6 +2,7 @@
 safetensors directory, importing a GPT-2 directory, and one clear error for each bad input."""
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -296,6 +297,22 @@ def test_imported_gpt2_keeps_its_ids_and_logits(gpt2_dir, corpus):
     assert config.tgt_vocab_size == tokenizer.vocab_size == rows + 4
     assert torch.equal(model.wte.weight[specials["<EOS>"]], model.wte.weight[specials["<|endoftext|>"]])
     assert model.lm_head.weight is model.wte.weight
+
+
+def test_a_padded_gpt2_table_gives_its_spare_rows_to_our_special_tokens(gpt2_dir, tmp_path):
+    directory, theirs = gpt2_dir
+    rows = theirs.config.vocab_size
+    padded_dir = copy_of(gpt2_dir, tmp_path)
+    padded = copy.deepcopy(theirs)
+    padded.resize_token_embeddings(rows + 8)  # as configs that round the table up to a multiple
+    padded.save_pretrained(padded_dir)
+    model, tokenizer, config = init_model_from_hf(padded_dir)
+    specials = tokenizer.special_tokens
+    assert config.tgt_vocab_size == rows + 8 and specials["<EOS>"] < rows + 8
+    table = model.wte.weight.detach()
+    assert torch.equal(table[specials["<EOS>"]], table[specials["<|endoftext|>"]])
+    torch.testing.assert_close(table[specials["<PAD>"]], table[:rows].mean(dim=0))
+    torch.testing.assert_close(table[:rows], theirs.transformer.wte.weight.detach())
 
 
 def test_imported_gpt2_from_pytorch_model_bin(gpt2_dir, tmp_path):

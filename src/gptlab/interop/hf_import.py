@@ -282,22 +282,22 @@ def _check_gpt2_order(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]]
 
 # ---- the four special tokens ------------------------------------------------------------------
 def with_special_rows(model: GPT, tokenizer: Tokenizer) -> GPT:
-    """`model` with its (tied) embedding grown to the tokenizer's vocabulary: <EOS> a copy of
-    <|endoftext|>, the other new rows the mean embedding. Logits of the old ids are unchanged."""
+    """`model` with rows for our special tokens in its (tied) embedding: <EOS> a copy of
+    <|endoftext|>, <PAD> <UNK> <BOS> the mean embedding of GPT-2's tokens. They are new rows, or
+    GPT-2's unused padding rows when its config rounds the table up. Logits of GPT-2's ids are unchanged."""
     old_rows = model.config.tgt_vocab_size
-    if tokenizer.vocab_size <= old_rows:
-        return model
-    config = ModelConfig(**(model.config.model_dump() | {"tgt_vocab_size": tokenizer.vocab_size}))
-    grown = GPT(config)
+    rows = max(old_rows, tokenizer.vocab_size)
+    ours = [tokenizer.special_tokens[name] for name in SPECIAL_TOKENS]  # the ids after GPT-2's own
     state = model.state_dict()
     old = state.pop("wte.weight")  # (old_rows, C)
     state.pop("lm_head.weight")  # tied: the same matrix
-    new = old.mean(dim=0, keepdim=True).repeat(tokenizer.vocab_size, 1)  # (V, C)
-    new[:old_rows] = old
+    new = torch.cat([old, old.new_zeros(rows - old_rows, old.size(1))])  # (rows, C)
+    new[ours] = old[: min(ours)].mean(dim=0)
     separator = tokenizer.special_tokens.get(GPT2_SEPARATOR)
-    eos = tokenizer.special_tokens[EOS]
-    if separator is not None and separator < old_rows and eos >= old_rows:
-        new[eos] = old[separator]
+    if separator is not None:
+        new[tokenizer.special_tokens[EOS]] = old[separator]
+    if rows > old_rows:
+        model = GPT(ModelConfig(**(model.config.model_dump() | {"tgt_vocab_size": rows}))).train(model.training)
     state["wte.weight"] = state["lm_head.weight"] = new
-    grown.load_state_dict(state)
-    return grown.train(model.training)
+    model.load_state_dict(state)
+    return model
