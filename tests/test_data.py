@@ -147,6 +147,25 @@ def test_prepare_refuses_to_replace_a_directory_of_other_files(tmp_path):
     assert (tmp_path / "mine" / "keep.me").read_text() == "precious"
 
 
+@pytest.mark.parametrize(
+    "extra", [{"notes.md": "precious"}, {}], ids=["our-data-plus-a-file", "a-meta-json-of-another-kind"]
+)
+def test_prepare_replaces_only_a_directory_of_its_own_files(tmp_path, extra):
+    source = write(tmp_path / "a.txt", "abc")
+    out = prepare([source], ByteTokenizer(), tmp_path / "prepared", progress=False)
+    if extra:
+        for name, text in extra.items():
+            write(out / name, text)
+    else:
+        (out / "meta.json").write_text('{"name": "my project"}')
+    with pytest.raises(GptlabError, match="not prepared data"):
+        prepare([source], ByteTokenizer(), out, progress=False)
+    assert (out / "meta.json").is_file() and all((out / name).read_text() == text for name, text in extra.items())
+    if extra:  # without the stranger, our own earlier output is replaced as before
+        (out / "notes.md").unlink()
+        prepare([source], ByteTokenizer(), out, progress=False)
+
+
 @pytest.mark.parametrize("make", [lambda d: write(d / "empty.txt", ""), lambda d: write(d / "x.md", "abc").parent])
 def test_empty_data_is_an_error(tmp_path, make):
     (tmp_path / "src").mkdir()

@@ -212,9 +212,24 @@ def _write_shards(
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace anything but an earlier prepared directory (never a user's files)."""
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_NAME).is_file()):
-        raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
+    """Refuse to replace anything but an empty directory or an earlier prepared one: our
+    meta.json and shards, nothing else (never a user's files)."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if out_dir.is_dir() and _is_prepared_data(out_dir):
+        return
+    raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
+
+
+def _is_prepared_data(directory: Path) -> bool:
+    try:
+        meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("shards"), list):
+        return False
+    ours = {META_NAME, *map(str, meta["shards"])}
+    return all(entry.name in ours and entry.is_file() for entry in directory.iterdir())
 
 
 # ---- reading meta.json back -------------------------------------------------------------
