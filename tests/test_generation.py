@@ -6,12 +6,15 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.generation import banned_ids, generate, generate_token_ids, stream_batch, stream_text
 from gptlab.models import GPT, KVCache
 from gptlab.sampling import apply_repetition_penalty, keep_min_p, keep_top_k, keep_top_p, sample_next
+from gptlab.text_stream import TextStream
 from gptlab.tokenizers import BPETokenizer
 
 BYTES = BPETokenizer([])  # a byte-level tokenizer: ids 0..255 are the bytes, then the specials
@@ -196,6 +199,32 @@ def test_streaming_never_yields_a_partial_character():
     assert "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert pieces == list(text)  # one piece per whole character
+
+
+def streamed(tokenizer, ids, stop=()) -> tuple[list[str], bool]:
+    stream = TextStream(tokenizer, stop=stop)
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.finish())
+    return [p for p in pieces if p], stream.stopped
+
+
+def test_real_replacement_characters_do_not_cut_what_follows_nor_wait_for_it():
+    text = "\ufffd\ufffd😀 ok \ufffd中文"
+    pieces, _ = streamed(BYTES, byte_ids(text))
+    assert "".join(pieces) == text
+    pieces, stopped = streamed(BYTES, byte_ids(text), stop=["😀"])
+    assert ("".join(pieces), stopped) == ("\ufffd\ufffd", True)
+    # Only the last 3 characters can be an unfinished one: the others show before more tokens come.
+    stream = TextStream(BYTES)
+    assert "".join(stream.push(i) for i in byte_ids("\ufffd" * 5)) == "\ufffd" * 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("a \ufffd€中😀\n"), max_size=30), st.binary(max_size=12))
+def test_streamed_text_is_the_decoded_text(text, junk):
+    ids = byte_ids(text) + list(junk)  # junk: bytes that need not be valid UTF-8
+    pieces, _ = streamed(BYTES, ids)
+    assert "".join(pieces) == BYTES.decode(ids)
 
 
 def test_stream_batch_labels_each_row():

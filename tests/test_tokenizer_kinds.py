@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import random
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import tiktoken.load
 import tiktoken_ext.openai_public
 
 from gptlab.errors import GptlabError
+from gptlab.text_stream import TextStream
 from gptlab.tokenizers import (
     KINDS,
     SPECIAL_TOKENS,
@@ -294,3 +296,18 @@ def test_read_corpus_replaces_a_few_bad_bytes_with_a_warning(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 " + b"ok text " * 10)
     with pytest.warns(UserWarning, match=r"a\.txt .*offset 3"):
         assert read_corpus([tmp_path / "a.txt"])[0].startswith("caf\ufffd ok")
+
+
+# ---- streaming the text of ids one at a time ------------------------------------------------
+@pytest.mark.parametrize("kind", ["sentencepiece", "cl100k"])
+def test_text_streamed_token_by_token_is_the_decoded_text(kind, request):
+    """SentencePiece writes one U+FFFD per byte of an unfinished character, bytes.decode one per
+    character: TextStream must wait for both, and never hold back a real U+FFFD for long."""
+    tokenizer = request.getfixturevalue(kind)
+    pieces = ["ab", " ", "\n", "\r\n", "\x00", "😀", "e\u0301", "é", "中", "\ufffd", "①", "\u3000", "\ufeff"]
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        ids = tokenizer.encode(text)
+        stream = TextStream(tokenizer)
+        assert "".join(stream.push(i) for i in ids) + stream.finish() == tokenizer.decode(ids), text

@@ -14,7 +14,10 @@ from gptlab.tokenizers.base import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding makes of an unfinished UTF-8 character
 CONTEXT_IDS = 4  # ids decoded along in front of new ones: SentencePiece renders a word's space by them
-MAX_PENDING_IDS = 8  # a "character" unfinished after this many tokens is garbage; show it as U+FFFD
+# An unfinished UTF-8 character is at most 3 bytes, which decode to one U+FFFD (bytes.decode) or
+# one each (SentencePiece): only the last 3 characters of a text can be unfinished, the rest is final.
+MAX_UNFINISHED_CHARS = 3
+MAX_PENDING_IDS = 64  # text ending in U+FFFD for this many tokens is garbage: show it as it is
 
 
 class TextStream:
@@ -29,7 +32,8 @@ class TextStream:
         self.stopped = False  # a stop string was reached; nothing more comes out
         self._context: list[int] = []  # the last ids already shown
         self._context_len = 0  # len(decode(self._context))
-        self._pending: list[int] = []  # ids whose text is not shown yet
+        self._pending: list[int] = []  # ids whose text is not all shown yet
+        self._shown = 0  # characters of the pending ids' text already shown
         self._held = ""  # decoded text that could be the start of a stop string
         self._set_context(list(context_ids))
 
@@ -39,19 +43,26 @@ class TextStream:
             return ""
         self._pending.append(token)
         text = self._pending_text()
-        if text.endswith(REPLACEMENT_CHAR) and len(self._pending) < MAX_PENDING_IDS:
-            return ""  # the next token may finish the character
+        trailing = len(text) - len(text.rstrip(REPLACEMENT_CHAR))
+        if trailing and len(self._pending) < MAX_PENDING_IDS:  # maybe an unfinished character
+            hold_from = max(len(text) - min(trailing, MAX_UNFINISHED_CHARS), self._shown)
+            new, self._shown = text[self._shown : hold_from], hold_from  # show what is before it, and wait
+            return self._release(new, final=False)
+        new = text[self._shown :]
         self._set_context(self._context + self._pending)
-        self._pending = []
-        return self._release(text, final=False)
+        self._forget_pending()
+        return self._release(new, final=False)
 
     def finish(self) -> str:
         """The sample is over: return whatever text was held back."""
         if self.stopped:
             return ""
-        text = self._pending_text()
-        self._pending = []
-        return self._release(text, final=True)
+        new = self._pending_text()[self._shown :]
+        self._forget_pending()
+        return self._release(new, final=True)
+
+    def _forget_pending(self) -> None:
+        self._pending, self._shown = [], 0
 
     def _pending_text(self) -> str:
         return self.tokenizer.decode(self._context + self._pending)[self._context_len :]
