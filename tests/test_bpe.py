@@ -135,9 +135,24 @@ def test_empty_corpus_is_an_error():
         BPETokenizer.train(["", ""], 300, progress=False)
 
 
-def test_bad_pattern_is_an_error():
-    with pytest.raises(GptlabError, match="not a valid regex"):
-        BPETokenizer.train(["text"], 300, pattern="(unclosed", progress=False)
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("(unclosed", "not a valid regex"),
+        (r"\X", "not a valid regex for both regex and tiktoken"),  # `regex` knows it, tiktoken does not
+        (r"\w*", "can match empty text"),
+        (r"\p{L}+", "leaves some characters out of every piece"),
+    ],
+)
+def test_bad_pattern_is_an_error_before_training(pattern, message):
+    with pytest.raises(GptlabError, match=message):
+        BPETokenizer.train(["text"], 300, pattern=pattern, progress=False)
+
+
+def test_a_custom_pattern_that_covers_all_text_round_trips():
+    tokenizer = BPETokenizer.train(["hello world, hello there\n" * 20], 270, pattern=r"\S+|\s+", progress=False)
+    text = "hi, 42! 中文 😀\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 # ---- encoding and decoding ----------------------------------------------------------------

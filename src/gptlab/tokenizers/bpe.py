@@ -45,13 +45,26 @@ MAX_VOCAB_SIZE = 0x110000  # the trainer holds a token id as one code point, chr
 CHUNK_CACHE_SIZE = 1 << 16  # recently seen chunks the reference encoder remembers
 
 
+# Every kind of character, for checking that a split pattern covers them all (or text is lost).
+PATTERN_PROBE = "Hello, World!  It's 2024:\tcafé, 中文 😀 e\u0301\r\n_-+=/\\ \x00\u3000end\n\n"
+
+
 def resolve_pattern(pattern: str) -> str:
-    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile."""
-    pattern = PATTERNS.get(pattern, pattern)
+    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError unless both regex engines compile it
+    (the trainer's `regex` and tiktoken's, which encodes) and its pieces cover any text."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    fix = "use 'gpt4', 'gpt2' or fix it"
     try:
-        regex.compile(pattern)
-    except regex.error as error:
-        raise GptlabError(f"split pattern {pattern!r} is not a valid regex ({error}); use 'gpt4', 'gpt2' or fix it") from None
+        compiled = regex.compile(pattern)
+        tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    except (regex.error, ValueError) as error:
+        raise GptlabError(f"split pattern {pattern!r} is not a valid regex for both regex and tiktoken ({error}); {fix}") from None
+    pieces = [match.group() for match in compiled.finditer(PATTERN_PROBE)]
+    if "" in pieces:
+        raise GptlabError(f"split pattern {pattern!r} can match empty text, which cannot be a token; {fix}")
+    if "".join(pieces) != PATTERN_PROBE:
+        raise GptlabError(f"split pattern {pattern!r} leaves some characters out of every piece, so text would be lost; {fix}")
     return pattern
 
 
