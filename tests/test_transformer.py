@@ -163,10 +163,11 @@ def test_beam_search_with_cache_matches_a_search_without_it(tokenizer, seed, len
 # ---- paired data -------------------------------------------------------------------------------
 
 
-def test_tsv_and_jsonl_give_the_same_pairs(tmp_path):
+@pytest.mark.parametrize("bom", ["", "\ufeff"], ids=["plain", "byte-order-mark"])
+def test_tsv_and_jsonl_give_the_same_pairs(tmp_path, bom):
     pairs = [("abc", "cba"), ("hello world", "a\tb"), ("x", "y")]
-    (tmp_path / "p.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs) + "\n")  # a blank line is ignored
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    (tmp_path / "p.tsv").write_text(bom + "".join(f"{s}\t{t}\n" for s, t in pairs) + "\n")  # a blank line is ignored
+    (tmp_path / "p.jsonl").write_text(bom + "".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
     assert read_pairs(tmp_path / "p.tsv") == read_pairs(tmp_path / "p.jsonl") == pairs
 
 

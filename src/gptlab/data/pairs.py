@@ -37,7 +37,7 @@ def read_pairs(path: str | Path, skip_bad_lines: bool = False) -> list[tuple[str
     pairs: list[tuple[str, str]] = []
     bad: list[tuple[int, str]] = []  # (line number, problem)
     try:
-        with path.open(encoding="utf-8") as lines:
+        with path.open(encoding="utf-8-sig") as lines:  # -sig: a leading byte-order mark is dropped
             for number, line in enumerate(lines, start=1):
                 line = line.rstrip("\r\n")
                 if not line:

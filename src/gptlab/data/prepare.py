@@ -130,8 +130,10 @@ def prepare(
     (directories give their `*.jsonl` files) and each line's `jsonl_field` string is a document.
 
     Text is read in pieces of about `piece_bytes` and tokenized by `workers` processes
-    (default: default_workers(); a corpus of one piece is done in this process), so memory is
-    bounded whatever the corpus size and the ids are the same whatever the worker count.
+    (default: default_workers(); a corpus of one piece is done in this process), and the ids are
+    the same whatever the worker count. Memory is bounded by the piece size, not the corpus size,
+    as long as the text has line breaks (pieces are cut after them) and the tokenizer splits with
+    the GPT-4 pattern; otherwise each document (file or JSONL record) is read whole (sources.py).
     The directory is built beside `out_dir` and renamed into place only when complete, so a
     failure leaves nothing half-written; an existing prepared directory at `out_dir` is replaced.
     """

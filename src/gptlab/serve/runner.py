@@ -95,7 +95,9 @@ class ModelRunner:
         return job
 
     def shutdown(self) -> None:
-        """Cancel every job (each then ends at once, its client told so) and stop the worker."""
+        """Cancel every job (each then ends at once; a client still connected gets a 503) and stop
+        the worker. Under `gptlab serve`, uvicorn has by then closed the connections it gave up
+        waiting for (5 s, timeout_graceful_shutdown), so those clients see their answer cut short."""
         with self._lock:
             self._closing = True
             for job in self._jobs:
