@@ -214,6 +214,17 @@ def test_health_models_and_page():
     assert "://" not in page.text  # offline: no external script or style
 
 
+def test_openai_fields_sent_at_their_off_values_are_accepted():
+    client = client_for(tiny_gpt())
+    body = {
+        "prompt": PROMPT, "max_tokens": 3, "frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": None,
+        "echo": False, "best_of": 1, "logit_bias": {}, "suffix": None, "user": "someone",
+    }  # fmt: skip
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     "body, status, words",
     [
@@ -228,7 +239,10 @@ def test_health_models_and_page():
         ({"prompt": 42}, 422, ["prompt", "string"]),
         ({"stop": ["a", "b", "c", "d", "e"]}, 422, ["stop", "at most 4"]),
         ({"max_tokens": "many"}, 422, ["max_tokens", "integer"]),
-        ({"logit_bias": {}}, 422, ["unknown field 'logit_bias'", "max_tokens"]),
+        ({"foo": 1}, 422, ["unknown field 'foo'", "max_tokens"]),
+        ({"frequency_penalty": 0.5}, 400, ["frequency_penalty is not supported", "repetition_penalty"]),
+        ({"logit_bias": {"50": 100}}, 400, ["logit_bias is not supported"]),
+        ({"best_of": 3}, 400, ["best_of is not supported"]),
         ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, 422, ["unknown field 'stream_options.x'"]),
         ({"temperature": 1000}, 400, ["temperature", "less than or equal to 100"]),
     ],

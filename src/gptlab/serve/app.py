@@ -27,6 +27,7 @@ from gptlab.serve.schemas import (
     ApiError,
     CompletionMeta,
     CompletionRequest,
+    UNSUPPORTED_FIELDS,
     ServeLimits,
     choice,
     error_body,
@@ -36,7 +37,7 @@ from gptlab.serve.schemas import (
 from gptlab.tokenizers.base import Tokenizer
 
 log = logging.getLogger("gptlab.serve")
-REQUEST_FIELDS = ", ".join(CompletionRequest.model_fields)
+REQUEST_FIELDS = ", ".join(name for name in CompletionRequest.model_fields if name not in UNSUPPORTED_FIELDS)
 JSON_EXAMPLE = 'a JSON object like {"prompt": "Once upon a time", "max_tokens": 50}'
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
 

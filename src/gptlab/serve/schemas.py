@@ -64,6 +64,15 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, unused
+    # OpenAI fields gptlab does not implement. Clients often send them at their "off" values,
+    # which are accepted; anything else is refused by name (UNSUPPORTED_OFF_VALUES).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -71,6 +80,12 @@ class CompletionRequest(BaseModel):
 
     def sample_config(self) -> SampleConfig:
         """The SampleConfig this request asks for; ApiError 400 naming the request's field."""
+        for name, off_values in UNSUPPORTED_OFF_VALUES.items():
+            if getattr(self, name) not in off_values:
+                hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
+                raise ApiError(400, f"{name} is not supported by this server (leave it out){hint}", param=name)
+        if self.best_of not in (None, self.n):
+            raise ApiError(400, "best_of is not supported by this server (leave it out, or equal to n)", param="best_of")
         values: dict[str, Any] = {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
@@ -84,6 +99,13 @@ class CompletionRequest(BaseModel):
             request_name = {v: k for k, v in SAMPLE_FIELD_NAMES.items()}.get(sample_name, sample_name)
             message = first["msg"].removeprefix("Value error, ")
             raise ApiError(400, f"invalid value: {request_name}: {message}", param=request_name) from None
+
+
+UNSUPPORTED_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (None, 0), "echo": (False,),
+    "logit_bias": (None, {}), "suffix": (None, ""),
+}  # fmt: skip
+UNSUPPORTED_FIELDS = (*UNSUPPORTED_OFF_VALUES, "best_of")
 
 
 @dataclass
