@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ SHIPPED = ["cpu-10min", "demo", "gpt2-124m", "gpu-1h", "nanogpt-char"]
 TEXT = "".join(f"{i} To be, or not to be, that is the question. Whether 'tis nobler.\n" for i in range(50))
 # Small enough to take two steps in a second; every other field keeps the preset's value.
 TINY_SHAPES = {"embed_dim": 32, "n_heads": 2, "num_layers": 2, "seq_len": 16, "batch_size": 4}
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_shipped_presets_are_listed():
@@ -134,7 +137,7 @@ def test_bad_tokenizer_recipes(tmp_path, tokenizer, message):
 
 
 # ---- benchmarks/speedrun.py: the presets raced against the clock ----------------------------------
-SPEEDRUN = PRESETS_DIR.parent / "benchmarks" / "speedrun.py"
+SPEEDRUN = ROOT / "benchmarks" / "speedrun.py"
 TINY_FLAGS = [f"--set={k}={v}" for k, v in {**TINY_SHAPES, "eval_interval": 3, "eval_batches": 1}.items()]
 
 
@@ -174,7 +177,7 @@ def test_speedrun_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, f
 
 @pytest.mark.slow
 def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
-    shakespeare = PRESETS_DIR.parent.parent / "shared" / "data" / "shakespeare"
+    shakespeare = ROOT.parent / "shared" / "data" / "shakespeare"
     (tmp_path / "train.txt").write_text((shakespeare / "train.txt").read_text(encoding="utf-8")[:20_000])
     (tmp_path / "val.txt").write_text((shakespeare / "val.txt").read_text(encoding="utf-8")[:3_000])
     report, plot = tmp_path / "docs" / "speedrun.md", tmp_path / "docs" / "speedrun.png"
@@ -197,7 +200,7 @@ def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
 
 
 # ---- benchmarks/ablation.py: one change at a time ------------------------------------------------
-ABLATION = PRESETS_DIR.parent / "benchmarks" / "ablation.py"
+ABLATION = ROOT / "benchmarks" / "ablation.py"
 
 
 def load_ablation(monkeypatch):
@@ -257,3 +260,17 @@ def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, mo
 @pytest.mark.parametrize(("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")])
 def test_ablation_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
     assert_refused_in_one_line(load_ablation(monkeypatch).main, tmp_path, capsys, flags, message)
+
+
+def test_presets_ship_inside_the_package():
+    """So that a wheel (`pip install .`, not only `-e .`) has them: the package data covers them."""
+    import gptlab
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    package = Path(gptlab.__file__).parent
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gptlab"]
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}
+    presets = {p.resolve() for p in PRESETS_DIR.iterdir()}
+    assert presets and presets <= {p.resolve() for p in shipped}
+    assert (ROOT / "configs" / "cpu-10min.yaml").resolve() == PRESETS_DIR / "cpu-10min.yaml"  # the link at the root

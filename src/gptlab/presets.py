@@ -23,8 +23,8 @@ from gptlab.config import SECTIONS, read_config_file
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import KINDS, Tokenizer, train_tokenizer
 
-# configs/ sits at the project root, two levels above this package (src/gptlab/presets.py).
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Shipped inside the package (so that a wheel has them); `configs` at the project root links here.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 PRESET_SUFFIXES = (".yaml", ".yml", ".json")
 TOKENIZER_KEY = "tokenizer"
 # A recipe is trained on the user's text; a pretrained tiktoken encoding is passed as --tokenizer NAME.
