@@ -131,3 +131,14 @@ def test_malformed_tiktoken_file_is_an_error(tmp_path, content):
 def test_missing_tiktoken_file_is_an_error(tmp_path):
     with pytest.raises(GptlabError, match="not found"):
         BPETokenizer.from_tiktoken(tmp_path / "none.tiktoken")
+
+
+def test_a_corpus_full_of_special_token_text_still_saves_and_loads(tmp_path):
+    """A split pattern that keeps "<EOS>" whole must not learn it as an ordinary token, which
+    vocab.json could not hold beside the special one."""
+    tokenizer = BPETokenizer.train(["hello <EOS> world <PAD>\n" * 200], 270, pattern=r"\S+|\s+", progress=False)
+    assert all(tokenizer.token_bytes(i) not in {b"<EOS>", b"<PAD>"} for i in range(256, 256 + len(tokenizer.merges)))
+    tokenizer.save(tmp_path / "tok")
+    again = BPETokenizer.load(tmp_path / "tok")
+    text = "hello <EOS> world"
+    assert again.encode(text) == tokenizer.encode(text) and again.decode(again.encode(text)) == text

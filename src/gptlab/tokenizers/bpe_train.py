@@ -22,6 +22,7 @@ from operator import add
 import regex
 from tqdm import tqdm
 
+from gptlab.tokenizers.base import SPECIAL_TOKENS
 from gptlab.tokenizers.byte_level import utf8_bytes
 
 
@@ -38,7 +39,8 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = T
 
     The most frequent pair wins; ties go to the smallest (a, b), so the result is deterministic.
     Stops early when no pair occurs twice. A pair whose bytes already form a token (two paths
-    to the same bytes) is skipped, so every token's bytes are unique.
+    to the same bytes) is skipped, so every token's bytes are unique; so is one that would spell
+    a special token (<EOS>, ...), which vocab.json could not hold beside the special token itself.
     """
     words, counts = _chunks_as_strings(chunk_counts)
     pair_counts, holders = _count_pairs(words, counts)
@@ -48,7 +50,7 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = T
     heapq.heapify(heap)
 
     token_bytes = [bytes([b]) for b in range(256)]
-    known = set(token_bytes)
+    known = set(token_bytes) | {name.encode() for name in SPECIAL_TOKENS}
     merges: list[tuple[int, int]] = []
     bar = tqdm(total=n_merges, unit="merge", disable=not progress, desc="BPE merges")
     while len(merges) < n_merges and heap:
