@@ -116,7 +116,7 @@ def test_truncated_file(saved, tmp_path):
 def test_text_file(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello\n")
-    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint: it is (truncated or )?not a torch file;"):
+    with pytest.raises(GptlabError, match="not a readable gptlab checkpoint: it is (truncated or )?not a torch file"):
         load_checkpoint(path)
 
 

@@ -243,6 +243,7 @@ def test_openai_fields_sent_at_their_off_values_are_accepted():
         ({"frequency_penalty": 0.5}, 400, ["frequency_penalty is not supported", "repetition_penalty"]),
         ({"logit_bias": {"50": 100}}, 400, ["logit_bias is not supported"]),
         ({"best_of": 3}, 400, ["best_of is not supported"]),
+        ({"logprobs": 0}, 400, ["logprobs is not supported"]),  # 0 still asks for the chosen tokens' logprobs
         ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, 422, ["unknown field 'stream_options.x'"]),
         ({"temperature": 1000}, 400, ["temperature", "less than or equal to 100"]),
     ],

@@ -19,6 +19,7 @@ from gptlab.data import TokenDataset, resolve_data
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.training import evaluate, load_checkpoint, load_model, train
+from gptlab.training.stop_request import StopRequest
 
 
 pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
@@ -231,8 +232,33 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, corpus, monke
         run(tmp_path, corpus, checkpoint_every=1)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pth")) == ["tiny_e1.pth"]
     assert load_checkpoint(tmp_path / "ckpt" / "tiny_e1.pth").step == 6
-    assert "stopped in the middle of step 8: nothing saved; the last checkpoint is" in capsys.readouterr().err
+    assert "stopped at once at step 7: nothing saved; the last checkpoint is" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C behaves as usual again
+
+
+def test_a_second_ctrl_c_during_evaluation_saves_nothing_either(tmp_path, corpus, monkeypatch):
+    ctrl_c_during_forward(monkeypatch, call=3)  # asks to stop after step 3
+    real = tasks_module.LanguageModelTask.evaluate
+
+    def evaluate_then_ctrl_c(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second press, between steps
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tasks_module.LanguageModelTask, "evaluate", evaluate_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, corpus, eval_interval=3)
+    assert not list((tmp_path / "ckpt").glob("*.pth"))
+
+
+def test_a_process_told_to_ignore_ctrl_c_goes_on_ignoring_it():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as request:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not request.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,12 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: put it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask: read from /proc on Linux, since elsewhere reading it means setting it
+    for a moment (put straight back), which another thread creating a file could notice."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask

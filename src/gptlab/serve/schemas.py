@@ -102,7 +102,7 @@ class CompletionRequest(BaseModel):
 
 
 UNSUPPORTED_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (None, 0), "echo": (False,),
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (None,), "echo": (False,),
     "logit_bias": (None, {}), "suffix": (None, ""),
 }  # fmt: skip
 UNSUPPORTED_FIELDS = (*UNSUPPORTED_OFF_VALUES, "best_of")

@@ -45,22 +45,34 @@ MAX_VOCAB_SIZE = 0x110000  # the trainer holds a token id as one code point, chr
 CHUNK_CACHE_SIZE = 1 << 16  # recently seen chunks the reference encoder remembers
 
 
-# Every kind of character, for checking that a split pattern covers them all (or text is lost).
+def resolve_pattern(pattern: str) -> str:
+    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile."""
+    pattern = PATTERNS.get(pattern, pattern)
+    try:
+        regex.compile(pattern)
+    except regex.error as error:
+        raise GptlabError(f"split pattern {pattern!r} is not a valid regex ({error}); use 'gpt4', 'gpt2' or fix it") from None
+    return pattern
+
+
+# One of each kind of character, to catch a split pattern that would drop some of them.
 PATTERN_PROBE = "Hello, World!  It's 2024:\tcafé, 中文 😀 e\u0301\r\n_-+=/\\ \x00\u3000end\n\n"
 
 
-def resolve_pattern(pattern: str) -> str:
-    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError unless both regex engines compile it
-    (the trainer's `regex` and tiktoken's, which encodes) and its pieces cover any text."""
-    if pattern in PATTERNS:
-        return PATTERNS[pattern]
+def check_new_pattern(pattern: str) -> str:
+    """resolve_pattern, and for a pattern about to be trained with, what encoding will need of it:
+    tiktoken's engine (which encodes) compiles it, it never matches empty text, and its pieces
+    cover a sample of every kind of character (a pattern that skips characters loses text).
+    Loading a saved tokenizer checks only that its pattern compiles."""
+    pattern = resolve_pattern(pattern)
+    if pattern in PATTERNS.values():
+        return pattern
     fix = "use 'gpt4', 'gpt2' or fix it"
     try:
-        compiled = regex.compile(pattern)
         tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
-    except (regex.error, ValueError) as error:
-        raise GptlabError(f"split pattern {pattern!r} is not a valid regex for both regex and tiktoken ({error}); {fix}") from None
-    pieces = [match.group() for match in compiled.finditer(PATTERN_PROBE)]
+    except ValueError as error:
+        raise GptlabError(f"split pattern {pattern!r} does not compile in tiktoken, which encodes ({error}); {fix}") from None
+    pieces = [match.group() for match in regex.finditer(pattern, PATTERN_PROBE)]
     if "" in pieces:
         raise GptlabError(f"split pattern {pattern!r} can match empty text, which cannot be a token; {fix}")
     if "".join(pieces) != PATTERN_PROBE:
@@ -107,7 +119,7 @@ class BPETokenizer(Tokenizer):
             raise GptlabError(f"vocab_size {vocab_size} is too small: use at least {smallest} (256 bytes + 4 special tokens)")
         if vocab_size > MAX_VOCAB_SIZE:
             raise GptlabError(f"vocab_size {vocab_size} is too large: use at most {MAX_VOCAB_SIZE}")
-        pattern = resolve_pattern(pattern)
+        pattern = check_new_pattern(pattern)
         chunk_counts = count_chunks(texts, regex.compile(pattern))
         if not chunk_counts:
             raise GptlabError("the training corpus is empty; give the tokenizer some text")

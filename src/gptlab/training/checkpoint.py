@@ -296,6 +296,8 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
         raise GptlabError(f"checkpoint {path} not found; check the path (checkpoints are <experiment>_e<epoch>.pth)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise  # permissions, I/O: the command line prints these on one line as they are
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign, truncated or unsafe files
         # torch's own messages run to paragraphs; say which of the three cases this is instead.
         if "Weights only load failed" in str(err):
@@ -303,7 +305,7 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
         elif "zip archive" in str(err) or "central directory" in str(err):
             reason = "it is truncated or not a torch file"
         else:
-            reason = "it is not a torch file"
+            reason = f"it is not a torch file ({type(err).__name__})"
         raise GptlabError(f"{path} is not a readable gptlab checkpoint: {reason}; pass a .pth written by gptlab train") from None
 
 

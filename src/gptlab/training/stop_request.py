@@ -13,7 +13,8 @@ class StopRequest:
     """While active (a `with` block), the first SIGINT sets `requested` instead of raising.
 
     Python installs signal handlers from the main thread only; elsewhere Ctrl-C keeps its usual
-    behaviour and `requested` stays False.
+    behaviour and `requested` stays False. A process told to ignore SIGINT (a background job of a
+    script) goes on ignoring it.
     """
 
     def __init__(self, announce: bool = True):
@@ -24,6 +25,9 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         self.requested = False
+        self._installed = False
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return self
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True

@@ -244,8 +244,11 @@ class Trainer:
         self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
         rank_rngs = checkpoint.extra.get("rank_rng")  # one per rank, saved by a run under torchrun
         if isinstance(rank_rngs, list) and len(rank_rngs) == self.world.world_size:
-            rng = rank_rngs[self.world.rank]
-        restore_rng_state(rng)
+            restore_rng_state(rank_rngs[self.world.rank])
+        else:
+            restore_rng_state(rng)
+            if self.world.distributed:  # another process count: not exact anyway, but masks differ per rank
+                torch.manual_seed(((self.train_cfg.seed + checkpoint.step) * self.world.world_size + self.world.rank) % 2**63)
         self.step, self.epoch = checkpoint.step, checkpoint.epoch
         self.tokens_seen = int(checkpoint.extra.get("tokens_seen", 0))
         self.epoch_batches_done = int(checkpoint.extra.get("epoch_batches_done", self.batches_per_epoch))
@@ -275,14 +278,16 @@ class Trainer:
             with StopRequest(announce=self.world.is_main) as self.stop_request:
                 reason = self._loop()
         except KeyboardInterrupt:
-            if self.in_step:  # a second Ctrl-C: the step was cut short, so its state is not one to save
+            # A second Ctrl-C means "now, without saving"; any in the middle of a step leaves a state
+            # not worth saving. Otherwise (between steps, without the handler) the state is whole.
+            if self.in_step or self.stop_request.requested:
                 self._close()
                 saved = self.last_saved[0] if self.last_saved else None
                 kept = f"the last checkpoint is {saved}" if saved else "no checkpoint was saved"
                 if self.world.is_main:
-                    print(f"stopped in the middle of step {self.step + 1}: nothing saved; {kept}", file=sys.stderr)
+                    print(f"stopped at once at step {self.step}: nothing saved; {kept}", file=sys.stderr)
                 raise
-            reason = "interrupted"  # between steps: the state is whole
+            reason = "interrupted"
         except NonFiniteLoss as err:
             self._close()
             saved = self.last_saved[0] if self.last_saved else None
