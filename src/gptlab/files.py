@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,6 +62,12 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def holds_only(directory: Path, names: Collection[str]) -> bool:
+    """Whether every entry of `directory` is a file named in `names` (an empty one does): what
+    a directory of ours must be before staged_directory may replace it."""
+    return all(entry.is_file() and entry.name in names for entry in directory.iterdir())
 
 
 def _umask() -> int:

@@ -28,7 +28,7 @@ except ImportError:  # Windows
 from gptlab.data.parallel import encode_groups
 from gptlab.data.sources import DEFAULT_PIECE_BYTES, can_split, group_segments, read_segments, source_files
 from gptlab.errors import GptlabError
-from gptlab.files import staged_directory
+from gptlab.files import holds_only, staged_directory
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.corpus import corpus_files
 
@@ -216,22 +216,20 @@ def _write_shards(
 def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace anything but an empty directory or an earlier prepared one: our
     meta.json and shards, nothing else (never a user's files)."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return
-    if out_dir.is_dir() and _is_prepared_data(out_dir):
-        return
-    raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
+    if out_dir.exists() and not (out_dir.is_dir() and holds_only(out_dir, _prepared_files(out_dir))):
+        raise GptlabError(f"{out_dir} already exists and is not prepared data; choose another output directory")
 
 
-def _is_prepared_data(directory: Path) -> bool:
+def _prepared_files(directory: Path) -> set[str]:
+    """The names of the files `directory` holds as prepared data: meta.json and the shards it
+    lists, or none when its meta.json is missing or not ours."""
     try:
         meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return set()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("shards"), list):
-        return False
-    ours = {META_NAME, *map(str, meta["shards"])}
-    return all(entry.name in ours and entry.is_file() for entry in directory.iterdir())
+        return set()
+    return {META_NAME, *map(str, meta["shards"])}
 
 
 # ---- reading meta.json back -------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import tiktoken
 
 from gptlab.errors import GptlabError
-from gptlab.files import staged_directory
+from gptlab.files import holds_only, staged_directory
 from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 from gptlab.tokenizers.bpe import BPETokenizer
 from gptlab.tokenizers.char import CharTokenizer
@@ -125,14 +125,13 @@ def train_tokenizer(
 def _is_replaceable(directory: Path) -> bool:
     """True if `directory` is empty or holds exactly the files of a tokenizer we could have
     written (so a downloaded `tokenizer.model` or a folder of data is never replaced)."""
-    entries = list(directory.iterdir())
-    if not entries:
+    if holds_only(directory, ()):  # empty
         return True
     try:
         ours = set(load_tokenizer(None, directory).to_files())
     except GptlabError:
         return False
-    return all(entry.is_file() and entry.name in ours for entry in entries)
+    return holds_only(directory, ours)
 
 
 def check_output_dir(directory: str | Path) -> None:
