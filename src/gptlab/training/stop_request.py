@@ -24,15 +24,14 @@ class StopRequest:
         self._installed = False
 
     def __enter__(self) -> StopRequest:
-        self.requested = False
-        self._installed = False
+        self.requested = self._installed = False
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             return self
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
         except ValueError:  # not the main thread
-            self._installed = False
+            pass
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -282,16 +282,13 @@ class Trainer:
             # not worth saving. Otherwise (between steps, without the handler) the state is whole.
             if self.in_step or self.stop_request.requested:
                 self._close()
-                saved = self.last_saved[0] if self.last_saved else None
-                kept = f"the last checkpoint is {saved}" if saved else "no checkpoint was saved"
                 if self.world.is_main:
-                    print(f"stopped at once at step {self.step}: nothing saved; {kept}", file=sys.stderr)
+                    print(f"stopped at once at step {self.step}: nothing saved; {self._kept('')}", file=sys.stderr)
                 raise
             reason = "interrupted"
         except NonFiniteLoss as err:
             self._close()
-            saved = self.last_saved[0] if self.last_saved else None
-            kept = f"the last good checkpoint is {saved}" if saved else "no checkpoint was saved"
+            kept = self._kept("good ")
             cfg = self.train_cfg
             raise GptlabError(
                 f"{err} at step {self.step + 1} (epoch {self.epoch}); training stopped and {kept}. Lower "
@@ -316,6 +313,12 @@ class Trainer:
             elapsed_s=time.perf_counter() - self.started,
             stopped_reason=reason,
         )
+
+    def _kept(self, quality: str) -> str:
+        """What a run that stopped without saving leaves: 'the last {quality}checkpoint is …'."""
+        if self.last_saved is None:
+            return "no checkpoint was saved"
+        return f"the last {quality}checkpoint is {self.last_saved[0]}"
 
     def _loop(self) -> StopReason:
         cfg = self.train_cfg
