@@ -8,11 +8,10 @@ strings and whole characters only (text_stream.py), and says how and when each s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import warnings
 
 import torch
 from torch import nn

@@ -9,9 +9,9 @@ Token ids stay exactly GPT-2's. GPT-2 numbers its 256 byte tokens in its own ord
 takes any id assignment: GPT-2's ids 0..50255 for ordinary tokens, 50256 for <|endoftext|>
 (usable via allowed_special), and our <PAD> <UNK> <BOS> <EOS> on the next four ids. The
 embedding grows by those four rows (or lends them from the spare rows of a table rounded up):
-<EOS> starts as a copy of <|endoftext|> (GPT-2's document
-separator, so a fine-tune or a sample starts from what GPT-2 learned for it) and <PAD> <UNK>
-<BOS> as the mean embedding (an unremarkable token until trained).
+<EOS> starts as a copy of <|endoftext|> (GPT-2's document separator, so a fine-tune or a sample
+starts from what GPT-2 learned for it) and <PAD> <UNK> <BOS> as the mean embedding (an
+unremarkable token until trained).
 """
 
 from __future__ import annotations
