@@ -6,10 +6,10 @@ read and tokenized whole; small documents are grouped into pieces of work).
 
 Text files are read in blocks of about `piece_bytes`, so a file of any size costs memory
 bounded by the block size, given safe points to cut at. A block is cut only at a *safe point*:
-right after a newline that is followed by a visible (non-whitespace) character. For a tokenizer that pre-splits text with the GPT-4 pattern
-no chunk crosses such a point (a chunk ends at the last newline of a run and never joins a
-newline to the character after it), so tokenizing the pieces one by one gives exactly the ids
-of the whole file. Tokenizers without that guarantee get whole documents (`split=False`), and a
+right after a newline that is followed by a visible (non-whitespace) character. For a
+tokenizer that pre-splits text with the GPT-4 pattern no chunk crosses such a point (a chunk
+ends at the last newline of a run and never joins a newline to the character after it), so
+tokenizing the pieces one by one gives exactly the ids of the whole file. Tokenizers without that guarantee get whole documents (`split=False`), and a
 file without safe points (one long line) is one piece: their memory grows with the document.
 
 UTF-8 rules are those of `gptlab.tokenizers.corpus.read_text_file`, applied block by block:
