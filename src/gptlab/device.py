@@ -8,6 +8,7 @@ import re
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.host_memory import keep_freed_memory
 
 _CUDA_NAME = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -45,10 +46,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def configure_backend(device: torch.device) -> None:
-    """Allow TF32 matmuls on CUDA: float32 accuracy is not needed to train, and TF32 is much faster."""
+    """Settings for training on `device`. On CUDA, allow TF32 matmuls: float32 accuracy is not
+    needed to train, and TF32 is much faster. On CPU, keep freed memory for the next step
+    (host_memory.py), as PyTorch's caching allocator does on GPUs."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu":
+        keep_freed_memory()
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
