@@ -2,6 +2,10 @@
 
 Both train with identical AdamW settings on the same random token batches; each timing is a few
 warm-up steps then `--steps` timed steps, the two models alternated `--rounds` times, best kept.
+Each timing runs in a fresh process, set up as its users run it: gptlab as `gptlab train` sets up
+CPU training (configure_backend, which keeps freed memory for reuse: gptlab/host_memory.py), Hugging
+Face with the defaults. Fresh processes, because the C allocator's state carries over from one
+model's run to the next. Two more rows swap that one setting, to show what it is worth on each side.
 Also gptlab with bf16 autocast and with torch.compile, MFU against a measured float32 matmul
 peak, and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
 matrix multiplies, which no fp32 implementation of this model on PyTorch's kernels can beat.
@@ -13,12 +17,15 @@ Run:  python benchmarks/train_bench.py [--loss_memory]  (needs `transformers`).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from gptlab.config import ModelConfig
-from gptlab.device import autocast
+from gptlab.device import autocast, configure_backend
 from gptlab.models import GPT
 from gptlab.training.metrics import measure_matmul_flops
 
@@ -42,8 +49,9 @@ def hf_model(args):
     return GPT2LMHeadModel(cfg)
 
 
-def steps_per_second(model, loss_of, args, dtype=torch.float32) -> float:
-    """Optimizer steps per second over args.steps steps after args.warmup warm-up steps."""
+def steps_per_second(model, loss_of, args, dtype=torch.float32) -> tuple[float, float]:
+    """Optimizer steps per second over args.steps steps after args.warmup warm-up steps, and the
+    page faults per step (minor: memory the system hands over, not disk) in those steps."""
     params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -63,10 +71,15 @@ def steps_per_second(model, loss_of, args, dtype=torch.float32) -> float:
 
     for _ in range(args.warmup):
         step()
-    started = time.perf_counter()
+    faults_before, started = page_faults(), time.perf_counter()
     for _ in range(args.steps):
         step()
-    return args.steps / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return args.steps / elapsed, (page_faults() - faults_before) / args.steps
+
+
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def matmul_floor_tokens_per_s(model: GPT, args, repeats: int = 10) -> float:
@@ -122,8 +135,6 @@ def head_and_loss_peak_mb(fused: bool, tokens: int = 16384, width: int = 384, vo
 
 def print_loss_memory() -> None:
     """head_and_loss_peak_mb, fused and not, each in a fresh process (peak RSS only grows)."""
-    import multiprocessing
-
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process each
         fused, plain = (pool.apply(head_and_loss_peak_mb, (flag,)) for flag in (True, False))
     print(f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
@@ -140,6 +151,35 @@ def hf_loss(model, x, y):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+# Each row: the model, its autocast dtype, whether it is compiled, and whether the process is set
+# up as `gptlab train` sets up CPU training.
+ROWS = {
+    "gptlab fp32 eager": ("gptlab", torch.float32, False, True),
+    "HF GPT2LMHeadModel fp32 eager": ("hf", torch.float32, False, False),
+    "HF fp32 eager, with gptlab's CPU memory setting": ("hf", torch.float32, False, True),
+    "gptlab fp32 eager, without its CPU memory setting": ("gptlab", torch.float32, False, False),
+    "gptlab bf16 autocast": ("gptlab", torch.bfloat16, False, True),
+    "gptlab fp32 torch.compile": ("gptlab", torch.float32, True, True),
+}
+REFERENCE = "HF GPT2LMHeadModel fp32 eager"
+
+
+def time_row(name: str, args) -> tuple[float, float]:
+    """Steps per second and page faults per step of ROWS[name], in this (fresh) process."""
+    side, dtype, compiled, as_gptlab_train = ROWS[name]
+    if as_gptlab_train:
+        configure_backend(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = (gptlab_model if side == "gptlab" else hf_model)(args).train()
+    loss_of = gptlab_loss if side == "gptlab" else hf_loss
+    return steps_per_second(torch.compile(model) if compiled else model, loss_of, args, dtype)
+
+
+def time_in_fresh_process(name: str, args) -> tuple[float, float]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(time_row, name, args).result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
@@ -148,40 +188,41 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the allocator settles in 3-5)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["bf16", "compile"], help="variants to leave out")
     parser.add_argument("--loss_memory", action="store_true", help="also the head and loss's peak memory, fused or not")
     args = parser.parse_args()
 
+    skipped = {"gptlab bf16 autocast": "bf16", "gptlab fp32 torch.compile": "compile"}
+    best = {name: 0.0 for name in ROWS if skipped.get(name) not in args.skip}
+    faults = {}  # of the best timing's steps
+    for _ in range(args.rounds):  # alternate, keep the best: the machine is shared and noisy
+        for name in best:
+            rate, faults_per_step = time_in_fresh_process(name, args)
+            if rate > best[name]:
+                best[name], faults[name] = rate, faults_per_step
+
     torch.manual_seed(0)
-    ours, theirs = gptlab_model(args), hf_model(args)
-    ours.train(), theirs.train()
+    ours = gptlab_model(args)
     tokens = args.batch_size * args.seq_len
     peak = measure_matmul_flops(repeats=20)  # the best of many: the machine may be shared
     flops_per_token = ours.flops_per_token()
-    best = {"gptlab fp32 eager": 0.0, "HF GPT2LMHeadModel fp32 eager": 0.0}
-    for _ in range(args.rounds):  # alternate, keep the best: the machine is shared and noisy
-        best["gptlab fp32 eager"] = max(best["gptlab fp32 eager"], steps_per_second(ours, gptlab_loss, args))
-        best["HF GPT2LMHeadModel fp32 eager"] = max(
-            best["HF GPT2LMHeadModel fp32 eager"], steps_per_second(theirs, hf_loss, args)
-        )
-    if "bf16" not in args.skip:
-        best["gptlab bf16 autocast"] = steps_per_second(ours, gptlab_loss, args, torch.bfloat16)
-    if "compile" not in args.skip:
-        best["gptlab fp32 torch.compile"] = steps_per_second(torch.compile(ours), gptlab_loss, args)
-
     print(f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
           f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     best["fp32 matmul floor (linear layers' matmuls alone)"] = matmul_floor_tokens_per_s(ours, args) / tokens
-    reference = best["HF GPT2LMHeadModel fp32 eager"]
-    print("| run | tokens/s | vs HF | MFU (fp32 matmul peak) |\n|---|---|---|---|")
+    reference = best[REFERENCE]
+    print("| run | tokens/s | vs HF | MFU (fp32 matmul peak) | page faults a step |\n|---|---|---|---|---|")
     for name, rate in best.items():
         tokens_per_s = rate * tokens
         mfu = flops_per_token * tokens_per_s / peak
-        print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% |")
+        faults_per_step = f"{faults[name]:,.0f}" if name in faults else "-"
+        print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% | {faults_per_step} |")
+    setting = "HF fp32 eager, with gptlab's CPU memory setting"
+    print(f"\nwith the same memory setting on both sides, gptlab / HF = {best['gptlab fp32 eager'] / best[setting]:.2f}x; "
+          f"with the default on both, {best['gptlab fp32 eager, without its CPU memory setting'] / reference:.2f}x")  # fmt: skip
     if args.loss_memory:
         print_loss_memory()
 

@@ -3,11 +3,11 @@
 A training step allocates and frees the same large activations, step after step. glibc's malloc
 hands a freed block of more than its mmap threshold (32 MiB at most) straight back to the kernel,
 and trims the top of its heap once more than twice that is free there, so the next step takes a
-page fault for every 4 KiB it gets back. On this project's 2-core machine a fresh `gptlab train`
-process of the benchmark model took 30,000-85,000 faults and 0.2-0.5 s of system time per step
-of about 2.4 s (benchmarks/train_bench.py). PyTorch's CUDA caching allocator keeps freed blocks
-for reuse on GPUs; keep_freed_memory asks glibc for the same on the host. The price is that the
-process holds on to its peak memory until it ends, as a GPU run does.
+page fault for every 4 KiB it gets back. On this project's 2-core machine, `gptlab train` of
+benchmarks/train_bench.py's model took 33,000-188,000 faults and 0.2-0.7 s of system time a
+step of 2-3 s (BENCHMARKS.md); with this setting, none. PyTorch's CUDA caching allocator keeps
+freed blocks for reuse on GPUs; keep_freed_memory asks glibc for the same on the host. The price
+is that the process holds on to its peak memory until it ends, as a GPU run does.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def train(
     <checkpoint_dir>/<experiment_name>_latest.json names, or starts fresh when there is none.
     `init_weights` (a state dict of model_cfg's shapes, e.g. pretrained GPT-2) replaces the
     random initialisation: fine-tuning.
-    Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). Raises GptlabError
+    Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). On a CPU, sets this
+    process's malloc to keep freed memory for reuse (host_memory.py). Raises GptlabError
     for bad settings or data, and when the loss becomes nan/inf. Ctrl-C lets the step in progress
     finish, saves a checkpoint and returns with stopped_reason "interrupted"; a second Ctrl-C
     raises KeyboardInterrupt at once and saves nothing.
