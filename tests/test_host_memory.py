@@ -6,7 +6,8 @@ import sys
 import pytest
 
 # Allocates and frees a 64 MiB tensor five times after four others (malloc settles on reusing a
-# pair of blocks), and prints the page faults those five took. With "cpu", configure_backend sets up CPU training first, as the trainer does.
+# pair of blocks), and prints the page faults those five took. With "cpu", configure_backend
+# first sets up CPU training, as the trainer does.
 COUNT_FAULTS = """
 import resource, sys, torch
 from gptlab.device import configure_backend
