@@ -133,10 +133,15 @@ def head_and_loss_peak_mb(fused: bool, tokens: int = 16384, width: int = 384, vo
     return (rss_kib("VmHWM") - start) / 1024
 
 
+def in_fresh_process(function, *args):
+    """function(*args), called in a new Python process: no allocator state or peak RSS carried over."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
 def print_loss_memory() -> None:
     """head_and_loss_peak_mb, fused and not, each in a fresh process (peak RSS only grows)."""
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process each
-        fused, plain = (pool.apply(head_and_loss_peak_mb, (flag,)) for flag in (True, False))
+    fused, plain = (in_fresh_process(head_and_loss_peak_mb, flag) for flag in (True, False))
     print(f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
           f"(linear_cross_entropy) against {plain:,.0f} MB (F.linear + F.cross_entropy)")  # fmt: skip
 
@@ -151,17 +156,25 @@ def hf_loss(model, x, y):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+OURS, REFERENCE = "gptlab fp32 eager", "HF GPT2LMHeadModel fp32 eager"
+HF_WITH_SETTING = "HF fp32 eager, with gptlab's CPU memory setting"
+OURS_WITHOUT_SETTING = "gptlab fp32 eager, without its CPU memory setting"
 # Each row: the model, its autocast dtype, whether it is compiled, and whether the process is set
 # up as `gptlab train` sets up CPU training.
 ROWS = {
-    "gptlab fp32 eager": ("gptlab", torch.float32, False, True),
-    "HF GPT2LMHeadModel fp32 eager": ("hf", torch.float32, False, False),
-    "HF fp32 eager, with gptlab's CPU memory setting": ("hf", torch.float32, False, True),
-    "gptlab fp32 eager, without its CPU memory setting": ("gptlab", torch.float32, False, False),
+    OURS: ("gptlab", torch.float32, False, True),
+    REFERENCE: ("hf", torch.float32, False, False),
+    HF_WITH_SETTING: ("hf", torch.float32, False, True),
+    OURS_WITHOUT_SETTING: ("gptlab", torch.float32, False, False),
     "gptlab bf16 autocast": ("gptlab", torch.bfloat16, False, True),
     "gptlab fp32 torch.compile": ("gptlab", torch.float32, True, True),
 }
-REFERENCE = "HF GPT2LMHeadModel fp32 eager"
+
+
+def variant(name: str) -> str | None:
+    """The --skip choice that leaves ROWS[name] out, if any."""
+    _, dtype, compiled, _ = ROWS[name]
+    return "bf16" if dtype == torch.bfloat16 else "compile" if compiled else None
 
 
 def time_row(name: str, args) -> tuple[float, float]:
@@ -173,11 +186,6 @@ def time_row(name: str, args) -> tuple[float, float]:
     model = (gptlab_model if side == "gptlab" else hf_model)(args).train()
     loss_of = gptlab_loss if side == "gptlab" else hf_loss
     return steps_per_second(torch.compile(model) if compiled else model, loss_of, args, dtype)
-
-
-def time_in_fresh_process(name: str, args) -> tuple[float, float]:
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(time_row, name, args).result()
 
 
 def main() -> None:
@@ -195,12 +203,11 @@ def main() -> None:
     parser.add_argument("--loss_memory", action="store_true", help="also the head and loss's peak memory, fused or not")
     args = parser.parse_args()
 
-    skipped = {"gptlab bf16 autocast": "bf16", "gptlab fp32 torch.compile": "compile"}
-    best = {name: 0.0 for name in ROWS if skipped.get(name) not in args.skip}
+    best = {name: 0.0 for name in ROWS if variant(name) not in args.skip}
     faults = {}  # of the best timing's steps
     for _ in range(args.rounds):  # alternate, keep the best: the machine is shared and noisy
         for name in best:
-            rate, faults_per_step = time_in_fresh_process(name, args)
+            rate, faults_per_step = in_fresh_process(time_row, name, args)
             if rate > best[name]:
                 best[name], faults[name] = rate, faults_per_step
 
@@ -220,9 +227,8 @@ def main() -> None:
         mfu = flops_per_token * tokens_per_s / peak
         faults_per_step = f"{faults[name]:,.0f}" if name in faults else "-"
         print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% | {faults_per_step} |")
-    setting = "HF fp32 eager, with gptlab's CPU memory setting"
-    print(f"\nwith the same memory setting on both sides, gptlab / HF = {best['gptlab fp32 eager'] / best[setting]:.2f}x; "
-          f"with the default on both, {best['gptlab fp32 eager, without its CPU memory setting'] / reference:.2f}x")  # fmt: skip
+    print(f"\nwith the same memory setting on both sides, gptlab / HF = {best[OURS] / best[HF_WITH_SETTING]:.2f}x; "
+          f"with the default on both, {best[OURS_WITHOUT_SETTING] / reference:.2f}x")  # fmt: skip
     if args.loss_memory:
         print_loss_memory()
 
