@@ -40,7 +40,7 @@ demo-seq2seq: $(VENV)/.installed
 		"february twenty-ninth, twenty twenty-four"; do printf '%s  ->  ' "$$s"; \
 		$(BIN)/gptlab generate --model_path $(SEQ2SEQ_DIR)/dates_e10.pth --prompt "$$s" --beam_size 4; done
 
-# The speedrun of issue 8: nanogpt-char against cpu-10min, 2 seeds each, BUDGET of training per run
+# The speedrun: nanogpt-cpu (nanoGPT's CPU recipe) against cpu-10min, 2 seeds each, BUDGET of training per run
 # (4 runs of 10 minutes by default), written to docs/speedrun.md, docs/speedrun.png and BENCHMARKS.md.
 BUDGET ?= 10m
 speedrun: $(VENV)/.installed

@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py --budget 2m [--seed 1] [--rows N] [--report docs/ablation.md]
 
-Starts from the speedrun's baseline, the `nanogpt-char` preset, and walks the CHANGES below in
+Starts from `nanogpt-char` (nanoGPT's GPU recipe for Shakespeare-char) and walks the CHANGES below in
 order. Each row applies one change to the best recipe so far, trains it for --budget of wall-clock
 time on shakespeare/train.txt and evaluates it on the whole of val.txt (exactly as
 benchmarks/speedrun.py does). A change is kept when it lowers bits per byte and dropped otherwise,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "shakespeare" / "train.txt"
+DEFAULT_DATA = ROOT / "data" / "shakespeare" / "train.txt"
 MB = 2**20
 TREE_FILE_MB = 5
 

@@ -2,8 +2,8 @@
 
     python benchmarks/speedrun.py --budget 10m [--seeds 1 2] [--report docs/speedrun.md]
 
-The first recipe is the baseline; by default (a) `nanogpt-char`, nanoGPT's Shakespeare-char
-recipe, against (b) `cpu-10min`, ours. For each recipe, in this one process:
+The first recipe is the baseline; by default (a) `nanogpt-cpu`, the Shakespeare-char recipe
+nanoGPT's README gives CPU users, against (b) `cpu-10min`, ours. For each recipe, in this one process:
   - its tokenizer is trained on the training text (characters, or our BPE at the preset's
     vocabulary size) and both texts are tokenized: preprocessing, not counted in the budget;
 then for each seed, one run after another:
@@ -44,10 +44,19 @@ from gptlab.tokenizers.corpus import read_corpus
 from gptlab.training import evaluate, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
+SHAKESPEARE = ROOT / "data" / "shakespeare"
 SAMPLE_CHARS = 300
 SAMPLE_TEMPERATURE = 0.8
-TARGET_IMPROVEMENT = 0.10  # issue 8: (b) at least 10% fewer bits per byte than (a)
+TARGET_IMPROVEMENT = 0.20  # what we aim for against nanoGPT's CPU recipe (issue 16)
+# What the real programs behind a preset reach, measured outside this script, so that readers can
+# check that the preset is faithful to them.
+REFERENCES = {
+    "nanogpt-cpu": (
+        "real nanoGPT (train.py with the README's CPU flags) trained for 25,000 iterations (632 s on "
+        "2 cores) on the same train.txt reaches **2.162** bits per byte on the whole val.txt "
+        "(non-overlapping 64-character windows)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,9 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
     ]
     baseline = statistics.fmean(by_recipe[recipes[0]])
     lines.append("")
+    for name in recipes:
+        if name in REFERENCES:
+            lines += [f"Reference for **{name}**: {REFERENCES[name]}.", ""]
     for name in recipes[1:]:
         gain = (baseline - statistics.fmean(by_recipe[name])) / baseline
         verdict = "met" if gain >= TARGET_IMPROVEMENT else "not met"
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default="10m", help="training time per run: 600, 600s, 10m, 1h (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds per recipe (default: 1 2)")
     parser.add_argument(
-        "--recipes", nargs="+", default=["nanogpt-char", "cpu-10min"],
+        "--recipes", nargs="+", default=["nanogpt-cpu", "cpu-10min"],
         help="presets to compare; the first is the baseline (default: %(default)s)",
     )
     parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")

@@ -30,7 +30,7 @@ from gptlab.tokenizers.base import SPECIAL_TOKENS
 from gptlab.tokenizers.bpe import BPETokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "shakespeare" / "train.txt"
+DEFAULT_DATA = ROOT / "data" / "shakespeare" / "train.txt"
 
 
 def best_of(repeats: int, run) -> tuple[float, object]:

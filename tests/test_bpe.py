@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
+
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import SPECIAL_TOKENS
 from gptlab.tokenizers.bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TRAIN_TXT, VAL_TXT = DATA / "shakespeare" / "train.txt", DATA / "shakespeare" / "val.txt"
-CL100K = DATA / "tiktoken" / "cl100k_base.tiktoken"
 # A little of everything UTF-8 has: accents, combining marks, CJK, emoji, digits, odd spacing.
 MIXED = "naïve café résumé e\u0301 日本語の文章 中文 😀👍🏽 1234567 don't WE'LL\t\r\n  x\n\n" * 20
 
 
-def read(path: Path, limit: int | None = None) -> str:
-    if not path.is_file():
-        pytest.skip(f"{path} not found (see DESIGN.md, Data)")
-    return path.read_text(encoding="utf-8")[:limit]
-
-
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
-    return [read(TRAIN_TXT, 200_000), MIXED]
+    return [read_text(SHAKESPEARE_TRAIN, 200_000), MIXED]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +84,7 @@ def naive_merges(texts: list[str], pattern: str, n_merges: int) -> list[tuple[in
 
 @pytest.mark.parametrize("pattern", [GPT4_PATTERN, GPT2_PATTERN], ids=["gpt4", "gpt2"])
 def test_incremental_trainer_matches_naive_recount(pattern):
-    texts = [read(TRAIN_TXT, 30_000), MIXED]
+    texts = [read_text(SHAKESPEARE_TRAIN, 30_000), MIXED]
     trained = BPETokenizer.train(texts, 260 + 300, pattern=pattern, progress=False)
     assert trained.merges == naive_merges(texts, pattern, 300)
 
@@ -179,7 +171,7 @@ def test_fast_encoder_equals_reference(tokenizer, gpt2_tokenizer, text, allowed)
 
 
 def test_fast_encoder_equals_reference_on_val_txt(tokenizer, gpt2_tokenizer):
-    val = read(VAL_TXT)
+    val = read_text(SHAKESPEARE_VAL)
     for tok in (tokenizer, gpt2_tokenizer):
         ids = tok.encode(val)
         assert ids == tok.encode_reference(val)
@@ -188,7 +180,7 @@ def test_fast_encoder_equals_reference_on_val_txt(tokenizer, gpt2_tokenizer):
 
 @pytest.mark.slow
 def test_fast_encoder_equals_reference_on_train_txt(tokenizer):
-    train = read(TRAIN_TXT)
+    train = read_text(SHAKESPEARE_TRAIN)
     assert tokenizer.encode(train) == tokenizer.encode_reference(train)
 
 

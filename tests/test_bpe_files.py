@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import tiktoken
 import tiktoken.load
 
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, cl100k_file, read_text
+
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.bpe import GPT4_PATTERN, BPETokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TRAIN_TXT, VAL_TXT = DATA / "shakespeare" / "train.txt", DATA / "shakespeare" / "val.txt"
-CL100K = DATA / "tiktoken" / "cl100k_base.tiktoken"
 MIXED = "naïve café e\u0301 日本語の文章 😀👍🏽 1234567 don't WE'LL\t\r\n  x\n\n" * 20
 SAMPLE = "To be, or not to be: that is the question. 日本語 😀 e\u0301 <EOS> 12345\n\n  end"
 
 
-def read(path: Path, limit: int | None = None) -> str:
-    if not path.is_file():
-        pytest.skip(f"{path} not found (see DESIGN.md, Data)")
-    return path.read_text(encoding="utf-8")[:limit]
-
-
 @pytest.fixture(scope="module", params=["gpt4", "gpt2"])
 def tokenizer(request) -> BPETokenizer:
-    return BPETokenizer.train([read(TRAIN_TXT, 100_000), MIXED], 800, pattern=request.param, progress=False)
+    return BPETokenizer.train([read_text(SHAKESPEARE_TRAIN, 100_000), MIXED], 800, pattern=request.param, progress=False)
 
 
 def test_save_and_load_round_trip(tokenizer, tmp_path):
@@ -84,14 +76,14 @@ def test_load_of_missing_directory_is_an_error(tmp_path):
 
 def test_hugging_face_tokenizers_loads_our_files_and_agrees():
     hf = pytest.importorskip("tokenizers")
-    ours = BPETokenizer.train([read(TRAIN_TXT, 100_000), MIXED], 800, pattern="gpt2", progress=False)
+    ours = BPETokenizer.train([read_text(SHAKESPEARE_TRAIN, 100_000), MIXED], 800, pattern="gpt2", progress=False)
     files = ours.to_files()
     vocab = json.loads(files["vocab.json"])
     merges = [tuple(line.split(" ")) for line in files["merges.txt"].decode("utf-8").splitlines()[1:]]
     theirs = hf.Tokenizer(hf.models.BPE(vocab, merges))
     theirs.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
     theirs.decoder = hf.decoders.ByteLevel()
-    for text in [read(VAL_TXT), MIXED, SAMPLE]:
+    for text in [read_text(SHAKESPEARE_VAL), MIXED, SAMPLE]:
         ids = ours.encode(text)
         assert theirs.encode(text).ids == ids
         assert theirs.decode(ids) == text
@@ -106,14 +98,12 @@ def test_tiktoken_file_round_trip(tokenizer, tmp_path):
 
 
 def test_cl100k_import_encodes_like_tiktoken():
-    if not CL100K.is_file():
-        pytest.skip(f"{CL100K} not found")
-    ranks = tiktoken.load.load_tiktoken_bpe(str(CL100K))
+    ranks = tiktoken.load.load_tiktoken_bpe(str(cl100k_file()))
     theirs = tiktoken.Encoding(name="cl100k", pat_str=GPT4_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    ours = BPETokenizer.from_tiktoken(CL100K, pattern="gpt4")
+    ours = BPETokenizer.from_tiktoken(cl100k_file(), pattern="gpt4")
     # The import renumbers ids (bytes first), so compare the tokens' bytes.
     token_of_rank = {rank: token for token, rank in ranks.items()}
-    for text in [read(VAL_TXT, 50_000), MIXED, SAMPLE]:
+    for text in [read_text(SHAKESPEARE_VAL, 50_000), MIXED, SAMPLE]:
         expected = [token_of_rank[r] for r in theirs.encode_ordinary(text)]
         ids = ours.encode(text)
         assert [ours.token_bytes(i) for i in ids] == expected

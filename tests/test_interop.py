@@ -12,6 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_files import SHAKESPEARE_VAL, read_text
+
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, export_safetensors, init_model_from_hf, load_safetensors_dir
@@ -26,7 +28,6 @@ from gptlab.training.checkpoint import save_checkpoint
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-VAL_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shakespeare" / "val.txt"
 VARIED_TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
     "Hello  world!\n\n  trailing spaces   ",
@@ -43,9 +44,7 @@ LLAMA_LAYOUT = dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu")
 
 @pytest.fixture(scope="module")
 def corpus() -> str:
-    if not VAL_TEXT.is_file():
-        pytest.skip("needs ../shared/data")
-    return VAL_TEXT.read_text(encoding="utf-8")[:20_000]
+    return read_text(SHAKESPEARE_VAL, 20_000)
 
 
 @pytest.fixture(scope="module", params=["gpt4", "gpt2"])

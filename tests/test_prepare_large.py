@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_files import SHAKESPEARE_TRAIN, cl100k_file
+
 from gptlab.data import TokenDataset, prepare, read_meta, resolve_data
 from gptlab.data.sources import can_split, safe_cut, text_file_segments
 from gptlab.errors import GptlabError
@@ -26,7 +28,6 @@ from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
 ROOT = Path(__file__).resolve().parents[1]
 TOY_TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 TOY_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
-DATA = ROOT.parent / "shared" / "data"
 # Everything that sits around a line break in real text: runs of \n and \r\n, trailing and
 # leading spaces and tabs, Unicode spaces, punctuation, digits, contractions, non-ASCII letters.
 TRICKY = st.lists(
@@ -293,10 +294,8 @@ def test_concurrent_resolve_data_prepares_once_and_shares_the_result(tmp_path, t
 # ---- a real corpus, end to end (slow) ----------------------------------------------------
 @pytest.mark.slow
 def test_shakespeare_with_cl100k_in_pieces_and_workers_matches_whole_encoding(tmp_path):
-    train, ranks = DATA / "shakespeare" / "train.txt", DATA / "tiktoken" / "cl100k_base.tiktoken"
-    if not train.is_file() or not ranks.is_file():
-        pytest.skip("shared data not found (see DESIGN.md, Data)")
-    tokenizer = load_tokenizer("tiktoken", ranks)
+    train = SHAKESPEARE_TRAIN
+    tokenizer = load_tokenizer("tiktoken", cl100k_file())
     out = prepare(
         [train], tokenizer, tmp_path / "out", progress=False, workers=2, piece_bytes=64 * 1024, shard_tokens=300_000
     )

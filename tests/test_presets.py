@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
+
 from gptlab.config import build_configs
 from gptlab.errors import GptlabError
 from gptlab.presets import PRESETS_DIR, TokenizerRecipe, list_presets, load_preset, resolve_config, suggest_fields
 from gptlab.training import train
 
-SHIPPED = ["cpu-10min", "demo", "gpt2-124m", "gpu-1h", "nanogpt-char"]
+SHIPPED = ["cpu-10min", "demo", "gpt2-124m", "gpu-1h", "nanogpt-char", "nanogpt-cpu"]
 TEXT = "".join(f"{i} To be, or not to be, that is the question. Whether 'tis nobler.\n" for i in range(50))
 # Small enough to take two steps in a second; every other field keeps the preset's value.
 TINY_SHAPES = {"embed_dim": 32, "n_heads": 2, "num_layers": 2, "seq_len": 16, "batch_size": 4}
@@ -56,6 +58,31 @@ def test_preset_validates_and_trains_two_steps(name, tmp_path):
     assert result.steps == 2 and result.stopped_reason == "max_steps"
     assert result.eval is not None and 0 < result.eval.bits_per_byte < 20
     assert result.final_checkpoint.exists()
+
+
+def test_nanogpt_cpu_is_the_recipe_nanogpts_readme_gives_cpu_users_and_trains_at_its_own_shapes(tmp_path):
+    preset = load_preset("nanogpt-cpu")
+    model_cfg, data_cfg, train_cfg = build_configs(preset.values)
+    # --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0, and the
+    # defaults of train_shakespeare_char.py (lr 1e-3, min_lr 1e-4, beta2 0.99, warmup 100) and train.py.
+    assert (model_cfg.seq_len, data_cfg.batch_size, model_cfg.num_layers, model_cfg.n_heads) == (64, 12, 4, 4)
+    assert (model_cfg.embed_dim, model_cfg.dropout, model_cfg.bias, model_cfg.expansion_factor) == (128, 0.0, False, 4)
+    assert (model_cfg.pos_encoding, model_cfg.norm, model_cfg.activation) == ("learned", "layernorm", "gelu")
+    assert model_cfg.tie_embeddings and preset.tokenizer == TokenizerRecipe(kind="char")
+    assert (train_cfg.learning_rate, train_cfg.learning_rate * train_cfg.min_lr_ratio) == pytest.approx((1e-3, 1e-4))
+    assert (train_cfg.beta1, train_cfg.beta2, train_cfg.weight_decay, train_cfg.grad_clip) == (0.9, 0.99, 0.1, 1.0)
+    assert (train_cfg.warmup_steps, train_cfg.dtype, train_cfg.optimizer) == (100, "fp32", "adamw")
+
+    values = {**preset.values, "max_steps": 2, "eval_interval": 1, "eval_batches": 1, "device": "cpu",
+              "log_dir": str(tmp_path / "runs"), "checkpoint_dir": str(tmp_path / "ckpt")}  # fmt: skip
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "val.txt").write_text(TEXT[:800])
+    result = train(
+        *build_configs(values), preset.tokenizer.train([TEXT]), tmp_path / "train.txt", tmp_path / "val.txt",
+        progress=False,
+    )
+    assert result.steps == 2 and result.stopped_reason == "max_steps" and result.final_checkpoint.exists()
+    assert 0 < result.eval.bits_per_byte < 20
 
 
 def test_presets_name_their_tokenizer():
@@ -168,7 +195,7 @@ def assert_refused_in_one_line(main, tmp_path, capsys, flags, message):
     [
         (["--budget", "10x"], "cannot read duration '10x'"),
         (["--set", "embed_dim"], "write FIELD=VALUE"),
-        (["--recipes", "nanogpt-char", "cpu-10mn"], "did you mean cpu-10min"),
+        (["--recipes", "nanogpt-cpu", "cpu-10mn"], "did you mean cpu-10min"),
     ],
 )
 def test_speedrun_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
@@ -177,9 +204,8 @@ def test_speedrun_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, f
 
 @pytest.mark.slow
 def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
-    shakespeare = ROOT.parent / "shared" / "data" / "shakespeare"
-    (tmp_path / "train.txt").write_text((shakespeare / "train.txt").read_text(encoding="utf-8")[:20_000])
-    (tmp_path / "val.txt").write_text((shakespeare / "val.txt").read_text(encoding="utf-8")[:3_000])
+    (tmp_path / "train.txt").write_text(read_text(SHAKESPEARE_TRAIN, 20_000))
+    (tmp_path / "val.txt").write_text(read_text(SHAKESPEARE_VAL, 3_000))
     report, plot = tmp_path / "docs" / "speedrun.md", tmp_path / "docs" / "speedrun.png"
     command = [
         sys.executable, str(SPEEDRUN), "--budget", "2s", "--seeds", "1", "2", "--no_progress",
@@ -189,10 +215,10 @@ def test_speedrun_end_to_end_on_a_tiny_budget(tmp_path):
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     text = report.read_text()
-    rows = [line for line in text.splitlines() if line.startswith(("| nanogpt-char | ", "| cpu-10min | "))]
+    rows = [line for line in text.splitlines() if line.startswith(("| nanogpt-cpu | ", "| cpu-10min | "))]
     assert len(rows) == 4 + 2  # a row per run, then one per recipe
     assert all("time_budget" in row for row in rows[:4])
-    assert "lower validation bits per byte than **nanogpt-char**" in text and "![" in text
+    assert "lower validation bits per byte than **nanogpt-cpu**" in text and "2.162" in text and "![" in text
     assert text.count("```text") == 4
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     section = (tmp_path / "BENCHMARKS.md").read_text()

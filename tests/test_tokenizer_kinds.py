@@ -9,13 +9,14 @@ import io
 import random
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
+
+from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
 
 from gptlab.errors import GptlabError
 from gptlab.text_stream import TextStream
@@ -35,10 +36,7 @@ from gptlab.tokenizers import (
 from gptlab.tokenizers.corpus import read_corpus
 from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CL100K_FILE = DATA / "tiktoken" / "cl100k_base.tiktoken"
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-needs_data = pytest.mark.skipif(not CL100K_FILE.is_file(), reason="needs ../shared/data")
 
 CORPUS = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -54,7 +52,7 @@ def sentencepiece() -> SentencePieceTokenizer:
 
 @pytest.fixture(scope="module")
 def cl100k() -> TiktokenTokenizer:
-    return TiktokenTokenizer.from_file(CL100K_FILE)
+    return TiktokenTokenizer.from_file(cl100k_file())
 
 
 # ---- char ------------------------------------------------------------------------------------
@@ -129,20 +127,18 @@ def test_foreign_sentencepiece_without_pad_gets_a_new_id():
 
 
 # ---- tiktoken ---------------------------------------------------------------------------------
-@needs_data
 def test_tiktoken_file_matches_tiktokens_own_cl100k(cl100k, tmp_path, monkeypatch):
     # tiktoken's cache holds a download under sha1(url): put the file there so that
     # tiktoken.get_encoding builds the genuine cl100k_base without the network.
-    shutil.copy(CL100K_FILE, tmp_path / hashlib.sha1(CL100K_URL.encode()).hexdigest())
+    shutil.copy(cl100k_file(), tmp_path / hashlib.sha1(CL100K_URL.encode()).hexdigest())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     reference = tiktoken.get_encoding("cl100k_base")
-    text = (DATA / "shakespeare" / "val.txt").read_text()[:50_000] + " 日本語 😀 <|endoftext|>"
+    text = read_text(SHAKESPEARE_VAL, 50_000) + " 日本語 😀 <|endoftext|>"
     assert cl100k.encode(text) == reference.encode(text, disallowed_special=())
     assert cl100k.decode(cl100k.encode(text)) == text
     assert load_tokenizer("tiktoken", "cl100k_base").encode(text) == cl100k.encode(text)
 
 
-@needs_data
 def test_tiktoken_specials(cl100k):
     assert cl100k.special_tokens["<PAD>"] == 100277 and cl100k.vocab_size == 100281
     assert cl100k.encode("<|endoftext|>", allowed_special="all") == [100257]
@@ -152,7 +148,6 @@ def test_tiktoken_specials(cl100k):
         cl100k.decode([100265])  # a gap between cl100k's special ids
 
 
-@needs_data
 def test_tiktoken_from_files_is_identical(cl100k):
     rebuilt = tokenizer_from_files("tiktoken", cl100k.to_files())
     assert rebuilt.encode(CORPUS) == cl100k.encode(CORPUS)
@@ -199,7 +194,7 @@ def test_tiktoken_with_unknown_file_name_uses_gpt4_pattern(tmp_path):
 # ---- every kind ----------------------------------------------------------------------------------
 def _trained(kind: str):
     if kind == "tiktoken":
-        return TiktokenTokenizer.from_file(CL100K_FILE)
+        return TiktokenTokenizer.from_file(cl100k_file())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the toy corpus is too small for 300 ids; that is fine here
         # The samples are in the corpus so that the char kind knows all their characters.
@@ -208,8 +203,6 @@ def _trained(kind: str):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_saves_loads_and_rebuilds_identically(kind, tmp_path):
-    if kind == "tiktoken" and not CL100K_FILE.is_file():
-        pytest.skip("needs ../shared/data")
     tok = _trained(kind)
     assert tok.kind == kind
     save_tokenizer(tok, tmp_path / "tok")
