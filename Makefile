@@ -52,7 +52,13 @@ ABLATION_BUDGET ?= 2m
 ablation: $(VENV)/.installed
 	$(BIN)/python benchmarks/ablation.py --budget $(ABLATION_BUDGET) --no_progress
 
-test: $(VENV)/.installed
+# The browser test of `gptlab serve` drives Chromium through Playwright: install Debian's once.
+# Where that cannot work (no apt-get), say so and go on; that one test then skips, saying why.
+$(VENV)/.browser: | $(VENV)/.installed
+	scripts/install_browser.sh $(BIN)/python && touch $@ || \
+		echo "warning: Chromium not installed (scripts/install_browser.sh needs Debian's apt-get); the browser test will skip"
+
+test: $(VENV)/.installed $(VENV)/.browser
 	$(BIN)/python -m pytest
 
 test-slow: $(VENV)/.installed

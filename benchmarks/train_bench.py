@@ -6,8 +6,8 @@ Each timing runs in a fresh process, set up as its users run it: gptlab as `gptl
 CPU training (configure_backend, which keeps freed memory for reuse: gptlab/host_memory.py), Hugging
 Face with the defaults. Fresh processes, because the C allocator's state carries over from one
 model's run to the next. Two more rows swap that one setting, to show what it is worth on each side.
-Also gptlab with bf16 autocast and with torch.compile, MFU against a measured float32 matmul
-peak, and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
+Also gptlab with bf16 autocast and with torch.compile, each row's MFU against a matmul peak
+measured in that row's dtype (float32 or bfloat16), and the fp32 "matmul floor": the tokens/s of a step that did nothing but its linear layers'
 matrix multiplies, which no fp32 implementation of this model on PyTorch's kernels can beat.
 With --loss_memory, also the peak memory of the output head and loss with GPT-2's vocabulary,
 fused (as gptlab trains) or not.
@@ -214,17 +214,19 @@ def main() -> None:
     torch.manual_seed(0)
     ours = gptlab_model(args)
     tokens = args.batch_size * args.seq_len
-    peak = measure_matmul_flops(repeats=20)  # the best of many: the machine may be shared
+    # The best of many: the machine may be shared.
+    peaks = {dtype: measure_matmul_flops(dtype, repeats=20) for dtype in (torch.float32, torch.bfloat16)}
     flops_per_token = ours.flops_per_token()
     print(f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
-          f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; "
-          f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+          f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; measured matmul "
+          f"peak {peaks[torch.float32] / 1e9:.1f} GFLOP/s fp32, {peaks[torch.bfloat16] / 1e9:.1f} bf16")  # fmt: skip
     best["fp32 matmul floor (linear layers' matmuls alone)"] = matmul_floor_tokens_per_s(ours, args) / tokens
     reference = best[REFERENCE]
-    print("| run | tokens/s | vs HF | MFU (fp32 matmul peak) | page faults a step |\n|---|---|---|---|---|")
+    print("| run | tokens/s | vs HF | MFU (its dtype's matmul peak) | page faults a step |\n|---|---|---|---|---|")
     for name, rate in best.items():
         tokens_per_s = rate * tokens
-        mfu = flops_per_token * tokens_per_s / peak
+        dtype = ROWS[name][1] if name in ROWS else torch.float32  # the floor is float32
+        mfu = flops_per_token * tokens_per_s / peaks[dtype]
         faults_per_step = f"{faults[name]:,.0f}" if name in faults else "-"
         print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% | {faults_per_step} |")
     print(f"\nwith the same memory setting on both sides, gptlab / HF = {best[OURS] / best[HF_WITH_SETTING]:.2f}x; "

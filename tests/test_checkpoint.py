@@ -17,7 +17,13 @@ from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.training import load_checkpoint, load_model, save_checkpoint
 from gptlab.training.checkpoint import VERSION, capture_rng_state, restore_rng_state
-from gptlab.training.metrics import bits_per_byte, format_mfu, model_flops_utilization, peak_flops
+from gptlab.training.metrics import (
+    bits_per_byte,
+    device_peak_flops,
+    format_mfu,
+    model_flops_utilization,
+    peak_flops,
+)
 from gptlab.training.optim import build_optimizer, lr_at, total_steps
 
 
@@ -224,3 +230,15 @@ def test_mfu():
     assert model_flops_utilization(1e9, 1e3, None) is None and format_mfu(None) == "n/a"
     assert model_flops_utilization(6e9, 5e4, 1e15) == pytest.approx(0.3)
     assert format_mfu(0.3) == "30.0%"
+
+
+def test_a_gpus_peak_is_its_data_sheets_for_the_dtype_the_run_computes_in(monkeypatch):
+    cuda = torch.device("cuda")  # only its name is asked for: no GPU needed
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(cuda, torch.bfloat16) == peak_flops(cuda, torch.float16) == 989e12
+    assert peak_flops(cuda, torch.float32) == 495e12  # TF32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(cuda, torch.bfloat16) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_flops(cuda, torch.bfloat16) is None
+    assert device_peak_flops(cuda, torch.bfloat16, given=5e12) == 5e12  # --peak_flops wins

@@ -47,6 +47,28 @@ def test_bf16_autocast_on_cpu_tracks_fp32(tmp_path, text):
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
+def test_a_bf16_run_measures_its_mfu_against_the_bf16_peak(tmp_path, text, monkeypatch):
+    import gptlab.training.metrics as metrics
+    import gptlab.training.trainer as trainer
+
+    peaks = {torch.float32: 4e9, torch.bfloat16: 1e12}  # stand-ins for measure_matmul_flops
+    asked = []
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda dtype: asked.append(dtype) or peaks[dtype])
+    monkeypatch.setattr(trainer, "model_flops_utilization", lambda flops, rate, peak: asked.append(peak))
+    for dtype in ("bf16", "fp32"):
+        losses(tmp_path, text, dtype, dtype=dtype)
+    # Each run measured its own dtype's peak and divided by it alone (one process, one device).
+    assert asked[0] == torch.bfloat16 and set(asked[1 : asked.index(torch.float32)]) == {1e12}
+    assert set(asked[asked.index(torch.float32) + 1 :]) == {4e9}
+
+
+def test_the_cpu_matmul_peak_is_measured_in_each_dtype():
+    from gptlab.training.metrics import measure_matmul_flops
+
+    assert measure_matmul_flops(torch.float32, size=128, repeats=1) > 0
+    assert measure_matmul_flops(torch.bfloat16, size=128, repeats=1) > 0
+
+
 def test_fp16_on_cpu_is_a_clear_error(tmp_path, text):
     with pytest.raises(GptlabError, match="--dtype fp16 needs a CUDA GPU"):
         losses(tmp_path, text, "fp16", dtype="fp16")

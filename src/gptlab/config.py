@@ -143,7 +143,10 @@ class TrainConfig(_Config):
     )
     muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon (with --optimizer muon).")
     peak_flops: float | None = Field(
-        None, gt=0, description="Peak FLOP/s of one device for MFU; default: known GPUs, a measured matmul on CPU."
+        None,
+        gt=0,
+        description="Peak FLOP/s of one device in the dtype the run computes in, for MFU; default: known GPUs' "
+        "data sheets, a measured matmul on CPU.",
     )
 
     @field_validator("experiment_name")

@@ -16,25 +16,27 @@ from gptlab.data.pairs import PairDataset
 from gptlab.device import autocast, sum_dtype
 from gptlab.tokenizers.base import Tokenizer
 
-# Dense bfloat16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
-# torch.cuda.get_device_name(). More specific names come first ("H100 PCIe" before "H100").
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("A6000", 155e12),
-    ("A10", 125e12),
-    ("L4", 121e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
+# Dense tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(): (name, bf16/fp16, fp32). fp32 runs compute their matmuls in TF32
+# (configure_backend allows it), half the bf16 rate from Ampere on; V100 and T4 have no TF32.
+# More specific names come first ("H100 PCIe" before "H100").
+GPU_PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989e12, 495e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 495e12),
+    ("GH200", 989e12, 495e12),
+    ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12),
+    ("A800", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
+    ("A6000", 155e12, 77.4e12),
+    ("A10", 125e12, 62.5e12),
+    ("L4", 121e12, 60e12),
+    ("4090", 165e12, 82.6e12),
+    ("3090", 71e12, 35.6e12),
+    ("V100", 125e12, 15.7e12),
+    ("T4", 65e12, 8.1e12),
 )
 
 # Windows sampled for evaluation are shuffled with this fixed seed: the same spread-out sample
@@ -144,32 +146,36 @@ def _result(summed_loss: float, tokens: int, bytes_per_token: float) -> EvalResu
     )
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak bfloat16 FLOP/s of `device`, or None when unknown (CPU, MPS, unlisted GPUs)."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Data-sheet peak FLOP/s of `device` for matmuls in `dtype` (bf16, fp16 or fp32), or None
+    when unknown (CPU, MPS, unlisted GPUs)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    half, single = next(((half, single) for key, half, single in GPU_PEAK_FLOPS if key in name), (None, None))
+    return single if dtype == torch.float32 else half
 
 
-def device_peak_flops(device: torch.device, given: float | None = None) -> float | None:
-    """The peak that MFU divides by: `given` (--peak_flops) when set, else the data-sheet peak of a
-    known GPU, else on CPU a measured float32 matmul rate (measure_matmul_flops)."""
+def device_peak_flops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> float | None:
+    """The peak that MFU divides by, for a run that computes in `dtype`: `given` (--peak_flops)
+    when set, else the data-sheet peak of a known GPU, else on CPU a measured matmul rate in that
+    dtype (a bf16 run divided by the float32 peak would report well over 100 %)."""
     if given is not None:
         return given
     if device.type == "cpu":
-        return measure_matmul_flops()
-    return peak_flops(device)
+        return measure_matmul_flops(dtype)
+    return peak_flops(device, dtype)
 
 
 @functools.cache
-def measure_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of the best of a few (size x size) float32 matmuls on the CPU, measured once per process.
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the best of a few (size x size) matmuls in `dtype` on the CPU, measured once per
+    process and dtype.
 
     The matrices are filled without drawing random numbers: measuring must not move the RNG that
     a resumed run replays.
     """
-    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size)
+    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size).to(dtype)
     b = a.t().contiguous()
     torch.mm(a, b)  # warm up the kernels and threads
     best = math.inf

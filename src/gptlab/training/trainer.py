@@ -195,7 +195,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
         if train_cfg.compile:
             self.model = torch.compile(self.model)
-        self.peak_flops = device_peak_flops(self.device, train_cfg.peak_flops)
+        self.peak_flops = device_peak_flops(self.device, self.precision.dtype, train_cfg.peak_flops)
 
         self.log_dir = Path(train_cfg.log_dir) / train_cfg.experiment_name
         self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
