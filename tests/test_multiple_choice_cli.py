@@ -107,6 +107,7 @@ def test_misplaced_flags_are_refused(tiny, tmp_path, capsys):
     assert "does not exist" in run_error([*base, "--task", "multiple_choice", "--output", str(tmp_path / "no/x.jsonl")], capsys)
     assert "--output is for --task multiple_choice" in run_error([*base, "--output", str(tmp_path / "x.jsonl")], capsys)
     assert "--batch_size must be at least 1" in run_error([*base, "--task", "multiple_choice", "--batch_size", "0"], capsys)
+    assert "--max_batches is for --task lm" in run_error([*base, "--task", "multiple_choice", "--max_batches", "2"], capsys)
 
 
 # ---- a Hugging Face GPT-2 directory: the same numbers as transformers -------------------------------

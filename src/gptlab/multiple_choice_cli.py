@@ -64,6 +64,8 @@ def run_multiple_choice(args: argparse.Namespace) -> None:
     from gptlab.device import resolve_device
     from gptlab.training.multiple_choice import ChoiceTask
 
+    if args.max_batches is not None:
+        raise GptlabError("--max_batches is for --task lm; every question is scored (give a shorter file)")
     if args.batch_size < 1:
         raise GptlabError(f"--batch_size must be at least 1, got {args.batch_size}")
     output = Path(args.output) if args.output else None
