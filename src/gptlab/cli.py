@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, validated
 from gptlab.errors import GptlabError
 from gptlab.interop.cli_commands import add_export_parser
+from gptlab.multiple_choice_cli import add_multiple_choice_flags, run_multiple_choice
 from gptlab.plot import add_plot_parser
 from gptlab.presets import list_presets, load_preset
 from gptlab.seq2seq.cli import add_seq2seq_generate_flags, is_seq2seq_checkpoint, refuse_seq2seq_flags, run_generate_seq2seq
@@ -241,6 +242,8 @@ def print_train_result(result) -> None:
         summary += f", val loss {result.eval.loss:.4f}, val bits/byte {result.eval.bits_per_byte:.4f}"
         if result.eval.exact_match is not None:
             summary += f", exact match {result.eval.exact_match:.1%}"
+    if result.task is not None:
+        summary += f", task acc {result.task.acc:.4f}, acc_norm {result.task.acc_norm:.4f}"
     print(summary)
     print(f"checkpoint: {result.final_checkpoint}")
 
@@ -393,21 +396,35 @@ def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, t
 # ---- gptlab eval -----------------------------------------------------------------------------
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="loss, perplexity and bits per byte of a GPT on some text",
-        description="Evaluate a GPT on text: mean loss, perplexity and bits per byte (comparable across tokenizers).",
+        "eval", help="loss, perplexity and bits per byte of a GPT on some text, or its multiple-choice accuracy",
+        description="Evaluate a GPT on text: mean loss, perplexity and bits per byte (comparable across tokenizers); "
+        "or with --task multiple_choice, accuracy and length-normalised accuracy on a JSONL file of questions "
+        "(HellaSwag's format or {context, choices, answer}), scored as lm-evaluation-harness scores them.",
     )  # fmt: skip
     parser.add_argument(
         "--model_path", required=True,
-        help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors",
+        help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors "
+        "(--task multiple_choice also takes a Hugging Face GPT-2 directory)",
     )  # fmt: skip
-    parser.add_argument("--data", required=True, help="a .txt file, a directory of them, or a prepared directory")
-    parser.add_argument("--batch_size", type=int, default=32, help="windows per batch (default: %(default)s)")
-    parser.add_argument("--max_batches", type=int, help="evaluate on at most this many batches (default: all)")
+    parser.add_argument("--task", default="lm", choices=["lm", "multiple_choice"], help="what to measure (default: lm)")
+    parser.add_argument(
+        "--data", required=True,
+        help="lm: a .txt file, a directory of them, or a prepared directory; multiple_choice: a .jsonl file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="windows (lm) or choices (multiple_choice) per batch (default: %(default)s)"
+    )
+    parser.add_argument("--max_batches", type=int, help="lm: evaluate on at most this many batches (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_multiple_choice_flags(parser)
     parser.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.task == "multiple_choice":
+        return run_multiple_choice(args)
+    if args.output:
+        raise GptlabError("--output is for --task multiple_choice; drop it")
     from gptlab.data import TokenDataset, resolve_data
     from gptlab.device import resolve_device
     from gptlab.training import evaluate

@@ -113,6 +113,10 @@ class TrainConfig(_Config):
     )
     eval_interval: int = Field(500, gt=0, description="Evaluate every this many steps (and at each epoch end).")
     eval_batches: int = Field(20, gt=0, description="Batches per evaluation.")
+    eval_task: str | None = Field(
+        None, description="A multiple-choice .jsonl file (HellaSwag's or {context, choices, answer}) scored in full "
+        "at each evaluation (GPT only): acc and acc_norm beside the bits per byte.",
+    )
     checkpoint_every: int = Field(5, gt=0, description="Save a checkpoint every this many epochs.")
     experiment_name: str = Field("gpt_experiment", min_length=1, description="Names checkpoints and logs.")
     checkpoint_dir: str = Field(".", description="Where <experiment_name>_e<epoch>.pth files go.")

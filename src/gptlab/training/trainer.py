@@ -57,6 +57,7 @@ from gptlab.training.metrics import (
     model_flops_utilization,
     peak_memory_bytes,
 )
+from gptlab.training.multiple_choice import ChoiceResult, ChoiceTask
 from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, total_steps
 from gptlab.training.precision import Precision
 from gptlab.training.run_log import RunLog
@@ -72,7 +73,7 @@ class TrainResult:
     """What a finished run left behind.
 
     train_loss is the mean training loss over the last logging interval (the steps since the
-    log line before it, at most eval_interval);
+    log line before it, at most eval_interval); eval and task are the last evaluation's;
     elapsed_s is wall-clock time of the loop, evaluation included.
     """
 
@@ -84,6 +85,7 @@ class TrainResult:
     tokens_seen: int
     elapsed_s: float
     stopped_reason: StopReason
+    task: ChoiceResult | None = None  # the last --eval_task scores
 
 
 def train(
@@ -178,6 +180,11 @@ class Trainer:
 
         # What differs between model types (data, model, loss, evaluation) lives in the task.
         self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
+        self.choice_task: ChoiceTask | None = None
+        if train_cfg.eval_task is not None:  # read before the data: a bad file fails at once
+            if self.model_cfg.model != "gpt":
+                raise GptlabError("--eval_task scores a GPT's continuations, not an encoder-decoder's; drop it")
+            self.choice_task = ChoiceTask.from_file(train_cfg.eval_task, tokenizer, self.model_cfg.seq_len)
         with distributed.main_first(self.world):  # rank 0 prepares the data cache, the others read it
             self.train_set = self.task.load_dataset(train_data, self.progress)
             self.eval_set = self.task.load_dataset(eval_data, self.progress) if eval_data else None
@@ -206,6 +213,7 @@ class Trainer:
         self.tokens_seen = 0
         self.excluded_seconds = 0.0  # evaluating and saving: not training, so not spent from a time budget
         self.last_eval: EvalResult | None = None
+        self.last_task: ChoiceResult | None = None
         self.last_log_step = -1
         self.last_lr = 0.0
         self.last_saved: tuple[Path, int] | None = None  # (path, step)
@@ -313,6 +321,7 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             elapsed_s=time.perf_counter() - self.started,
             stopped_reason=reason,
+            task=self.last_task,
         )
 
     def _kept(self, quality: str) -> str:
@@ -412,6 +421,9 @@ class Trainer:
             line += f" | val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | bpb {result.bits_per_byte:.4f}"
             if result.exact_match is not None:
                 line += f" | exact match {100 * result.exact_match:.1f}%"
+        if self.choice_task is not None:
+            task = self._evaluate_task()
+            line += f" | task acc {task.acc:.4f} | acc_norm {task.acc_norm:.4f}"
         self.log.scalars(self.step, {"tokens_per_s": tokens_per_s, "peak_memory_mib": memory / 2**20, "mfu": mfu})
         self.log.print(line)
 
@@ -424,6 +436,16 @@ class Trainer:
         self.last_eval = result
         scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
         self.log.scalars(self.step, scalars)
+        return result
+
+    def _evaluate_task(self) -> ChoiceResult:
+        """Score --eval_task with the unwrapped model (no DDP, no recompiles for its varying shapes;
+        under FSDP2 it is the sharded module, so every rank takes part, as its forward needs)."""
+        started = time.perf_counter()
+        result = self.choice_task.evaluate(self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype)
+        self.excluded_seconds += time.perf_counter() - started
+        self.last_task = result
+        self.log.scalars(self.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
         return result
 
     def _save(self, every_steps: bool = False) -> Path:
