@@ -382,6 +382,8 @@ class Trainer:
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
     def _open_logs(self) -> None:
+        if self.world.is_main:  # a run killed while writing left its temporary files behind
+            run_files.remove_stale_temporaries(self.checkpoint_dir, self.log_dir, self.train_cfg.experiment_name)
         resume_step = self.step if self.resumed else None
         self.log = RunLog(self.log_dir, self.world.is_main, self.progress, self.total_steps, self.step, resume_step)
         self._announce()
