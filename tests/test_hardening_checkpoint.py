@@ -58,7 +58,8 @@ def test_a_config_claiming_a_huge_model_is_refused_without_allocating(saved: Pat
 
 
 def test_a_config_claiming_a_bigger_model_is_refused_before_building_it(saved: Path) -> None:
-    # 12 x 1024 is 151 M parameters (605 MB); the file holds 0.1 M. Measured in a fresh process.
+    # 12 x 1024 is 151 M parameters (605 MB; building it grew the peak by 586 MB before the fix, by
+    # 78 MB after, imports included); the file holds 0.1 M. Measured in a fresh process.
     edited(saved, lambda raw: raw["model_config"].update(embed_dim=1024, num_layers=12, n_heads=16))
     script = f"""
 import resource, sys
@@ -79,7 +80,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     message, grown_mb = done.stdout.strip().splitlines()
     assert "weights do not match the model config" in message and "wrong shape" in message
-    assert int(grown_mb) < 100, f"peak memory grew by {grown_mb} MB before the mismatch was reported"
+    assert int(grown_mb) < 250, f"peak memory grew by {grown_mb} MB before the mismatch was reported"
 
 
 def test_weights_of_another_dtype_are_named(saved: Path) -> None:
