@@ -94,7 +94,7 @@ def kill_campaign(tmp: Path, steps: int, kills: int) -> None:
         try:
             # Once it trains again (its log passes where the last run was killed), wait a random
             # while, then kill it at once or (every other time) in its next checkpoint write.
-            training = wait_for(lambda: logged_steps(parts) > min(before, steps - 1), process)
+            training = wait_for(lambda before=before: logged_steps(parts) > min(before, steps - 1), process)
             if training:
                 time.sleep(rng.uniform(0.0, 0.4))
             if training and attempt % 2 == 0:

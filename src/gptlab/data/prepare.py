@@ -373,7 +373,7 @@ def _exclusive_lock(target: Path) -> Iterator[None]:
         return
     lock_path = target.with_name(f".{target.name}.lock")
     while True:
-        lock_file = open(lock_path, "a")
+        lock_file = open(lock_path, "a")  # noqa: SIM115 - held open past this loop, closed in finally
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             if _same_file(lock_file, lock_path):
