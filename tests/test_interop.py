@@ -194,12 +194,17 @@ def test_a_non_empty_output_directory_is_refused_unless_forced(small_bpe, tmp_pa
         export_safetensors(model, small_bpe, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
+    # --force replaces an earlier export only, never a user's files.
+    with pytest.raises(GptlabError, match="holds notes.txt, which no gptlab export wrote"):
+        export_hf(model, small_bpe, out, force=True)
+    (out / "notes.txt").unlink()
+    export_safetensors(model, small_bpe, out)
     # A failing forced export leaves the old directory as it was; a successful one replaces it.
     with pytest.raises(GptlabError, match="pos_encoding"):
         export_hf(random_gpt(small_bpe.vocab_size, pos_encoding="sinusoidal"), small_bpe, out, force=True)
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
     export_hf(model, small_bpe, out, force=True)
-    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
 
 

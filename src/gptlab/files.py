@@ -14,14 +14,19 @@ from gptlab.errors import GptlabError
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    The file is flushed to disk before the rename and the rename after it, so that after a power
+    cut `path` holds the old contents or the new, never an empty or partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the file should read like any other
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -52,9 +57,11 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     try:
         yield staging
         # A directory cannot be renamed onto a non-empty one: move the old one aside first.
+        fsync_tree(staging)
         if out.exists():
             out.rename(retired)
         staging.rename(out)
+        fsync_path(out.parent)
     except BaseException:
         if retired.exists() and not out.exists():
             retired.rename(out)  # put the previous directory back rather than lose it
@@ -62,6 +69,27 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or directory's contents (for a directory: its entries) to disk. Where a
+    directory cannot be opened for that (Windows), skip it: renames there are journaled anyway."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync_path for every file and directory under `directory`, itself included."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
 
 
 def holds_only(directory: Path, names: Collection[str]) -> bool:

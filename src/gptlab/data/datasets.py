@@ -43,8 +43,20 @@ class TokenDataset(torch.utils.data.Dataset):
             np.memmap(self.prepared_dir / name, dtype=dtype, mode="r", shape=(length,))
             for name, length in zip(self.meta["shards"], self.meta["shard_lengths"])
         ]
+        self._check_ids(int(self.meta["vocab_size"]))
         # shard k holds global tokens [shard_starts[k], shard_starts[k + 1])
         self.shard_starts = np.concatenate([[0], np.cumsum(self.meta["shard_lengths"])]).astype(np.int64)
+
+    def _check_ids(self, vocab_size: int) -> None:
+        """GptlabError unless every id is below `vocab_size`: an id past the embedding table is an
+        IndexError traceback on CPU and a device-side assert on a GPU, mid-run."""
+        for name, shard in zip(self.meta["shards"], self.shards):
+            largest = int(shard.max())  # one sequential pass over the memory map
+            if largest >= vocab_size:
+                raise GptlabError(
+                    f"shard {self.prepared_dir / name} holds token id {largest}, but its tokenizer has only "
+                    f"{vocab_size} ids; delete {self.prepared_dir} and prepare the data again"
+                )
 
     @property
     def bytes_per_token(self) -> float:

@@ -71,6 +71,8 @@ def _parse_json_line(line: str) -> tuple[tuple[str, str], str | None]:
         record = json.loads(line)
     except ValueError:
         return ("", ""), "not valid JSON"
+    except RecursionError:  # json recurses once per level of nesting
+        return ("", ""), "JSON nested too deeply"
     if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("source", "target")):
         return ("", ""), 'not a {"source": "...", "target": "..."} object'
     return _check_sides(record["source"], record["target"])

@@ -361,16 +361,37 @@ def _is_writable(directory: Path) -> bool:
 
 @contextmanager
 def _exclusive_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a hidden file beside `target` (released if the process dies).
-    Without fcntl (Windows) there is no lock, and a race only costs duplicated work: each
-    process still renames a complete directory into place."""
+    """Hold an exclusive lock on a hidden file beside `target` (released if the process dies),
+    and remove that file when done, so nothing is left beside the user's text.
+
+    The holder unlinks the file before unlocking; a process that was waiting on it then finds
+    the path gone or naming another file, and locks afresh, so two processes never both think
+    they hold the lock. Without fcntl (Windows) there is no lock, and a race only costs
+    duplicated work: each process still renames a complete directory into place."""
     if fcntl is None:
         yield
         return
     lock_path = target.with_name(f".{target.name}.lock")
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    while True:
+        lock_file = open(lock_path, "a")  # noqa: SIM115 - held open past this loop, closed in finally
         try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            if _same_file(lock_file, lock_path):
+                break
+        except BaseException:
+            lock_file.close()
+            raise
+        lock_file.close()  # the file this process waited on was removed by its holder: try again
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock_file.close()  # closing releases the lock
+
+
+def _same_file(file: Any, path: Path) -> bool:
+    """Whether the open `file` is still the one at `path`."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False

@@ -209,6 +209,8 @@ def jsonl_segments(path: Path, source: int, field: str) -> Iterator[Segment]:
                 raise GptlabError(f"{where} is not UTF-8; convert {path} to UTF-8") from None
             except ValueError as error:
                 raise GptlabError(f"{where} is not valid JSON ({error}); fix or remove that line") from None
+            except RecursionError:  # json recurses once per level of nesting
+                raise GptlabError(f"{where} is nested too deeply to read as JSON; fix or remove that line") from None
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise GptlabError(

@@ -32,7 +32,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model_path", required=True, help="a .pth checkpoint, or a gptlab safetensors directory")
     parser.add_argument("--format", default="hf", choices=FORMATS, help="output format (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output directory; must be new or empty unless --force")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the export succeeded)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export at --out (only once the export succeeded; other files are refused)")
     parser.set_defaults(handler=_export)
 
 

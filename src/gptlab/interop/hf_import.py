@@ -164,6 +164,12 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
             raise GptlabError(f"{index} is not a valid safetensors index; download the model again") from None
+        # A shard is a file beside the index: a name with a folder part ("../x", "/etc/x") is refused.
+        outside = [shard for shard in shards if Path(shard).name != shard or shard in ("", ".", "..")]
+        if outside:
+            raise GptlabError(
+                f"{index} names shard {outside[0]!r}, which is not a file in {directory}; download the model again"
+            )
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state |= _load_safetensors(directory / shard)

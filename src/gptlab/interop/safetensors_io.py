@@ -25,7 +25,7 @@ from gptlab.interop.staging import staged_directory
 from gptlab.models import GPT
 from gptlab.tokenizers import tokenizer_from_files
 from gptlab.tokenizers.base import Tokenizer
-from gptlab.training.checkpoint import load_weights
+from gptlab.training.checkpoint import build_with_weights
 
 FORMAT = "gptlab-safetensors"
 VERSION = 1
@@ -93,9 +93,8 @@ def load_safetensors_dir(directory: str | Path, device: str | torch.device = "cp
     state = _read_weights(directory / WEIGHTS_FILE)
     if model_cfg.tie_embeddings and TIED_HEAD not in state and "wte.weight" in state:
         state[TIED_HEAD] = state["wte.weight"]
-    model = GPT(model_cfg)
-    load_weights(model, state, directory / WEIGHTS_FILE)
-    return model.to(device).eval(), tokenizer, model_cfg
+    model = build_with_weights(GPT, model_cfg, state, directory / WEIGHTS_FILE, device)
+    return model, tokenizer, model_cfg
 
 
 def read_config(directory: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import tiktoken
 
 from gptlab.errors import GptlabError
 from gptlab.files import holds_only, staged_directory
-from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer, TokenizerEngineError
 from gptlab.tokenizers.bpe import BPETokenizer
 from gptlab.tokenizers.char import CharTokenizer
 from gptlab.tokenizers.sentencepiece_adapter import SentencePieceTokenizer
@@ -27,6 +27,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
+    "TokenizerEngineError",
     "detect_kind",
     "load_tokenizer",
     "save_tokenizer",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,28 @@ PAD, UNK, BOS, EOS = "<PAD>", "<UNK>", "<BOS>", "<EOS>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 
 AllowedSpecial = Literal["all"] | Collection[str]
+
+
+class TokenizerEngineError(GptlabError):
+    """A tokenizer's native engine failed on a text (tiktoken panics when its regex engine gives
+    up backtracking). The text is not at fault but the tokenizer's split pattern is, so callers
+    that serve many texts may answer it as a client error; the CLI prints it as one line."""
+
+
+@contextmanager
+def engine_errors(kind: str) -> Iterator[None]:
+    """Turn a panic of a Rust engine (pyo3's PanicException, a BaseException) into a
+    TokenizerEngineError; everything else passes through unchanged."""
+    try:
+        yield
+    except BaseException as err:
+        if type(err).__name__ != "PanicException":
+            raise
+        reason = (str(err).strip().splitlines() or ["panic"])[0][:160]
+        raise TokenizerEngineError(
+            f"the {kind} tokenizer's engine failed on this text ({reason}); its split pattern backtracks too much, "
+            "re-train the tokenizer with --pattern gpt4"
+        ) from None
 
 
 class Tokenizer(ABC):

@@ -30,8 +30,9 @@ import tiktoken
 from gptlab.errors import GptlabError
 from gptlab.files import write_atomic
 from gptlab.tokenizers import byte_level
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set
+from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, engine_errors
 from gptlab.tokenizers.bpe_train import count_chunks, learn_merges
+from gptlab.tokenizers.pattern_safety import check_pattern_safety
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_PATTERN = (
@@ -46,12 +47,14 @@ CHUNK_CACHE_SIZE = 1 << 16  # recently seen chunks the reference encoder remembe
 
 
 def resolve_pattern(pattern: str) -> str:
-    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile."""
+    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile or can take
+    exponential time (pattern_safety.py)."""
     pattern = PATTERNS.get(pattern, pattern)
     try:
         regex.compile(pattern)
     except regex.error as error:
         raise GptlabError(f"split pattern {pattern!r} is not a valid regex ({error}); use 'gpt4', 'gpt2' or fix it") from None
+    check_pattern_safety(pattern)
     return pattern
 
 
@@ -159,9 +162,11 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Ids of `text` through tiktoken's engine; identical to encode_reference()."""
         allowed = allowed_set(allowed_special, SPECIAL_TOKENS)
-        if not allowed:
-            return self._tiktoken().encode_ordinary(text)
-        return self._tiktoken().encode(text, allowed_special=allowed, disallowed_special=())
+        engine = self._tiktoken()
+        with engine_errors(self.kind):
+            if not allowed:
+                return engine.encode_ordinary(text)
+            return engine.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(
         self, texts: list[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
@@ -169,9 +174,10 @@ class BPETokenizer(Tokenizer):
         """encode() for many texts, run in tiktoken's threads."""
         allowed = allowed_set(allowed_special, SPECIAL_TOKENS)
         engine = self._tiktoken()
-        if not allowed:
-            return engine.encode_ordinary_batch(texts, num_threads=num_threads)
-        return engine.encode_batch(texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=())
+        with engine_errors(self.kind):
+            if not allowed:
+                return engine.encode_ordinary_batch(texts, num_threads=num_threads)
+            return engine.encode_batch(texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=())
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Ids of `text` in pure Python: split, then merge each chunk by lowest rank first."""

@@ -15,8 +15,9 @@ from pathlib import Path
 import tiktoken
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set
+from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, engine_errors
 from gptlab.tokenizers.bpe import GPT4_PATTERN, resolve_pattern
+from gptlab.tokenizers.pattern_safety import check_pattern_safety
 from gptlab.tokenizers.byte_level import read_tiktoken, write_tiktoken
 
 RANKS_FILE = "ranks.tiktoken"
@@ -63,6 +64,7 @@ class TiktokenTokenizer(Tokenizer):
         self._ranks = ranks
         self._pattern = pattern
         self._encoding_specials = dict(encoding_specials)
+        check_pattern_safety(pattern)  # also a pattern read from a tokenizer file or checkpoint
         first_free = max(max(ranks.values()), max(encoding_specials.values(), default=-1)) + 1
         self._special = {token: first_free + i for i, token in enumerate(SPECIAL_TOKENS)}
         try:
@@ -131,15 +133,17 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         allowed = allowed_set(allowed_special, self.special_tokens)
-        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        with engine_errors(self.kind):
+            return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def encode_batch(
         self, texts: list[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
     ) -> list[list[int]]:
         allowed = allowed_set(allowed_special, self.special_tokens)
-        return self._encoding.encode_batch(
-            texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=()
-        )
+        with engine_errors(self.kind):
+            return self._encoding.encode_batch(
+                texts, num_threads=num_threads, allowed_special=allowed, disallowed_special=()
+            )
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = self.check_ids(ids)

@@ -30,6 +30,7 @@ from gptlab.models import GPT
 from gptlab.models.transformer import Transformer
 from gptlab.tokenizers import tokenizer_from_files
 from gptlab.tokenizers.base import Tokenizer
+from gptlab.training.checkpoint_fields import check_fields
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1  # bump when the layout changes; loaders refuse versions newer than theirs
@@ -125,6 +126,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise GptlabError(
             f"{path} is an incomplete gptlab checkpoint (no {', '.join(missing)}); re-save it with gptlab"
         )
+    check_fields(raw, path)
     model_config = _config(ModelConfig, raw["model_config"], path)
     if raw["model_type"] != model_config.model:
         raise GptlabError(
@@ -177,33 +179,73 @@ def _built(cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, devic
             f"{path}: model vocabulary ({vocab}) is smaller than its tokenizer's "
             f"({checkpoint.tokenizer.vocab_size}); the checkpoint is inconsistent, re-train it"
         )
-    model = cls(checkpoint.model_config)
-    load_weights(model, checkpoint.model_state, path)
-    return model.to(device).eval()
+    return build_with_weights(cls, checkpoint.model_config, checkpoint.model_state, path, device)
 
 
-def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+def build_with_weights(
+    cls: type[nn.Module], config: ModelConfig, state: Any, path: str | Path, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """A `cls` model of `config` holding the weights `state`, on `device`, in eval mode.
+
+    The model is first built on the meta device (shapes without memory) and every weight's
+    shape and dtype compared with it, so a config that claims a huge model beside small weights
+    is refused before anything is allocated; allocating a model that does match but does not
+    fit in memory is one GptlabError too."""
+    try:
+        with torch.device("meta"):
+            skeleton = cls(config)
+    except (RuntimeError, ValueError) as err:  # sizes whose byte count overflows even on meta
+        raise GptlabError(f"{path}: its model config describes an impossible model ({_first_line(err)}); re-save it") from None
+    check_weights(skeleton, state, path)
+    size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    try:
+        model = cls(config)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+    except (RuntimeError, MemoryError) as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        raise GptlabError(
+            f"cannot allocate the model of {path} ({size / 2**30:.2f} GiB of weights) on {device} "
+            f"({_first_line(err)}); free memory or use a machine with more"
+        ) from None
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path, *, exact_dtype: bool = True) -> None:
     """model.load_state_dict(state), or GptlabError naming what does not match the model config."""
+    check_weights(model, state, path, exact_dtype=exact_dtype)
+    unwrap(model).load_state_dict(state)
+
+
+def check_weights(model: nn.Module, state: Any, path: str | Path, *, exact_dtype: bool = True) -> None:
+    """GptlabError unless `state` holds exactly the model's weights, each of its shape and dtype
+    (with exact_dtype=False, any floating dtype where the model's is floating: imported weights)."""
     if not isinstance(state, dict):
         raise GptlabError(f"{path} holds malformed model weights; re-save the checkpoint")
     expected = unwrap(model).state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    reshaped = sorted(
-        key
-        for key in expected.keys() & state.keys()
-        if not isinstance(state[key], torch.Tensor) or state[key].shape != expected[key].shape
-    )
+    common = sorted(expected.keys() & state.keys())
+    reshaped = [k for k in common if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
+    retyped = [
+        k for k in common
+        if k not in reshaped and not _same_kind(state[k].dtype, expected[k].dtype, exact_dtype)
+    ]  # fmt: skip
     problems = [
         f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped))
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped), ("wrong dtype:", retyped))
         if keys
     ]
     if problems:
         raise GptlabError(
             f"{path}: weights do not match the model config ({'; '.join(problems)}); re-save the checkpoint"
         )
-    unwrap(model).load_state_dict(state)
+
+
+def _same_kind(stored: torch.dtype, wanted: torch.dtype, exact: bool) -> bool:
+    return stored == wanted or (not exact and stored.is_floating_point and wanted.is_floating_point)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def check_resumable(
@@ -300,7 +342,9 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
         raise  # permissions, I/O: the command line prints these on one line as they are
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign, truncated or unsafe files
         # torch's own messages run to paragraphs; say which of the three cases this is instead.
-        if "Weights only load failed" in str(err):
+        # "Weights only load failed" also ends the unpickling of random bytes ("Unsupported operand
+        # 203"); only a refused global means the file really holds Python objects.
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
             reason = "it holds Python objects, not only tensors and plain values, and gptlab will not unpickle them"
         elif "zip archive" in str(err) or "central directory" in str(err):
             reason = "it is truncated or not a torch file"

@@ -197,3 +197,11 @@ def _load_keeping_settings(optimizer: torch.optim.Optimizer, state: dict[str, An
         ) from None
     for group, kept in zip(optimizer.param_groups, settings):
         group.update(kept)
+    # torch loads moments of any shape; one that is not its parameter's would fail at the first step.
+    for param, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise GptlabError(
+                    f"the checkpoint's optimizer state has {name} of shape {tuple(value.shape)} for a parameter "
+                    f"of shape {tuple(param.shape)}; resume from another checkpoint"
+                )

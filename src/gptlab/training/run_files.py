@@ -74,6 +74,19 @@ def prune_step_checkpoints(checkpoint_dir: Path, experiment: str, keep_last: int
     return doomed
 
 
+def remove_stale_temporaries(checkpoint_dir: Path, log_dir: Path, experiment: str) -> list[Path]:
+    """Delete the temporary files a killed run of `experiment` left mid-write (files.atomic_path
+    names them .<target>.<random>.tmp): its checkpoints' and pointer's in checkpoint_dir, and
+    any in its own log_dir (<log_dir>/<experiment>/). Call before this run writes anything."""
+    ours = re.compile(rf"^\.{re.escape(experiment)}_(s\d+\.pth|e\d+\.pth|latest\.json)\.\w+\.tmp$")
+    stale = [p for p in checkpoint_dir.glob(".*.tmp") if ours.match(p.name)] if checkpoint_dir.is_dir() else []
+    stale += list(log_dir.glob(".*.tmp")) if log_dir.is_dir() else []
+    for path in stale:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    return stale
+
+
 class StepLog:
     """metrics.jsonl: one line per optimizer step, flushed as written. Opened for a resumed run,
     it first drops the lines past the step resumed from (a killed run may have logged further,

@@ -49,6 +49,7 @@ from gptlab.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from gptlab.training.checkpoint_fields import restoring
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
@@ -193,7 +194,7 @@ class Trainer:
 
         self.plain_model = self.task.build_model()
         if init_weights is not None:  # fine-tuning: start from given weights, not a random init
-            load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)")
+            load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)", exact_dtype=False)
         self.plain_model.to(self.device)
         if self.world.distributed:  # same weights everywhere (drawn above), but each rank its own dropout masks
             torch.manual_seed(train_cfg.seed + self.world.rank)
@@ -249,13 +250,17 @@ class Trainer:
             load_weights(self.plain_model, checkpoint.model_state, path)
         else:
             distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
-        distributed.load_full_optimizer_state(self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world)
-        self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
+        with restoring(path, "optimizer"):
+            distributed.load_full_optimizer_state(self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world)
+        with restoring(path, "extra.grad_scaler"):
+            self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
         rank_rngs = checkpoint.extra.get("rank_rng")  # one per rank, saved by a run under torchrun
         if isinstance(rank_rngs, list) and len(rank_rngs) == self.world.world_size:
-            restore_rng_state(rank_rngs[self.world.rank])
+            with restoring(path, f"extra.rank_rng[{self.world.rank}]"):
+                restore_rng_state(rank_rngs[self.world.rank])
         else:
-            restore_rng_state(rng)
+            with restoring(path, "rng"):
+                restore_rng_state(rng)
             if self.world.distributed:  # another process count: not exact anyway, but masks differ per rank
                 torch.manual_seed(((self.train_cfg.seed + checkpoint.step) * self.world.world_size + self.world.rank) % 2**63)
         self.step, self.epoch = checkpoint.step, checkpoint.epoch
@@ -386,6 +391,8 @@ class Trainer:
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------
     def _open_logs(self) -> None:
+        if self.world.is_main:  # a run killed while writing left its temporary files behind
+            run_files.remove_stale_temporaries(self.checkpoint_dir, self.log_dir, self.train_cfg.experiment_name)
         resume_step = self.step if self.resumed else None
         self.log = RunLog(self.log_dir, self.world.is_main, self.progress, self.total_steps, self.step, resume_step)
         self._announce()
