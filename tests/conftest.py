@@ -1,7 +1,19 @@
 """Fixtures shared by several test files."""
 
+import signal
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_reaches_the_tests():
+    """A shell starts background jobs with SIGINT ignored, and gptlab (like nohup) leaves an
+    ignored SIGINT ignored; the Ctrl-C tests need it delivered, here and in the processes they
+    start, however the suite was launched."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="module")
