@@ -9,8 +9,8 @@ Then --clients clients send requests back to back for --seconds, each request on
   stream     a valid completion, streamed and read to `data: [DONE]`  200 (429 when busy)
   hangup     a streamed completion whose client leaves after a chunk  200 (429 when busy)
   oversized  a body over --max_body_bytes: by Content-Length, or chunked and endless   413
-  malformed  bad JSON, bad UTF-8, JSON nested 100,000 deep, 20,000 unknown fields,
-             a prompt longer in bytes than the model could read                   400/422
+  malformed  bad JSON, bad UTF-8, JSON nested 100,000 deep, 20,000 unknown fields, a prompt
+             longer in bytes than the model could read, 4 MB of empty lists          400/422
   slow       a body that stops half-way                                               408
 Meanwhile a thread asks GET /health every 0.1 s and another samples the server's RSS.
 
@@ -376,7 +376,8 @@ class Client:
         nested = b"[" * 100_000 + b"]" * 100_000
         unknown = json.dumps({f"field_{i}": 0 for i in range(20_000)}).encode()
         too_long = json.dumps({"prompt": self.long_prompt}).encode()
-        body = self.rng.choice([b'{"prompt": "Once", "max_tokens": }', b'{"prompt": "\xff\xfe"}', nested, unknown, too_long])
+        dense = b"[" + b"[]," * (MAX_BODY_BYTES // 3 - 1) + b"[]]"  # the body that parses slowest
+        body = self.rng.choice([b'{"prompt": "Once", "max_tokens": }', b'{"prompt": "\xff\xfe"}', nested, unknown, too_long, dense])
         return await self.exchange(self.post(body), body), None
 
     async def slow(self) -> tuple[Answer, str | None]:
