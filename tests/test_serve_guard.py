@@ -302,7 +302,7 @@ def test_unknown_paths_methods_and_server_failures_get_openai_errors(monkeypatch
     ids=["prompt-items", "unknown-fields", "unknown-options", "logit-bias"],
 )
 def test_bodies_with_many_bad_values_get_one_error_not_one_per_value(data):
-    """Pydantic reports every bad value; a 4 MB body holds millions (once: 20 s, 2.5 GB)."""
+    """Pydantic reports every bad value; a 4 MB body holds millions (measured: 2 million errors, 20 s, 2.5 GB)."""
     try:
         CompletionRequest.model_validate(data).sample_config()
     except ValidationError as err:
