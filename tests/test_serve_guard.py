@@ -67,7 +67,12 @@ def served(app) -> Iterator[int]:
         thread.join(timeout=10)
 
 
-def raw_exchange(port: int, head: str, body_parts: list[bytes] = (), wait_s: float = 10) -> tuple[int, dict, dict, bool]:
+def post_head(port: int, *headers: str) -> str:
+    """The head of a POST /v1/completions of JSON, with `headers` added, for raw_exchange."""
+    return "\n".join(("POST /v1/completions HTTP/1.1", f"Host: localhost:{port}", "Content-Type: application/json", *headers, ""))
+
+
+def raw_exchange(port: int, head: str, body_parts: tuple[bytes, ...] = (), wait_s: float = 10) -> tuple[int, dict, dict, bool]:
     """Send a request head and some body parts, then read the answer: (status, headers, JSON
     body, whether the server closed the connection after it)."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
@@ -96,8 +101,7 @@ def raw_exchange(port: int, head: str, body_parts: list[bytes] = (), wait_s: flo
 
 def test_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sent():
     with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(max_body_bytes=1000))) as port:
-        head = f"POST /v1/completions HTTP/1.1\nHost: 127.0.0.1:{port}\nContent-Type: application/json\nContent-Length: 30000000\n"
-        status, headers, body, closed = raw_exchange(port, head)  # the body never comes
+        status, headers, body, closed = raw_exchange(port, post_head(port, "Content-Length: 30000000"))  # no body comes
     assert status == 413 and set(body["error"]) == {"message", "type", "param", "code"}
     assert "30,000,000 bytes" in body["error"]["message"] and "--max_body_bytes" in body["error"]["message"]
     assert headers["connection"] == "close" and closed
@@ -105,18 +109,16 @@ def test_body_over_the_limit_is_refused_from_its_content_length_before_it_is_sen
 
 def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit():
     with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(max_body_bytes=1000))) as port:
-        head = f"POST /v1/completions HTTP/1.1\nHost: localhost:{port}\nContent-Type: application/json\nTransfer-Encoding: chunked\n"
         chunk = b"400\r\n" + b" " * 0x400 + b"\r\n"  # 1024 bytes, and no last chunk: the body never ends
-        status, headers, body, closed = raw_exchange(port, head, [chunk, chunk])
+        status, headers, body, closed = raw_exchange(port, post_head(port, "Transfer-Encoding: chunked"), (chunk, chunk))
     assert status == 413 and "longer than that" in body["error"]["message"]
     assert closed
 
 
 def test_body_that_stops_arriving_gets_408_and_the_connection_closed():
     with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(body_timeout=0.5))) as port:
-        head = f"POST /v1/completions HTTP/1.1\nHost: localhost:{port}\nContent-Type: application/json\nContent-Length: 100\n"
         started = time.monotonic()
-        status, headers, body, closed = raw_exchange(port, head, [b'{"prompt": "Once'])
+        status, headers, body, closed = raw_exchange(port, post_head(port, "Content-Length: 100"), (b'{"prompt": "Once',))
         waited = time.monotonic() - started
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["in_flight"] == 0
     assert status == 408 and "--body_timeout" in body["error"]["message"] and closed
@@ -126,8 +128,8 @@ def test_body_that_stops_arriving_gets_408_and_the_connection_closed():
 def test_body_within_the_limits_is_read_whole_over_http():
     with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(max_body_bytes=1000, body_timeout=5))) as port:
         content = json.dumps({"prompt": PROMPT, "max_tokens": 3}).encode()
-        head = f"POST /v1/completions HTTP/1.1\nHost: localhost:{port}\nContent-Type: application/json\nContent-Length: {len(content)}\n"
-        status, _, body, _ = raw_exchange(port, head, [content[:10], content[10:]])  # in two pieces
+        head = post_head(port, f"Content-Length: {len(content)}")
+        status, _, body, _ = raw_exchange(port, head, (content[:10], content[10:]))  # in two pieces
     assert status == 200 and body["usage"]["completion_tokens"] == 3
 
 
@@ -170,7 +172,7 @@ def test_prompt_longer_in_bytes_than_the_limit_can_hold_is_refused_before_encodi
         assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 
-@pytest.mark.parametrize("text", ["Once upon a time", " the the the", "日本語のテキスト", "\x00\x7f\ud800", "🎉" * 9, "a" * 300])
+@pytest.mark.parametrize("text", ["Once upon a time", " the the", "日本語のテキスト", "\x00\x7f\ud800", "🎉" * 9, "a" * 300])
 def test_bytes_per_token_bounds_every_encoding(text):
     bound = max_bytes_per_token(TOKENIZER)
     # The toy tokenizer's longest tokens, repeated, are the densest text it can read.
@@ -323,7 +325,8 @@ def test_health_answers_while_prompts_encode_and_the_model_generates(monkeypatch
     monkeypatch.setattr(TOKENIZER, "encode", lambda *a: gate.wait(30) and encode(*a))
     model = ScriptedModel(TOKENIZER.encode(" the end"), delay=0.5)
     with client_for(model, max_concurrent=2) as client:
-        threads = [threading.Thread(target=lambda: client.post("/v1/completions", json={"prompt": PROMPT})) for _ in range(2)]
+        post = lambda: client.post("/v1/completions", json={"prompt": PROMPT})  # noqa: E731
+        threads = [threading.Thread(target=post) for _ in range(2)]
         for thread in threads:
             thread.start()
         try:

@@ -240,7 +240,8 @@ def describe_http_error(request: Request, err: HTTPException) -> str:
             "GET /v1/models, GET /health and GET /"
         )
     if err.status_code == 405:
-        return f"{request.url.path} does not take {request.method}; use {(err.headers or {}).get('Allow', 'another method')}"
+        allowed = (err.headers or {}).get("Allow", "another method")
+        return f"{request.url.path} does not take {request.method}; use {allowed}"
     return str(err.detail)
 
 

@@ -56,8 +56,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     access = parser.add_argument_group("who may use the server")
     access.add_argument(
         "--api_key", default=os.environ.get(API_KEY_VARIABLE) or None,
-        help=f"require Authorization: Bearer KEY on every request but the page and /health (default: ${API_KEY_VARIABLE}, "
-        "which keeps the key out of the process list; none: anyone who can connect may use the model)",
+        help="require Authorization: Bearer KEY on every request but the page and /health (default: "
+        f"${API_KEY_VARIABLE}, which keeps the key out of the process list; none: anyone who can connect may use it)",
     )  # fmt: skip
     access.add_argument(
         "--allowed_hosts", default="",
