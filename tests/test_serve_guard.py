@@ -152,10 +152,7 @@ def test_prompt_longer_in_bytes_than_the_limit_can_hold_is_refused_before_encodi
         busy = threading.Thread(target=lambda: client.post("/v1/completions", json={"prompt": PROMPT}))
         busy.start()  # holds the only slot until the gate opens
         try:
-            deadline = time.monotonic() + 10
-            while not encoded or client.get("/health").json()["in_flight"] == 0:
-                assert time.monotonic() < deadline, "the first request never started"
-                time.sleep(0.01)
+            wait_for(lambda: encoded and client.get("/health").json()["in_flight"] == 1, "the first request never started")
             encoded.clear()
             too_long = "é" * (20 * bound // 2 + 1)  # 2 bytes a character: one byte over what 20 tokens hold
             response = client.post("/v1/completions", json={"prompt": [PROMPT, too_long]})
@@ -322,24 +319,33 @@ def test_health_answers_while_prompts_encode_and_the_model_generates(monkeypatch
     """Encoding and generation run off the event loop: /health answers in the meantime."""
     gate = threading.Event()
     encode = TOKENIZER.encode
+    model = ScriptedModel(encode(" the end"), delay=0.3)
     monkeypatch.setattr(TOKENIZER, "encode", lambda *a: gate.wait(30) and encode(*a))
-    model = ScriptedModel(TOKENIZER.encode(" the end"), delay=0.5)
     with client_for(model, max_concurrent=2) as client:
-        post = lambda: client.post("/v1/completions", json={"prompt": PROMPT})  # noqa: E731
+        post = lambda: client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})  # noqa: E731
         threads = [threading.Thread(target=post) for _ in range(2)]
         for thread in threads:
             thread.start()
         try:
-            for waiting_on in ("encoding", "generation"):
-                deadline = time.monotonic() + 10
-                while client.get("/health").json()["in_flight"] < 2:
-                    assert time.monotonic() < deadline, f"the requests never reached {waiting_on}"
-                started = time.monotonic()
-                assert client.get("/health").status_code == 200
-                assert time.monotonic() - started < 1, f"/health waited on {waiting_on}"
-                gate.set()
-                time.sleep(0.2)
+            wait_for(lambda: client.get("/health").json()["in_flight"] == 2, "the requests never reached encoding")
+            assert_health_answers_at_once(client)  # both requests are stuck in encoding
+            gate.set()
+            wait_for(lambda: model.forward_calls > 0, "the model never started")
+            assert_health_answers_at_once(client)  # the model generates (0.3 s a step)
         finally:
             gate.set()
             for thread in threads:
                 thread.join(timeout=30)
+
+
+def wait_for(condition, failure: str, within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+def assert_health_answers_at_once(client: TestClient) -> None:
+    started = time.monotonic()
+    assert client.get("/health").status_code == 200
+    assert time.monotonic() - started < 1
