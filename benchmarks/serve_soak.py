@@ -11,7 +11,7 @@ Then --clients clients send requests back to back for --seconds, each request on
   oversized  a body over --max_body_bytes: by Content-Length, or chunked and endless   413
              (408 if sending it outlasts --body_timeout)
   malformed  bad JSON, bad UTF-8, JSON nested 100,000 deep, 20,000 unknown fields, a prompt
-             longer in bytes than the model could read, 2 MiB of empty lists        400/422
+             longer in bytes than the model could read, 1 MiB of empty lists        400/422
   slow       a body that stops half-way                                               408
 Meanwhile a thread asks GET /health every 0.1 s and another samples the server's RSS.
 
@@ -52,12 +52,12 @@ from gptlab.training import save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"whole": 3, "stream": 3, "hangup": 2, "oversized": 1, "malformed": 2, "slow": 1}  # kind -> weight
 EXPECTED = {
-    # An oversized body may also be too slow: on a starved machine, sending 2 MiB can outlast --body_timeout.
+    # An oversized body may also be too slow: on a starved machine, sending 1 MiB can outlast --body_timeout.
     "whole": {200, 429}, "stream": {200, 429}, "hangup": {200, 429}, "oversized": {413, 408}, "malformed": {400, 422},
     "slow": {408},
 }  # fmt: skip
 BODY_TIMEOUT_S = 2.0
-MAX_BODY_BYTES = 2 * 2**20  # the server's default
+MAX_BODY_BYTES = 2**20  # the server's default
 RSS_HEADROOM_MB = 300
 HEALTH_LIMIT_S = 1.0
 REQUEST_TIMEOUT_S = 60.0

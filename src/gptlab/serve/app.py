@@ -206,8 +206,8 @@ def error_kind(status: int) -> str:
 async def read_completion_request(request: Request, turn: asyncio.Lock) -> CompletionRequest:
     """The body as a CompletionRequest; ApiError 400 when it is not JSON, 422 when it is not one.
 
-    Parsing holds the GIL throughout (json's C scanner): the densest body (2 MiB of empty lists,
-    50 MB of Python objects) takes ~0.1 s. Bodies that arrive together take turns, each handing the event loop on before
+    Parsing holds the GIL throughout (json's C scanner): the densest body (1 MiB of empty lists,
+    25 MB of Python objects) takes ~0.1 s. Bodies that arrive together take turns, each handing the event loop on before
     the next parse, so /health waits for one parse, not for all of them.
     """
     raw = await request.body()

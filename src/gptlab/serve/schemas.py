@@ -47,7 +47,7 @@ class ServeLimits(BaseModel):
     max_concurrent: int = Field(4, gt=0, description="Requests queued or generating at once; more get 429.")
     max_choices: int = Field(8, gt=0, description="Largest n times the number of prompts in one request.")
     max_body_bytes: int = Field(
-        2 * 2**20, gt=0, description="Largest request body in bytes; a larger one gets 413 before it is read."
+        2**20, gt=0, description="Largest request body in bytes; a larger one gets 413 before it is read."
     )
     body_timeout: float = Field(
         30.0, gt=0, description="Seconds a request body may take to arrive; a slower one gets 408."
@@ -96,7 +96,7 @@ class StrictObject(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_unknown_field(cls, data: Any) -> Any:
-        # Pydantic reports every unknown field, and a 2 MiB body holds 200,000 of them: seconds
+        # Pydantic reports every unknown field, and a 1 MiB body holds 100,000 of them: seconds
         # and hundreds of MB of error objects. One is enough to say what is wrong.
         if isinstance(data, dict) and len(data) > len(cls.model_fields):
             first = next((name for name in data if name not in cls.model_fields), None)
@@ -113,8 +113,8 @@ class CompletionRequest(StrictObject):
     repetition_penalty. Values are checked by building a SampleConfig (sample_config)."""
 
     model: str | None = None  # echoed as the served model's name: there is only one
-    # At most MAX_PROMPTS, checked before the items: pydantic reports each bad item, and a 2 MiB
-    # body holds a million of them. --max_choices sets the limit a server answers with.
+    # At most MAX_PROMPTS, checked before the items: pydantic reports each bad item, and a 1 MiB
+    # body holds half a million of them. --max_choices sets the limit a server answers with.
     prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] = ""
     max_tokens: int = 16
     temperature: float = 1.0
