@@ -102,7 +102,8 @@ class ScriptedModel(nn.Module):
 
 
 def client_for(model: nn.Module, **limits) -> TestClient:
-    return TestClient(create_app(model, TOKENIZER, ServeLimits(**limits), model_name="tiny"))
+    # A loopback name in the Host header, as a local client sends (TestClient's own is "testserver").
+    return TestClient(create_app(model, TOKENIZER, ServeLimits(**limits), model_name="tiny"), base_url="http://localhost")
 
 
 def post(client: TestClient, **body) -> httpx.Response:
@@ -382,7 +383,13 @@ class ServerProcess:
             self.stop()
             raise AssertionError("gptlab serve did not start:\n" + "".join(log))
         self.url = line.split(" at ")[1].split()[0].rstrip("/")
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the log pipe flowing
+        self.lines = log
+        threading.Thread(target=lambda: log.extend(self.process.stdout), daemon=True).start()  # keep the pipe flowing
+
+    @property
+    def log(self) -> str:
+        """What the server printed so far (stdout and stderr)."""
+        return "".join(self.lines)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -16,7 +16,7 @@ if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium; install it with scripts/install_browser.sh", allow_module_level=True)
 
 import httpx  # noqa: E402
-from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 from test_serve import PROMPT, ServerProcess, save_tiny_checkpoint  # noqa: E402
 
 CHROMIUM_ARGS = [
@@ -35,14 +35,23 @@ def server(tmp_path_factory) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def page(server: ServerProcess) -> Page:
+def browser() -> Browser:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(WAIT_MS)
-        page.goto(server.url + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser: Browser, url: str) -> Page:
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url + "/")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, server: ServerProcess) -> Page:
+    return open_page(browser, server.url)
 
 
 def set_controls(page: Page, prompt: str, temperature: str, max_tokens: str) -> None:
@@ -82,3 +91,26 @@ def test_request_over_a_limit_shows_the_servers_message(page: Page):
     page.wait_for_function("document.getElementById('status').textContent.startsWith('error')")
     assert "--max_tokens_limit" in page.text_content("#status")
     assert page.text_content("#completion") == ""
+
+
+def test_page_asks_for_the_api_key_of_a_server_that_needs_one(browser: Browser, tmp_path: Path):
+    keyed = ServerProcess(save_tiny_checkpoint(tmp_path / "tiny.pth"), "--api_key", "page-key")
+    try:
+        page = open_page(browser, keyed.url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+        assert page.is_visible("#api-key")  # /health said a key is needed
+        set_controls(page, PROMPT, temperature="0", max_tokens="5")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('error')")
+        assert "API key" in page.text_content("#status")
+        page.fill("#api-key", "page-key")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+        assert page.text_content("#completion") != ""
+    finally:
+        keyed.stop()
+
+
+def test_page_of_a_server_without_a_key_shows_no_key_field(page: Page):
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+    assert not page.is_visible("#api-key")

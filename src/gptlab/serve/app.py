@@ -4,12 +4,15 @@
     GET  /v1/models        the one model served, as OpenAI's model list
     GET  /health           liveness, load and limits
     GET  /                 a page to type a prompt and watch the answer stream in
+
+Every request first passes guard.py (Host, API key, body size and time); every error is
+OpenAI's error object, whatever raised it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -18,16 +21,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from gptlab.generation import Piece, SampleEnd
 from gptlab.models import GPT
+from gptlab.serve.guard import RequestGuard
+from gptlab.serve.prompts import check_prompt_bytes, encode_prompts, max_bytes_per_token
 from gptlab.serve.runner import Failed, Job, ModelRunner
 from gptlab.serve.schemas import (
     ApiError,
     CompletionMeta,
     CompletionRequest,
     UNSUPPORTED_FIELDS,
+    ServeAccess,
     ServeLimits,
     choice,
     error_body,
@@ -36,20 +44,26 @@ from gptlab.serve.schemas import (
 )
 from gptlab.tokenizers.base import Tokenizer
 
-log = logging.getLogger("gptlab.serve")
 REQUEST_FIELDS = ", ".join(name for name in CompletionRequest.model_fields if name not in UNSUPPORTED_FIELDS)
 JSON_EXAMPLE = 'a JSON object like {"prompt": "Once upon a time", "max_tokens": 50}'
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
 
 
 def create_app(
-    model: GPT, tokenizer: Tokenizer, limits: ServeLimits | None = None, model_name: str = "gptlab"
+    model: GPT,
+    tokenizer: Tokenizer,
+    limits: ServeLimits | None = None,
+    model_name: str = "gptlab",
+    access: ServeAccess | None = None,
 ) -> FastAPI:
-    """A FastAPI app serving `model` (loaded once, by the caller) under the given limits."""
-    limits = limits or ServeLimits()
+    """A FastAPI app serving `model` (loaded once, by the caller) under the given limits, to
+    the clients `access` lets in (by default: any that names a loopback host)."""
+    limits, access = limits or ServeLimits(), access or ServeAccess()
     seq_len = model.config.seq_len
     max_prompt_tokens = limits.max_prompt_tokens or seq_len
+    bytes_per_token = max_bytes_per_token(tokenizer)
     runner = ModelRunner(model, tokenizer, limits.max_concurrent)
+    parse_turn = asyncio.Lock()
     page = resources.files("gptlab.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -59,10 +73,22 @@ def create_app(
 
     app = FastAPI(title="gptlab", summary=f"completions from {model_name}", lifespan=lifespan)
     app.state.runner = runner
+    app.add_middleware(RequestGuard, access=access, limits=limits)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, err.kind, err.param), status_code=err.status)
+        return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        message = describe_http_error(request, err)
+        return JSONResponse(error_body(message, error_kind(err.status_code)), err.status_code, err.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer is sent.
+        message = "the server failed on this request (a bug in gptlab); its log has the traceback"
+        return JSONResponse(error_body(message, "server_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -78,6 +104,7 @@ def create_app(
         return {
             "status": "ok", "model": model_name, "context_tokens": seq_len, "in_flight": runner.in_flight,
             "limits": {**limits.model_dump(), "max_prompt_tokens": max_prompt_tokens},
+            "api_key_required": access.api_key is not None,
         }  # fmt: skip
 
     @app.get("/v1/models")
@@ -85,13 +112,19 @@ def create_app(
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "gptlab"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    async def completions(request: Request) -> Any:
+        body = await read_completion_request(request, parse_turn)
         cfg = body.sample_config()
         prompts = body.prompts
         check_request_size(len(prompts), body.n, body.max_tokens, limits)
-        # Encoding a long prompt takes a while: not on the event loop.
-        prompt_ids = await run_in_threadpool(encode_prompts, tokenizer, prompts, max_prompt_tokens, seq_len)
-        job = runner.submit(prompt_ids, cfg)
+        check_prompt_bytes(prompts, max_prompt_tokens, bytes_per_token)
+        job = runner.reserve()
+        try:  # encoding a long prompt takes a while: not on the event loop
+            prompt_ids = await run_in_threadpool(encode_prompts, tokenizer, prompts, max_prompt_tokens, seq_len)
+        except BaseException:
+            runner.release(job)
+            raise
+        runner.start(job, prompt_ids, cfg)
         meta = CompletionMeta(model=model_name)
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
         if body.stream:
@@ -129,29 +162,6 @@ def check_request_size(n_prompts: int, n: int, max_tokens: int, limits: ServeLim
             400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens_limit} "
             "(--max_tokens_limit); ask for fewer", param="max_tokens",
         )  # fmt: skip
-
-
-def encode_prompts(
-    tokenizer: Tokenizer, prompts: Sequence[str], max_prompt_tokens: int, seq_len: int
-) -> list[list[int]]:
-    """Token ids of each prompt as the model reads them; ApiError 400 for one over the limit.
-
-    As in `gptlab generate`, an empty prompt starts a new document (<EOS>) and a prompt
-    longer than the context keeps its tail (only when --max_prompt_tokens allows it).
-    """
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt)
-        if len(ids) > max_prompt_tokens:
-            which = "prompt" if len(prompts) == 1 else f"prompt {i}"
-            raise ApiError(
-                400, f"{which} is {len(ids)} tokens, over this server's limit of {max_prompt_tokens} "
-                "(--max_prompt_tokens); shorten it", param="prompt",
-            )  # fmt: skip
-        if len(ids) > seq_len:
-            log.info("prompt of %d tokens: keeping its last %d (the model's context)", len(ids), seq_len)
-        encoded.append(ids[-seq_len:] or [tokenizer.eos_id])
-    return encoded
 
 
 async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
@@ -193,6 +203,48 @@ def error_kind(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
+async def read_completion_request(request: Request, turn: asyncio.Lock) -> CompletionRequest:
+    """The body as a CompletionRequest; ApiError 400 when it is not JSON, 422 when it is not one.
+
+    Parsing holds the GIL throughout (json's C scanner): the densest body (1 MiB of empty lists,
+    25 MB of Python objects) takes ~0.1 s. Bodies that arrive together take turns, each handing the event loop on before
+    the next parse, so /health waits for one parse, not for all of them.
+    """
+    raw = await request.body()
+    content_type = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise ApiError(422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json")
+    async with turn:
+        try:
+            data = json.loads(raw)
+        except UnicodeDecodeError:
+            raise ApiError(400, f"the request body is not valid UTF-8; send {JSON_EXAMPLE}, encoded as UTF-8") from None
+        except RecursionError:
+            raise ApiError(400, f"the request body's JSON is nested too deeply to read; send {JSON_EXAMPLE}") from None
+        except ValueError:
+            raise ApiError(400, f"the request body is not valid JSON; send {JSON_EXAMPLE}") from None
+        finally:
+            await asyncio.sleep(0)  # the others' turn comes after what is waiting on the loop
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as err:
+        status, message, param = describe_validation_error(err.errors())
+        raise ApiError(status, message, param=param) from None
+
+
+def describe_http_error(request: Request, err: HTTPException) -> str:
+    """One line for an error Starlette raised: no such path, wrong method."""
+    if err.status_code == 404:
+        return (
+            f"no such endpoint: {request.method} {request.url.path}; this server answers POST /v1/completions, "
+            "GET /v1/models, GET /health and GET /"
+        )
+    if err.status_code == 405:
+        allowed = (err.headers or {}).get("Allow", "another method")
+        return f"{request.url.path} does not take {request.method}; use {allowed}"
+    return str(err.detail)
+
+
 def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, str, str | None]:
     """(status, one-line message, field) for a problem FastAPI found in a request body."""
     # A value that fits one type of a union (stop: str | list[str]) fails the others on its
@@ -200,8 +252,6 @@ def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, st
     first = next((error for error in errors if not error.get("type", "").endswith("_type")), errors[0])
     location = [part for part in first.get("loc", ()) if part != "body"]
     field = str(location[0]) if location else None
-    if first.get("type") == "json_invalid":
-        return 400, f"the request body is not valid JSON; send {JSON_EXAMPLE}", None
     if field is None:
         return 422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json", None
     if first.get("type") == "extra_forbidden" and len(location) > 1:  # inside an object, e.g. stream_options

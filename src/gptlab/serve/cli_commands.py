@@ -6,6 +6,8 @@ cli.py registers serve with one line in build_parser: `add_serve_parser(subparse
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -16,9 +18,10 @@ from gptlab.config import SampleConfig, validated
 from gptlab.errors import GptlabError
 from gptlab.generation import stream_text
 from gptlab.models import GPT
-from gptlab.serve.schemas import ServeLimits
+from gptlab.serve.schemas import ServeAccess, ServeLimits
 from gptlab.tokenizers.base import Tokenizer
 
+API_KEY_VARIABLE = "GPTLAB_API_KEY"
 INTERACTIVE_HELP = "Type a prompt and press Enter. Ctrl-C stops an answer; an empty line or Ctrl-D quits."
 
 
@@ -48,7 +51,20 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     limits = parser.add_argument_group("limits on requests (beyond them a request gets a 4xx saying why)")
     for name, field in ServeLimits.model_fields.items():
         default = "" if field.default is None else f" (default: {field.default})"
-        limits.add_argument(f"--{name}", type=int, help=f"{field.description}{default}")
+        kind = float if field.annotation is float else int
+        limits.add_argument(f"--{name}", type=kind, help=f"{field.description}{default}")
+    access = parser.add_argument_group("who may use the server")
+    access.add_argument(
+        "--api_key", default=os.environ.get(API_KEY_VARIABLE) or None,
+        help="require Authorization: Bearer KEY on every request but the page and /health (default: "
+        f"${API_KEY_VARIABLE}, which keeps the key out of the process list; none: anyone who can connect may use it)",
+    )  # fmt: skip
+    access.add_argument(
+        "--allowed_hosts", default="",
+        help="comma-separated host names or addresses that requests may name in their Host header, besides localhost, "
+        "127.0.0.1, ::1 and the --host address; * for any (a browser page on another site could then reach the "
+        "server through DNS rebinding)",
+    )  # fmt: skip
     parser.set_defaults(handler=_serve)
 
 
@@ -63,17 +79,35 @@ def _serve(args: argparse.Namespace) -> None:
 
     given = {name: getattr(args, name) for name in ServeLimits.model_fields}
     limits = validated(ServeLimits, {name: value for name, value in given.items() if value is not None})
+    if args.api_key is not None and not args.api_key.strip():
+        raise GptlabError("--api_key is empty; pass a key (a long random string), or leave the flag out")
     if not 0 <= args.port <= 65535:
         raise GptlabError(f"--port {args.port} is not a TCP port; pass 0 to 65535 (0 picks a free one)")
     with listen(args.host, args.port) as listener:  # bound first: a taken port fails fast, before the slow load
+        host, port = listener.getsockname()[:2]
+        hosts = [name for name in args.allowed_hosts.split(",") if name.strip()]
+        if not ipaddress.ip_address(host).is_unspecified:  # the address it listens on names it too
+            hosts.append(host)
+        access = validated(ServeAccess, {"api_key": args.api_key and args.api_key.strip(), "allowed_hosts": hosts})
+        if warning := exposure_warning(host, access):
+            print(warning, file=sys.stderr, flush=True)
         model, tokenizer = load_for_generation(args.model_path, args.device, args.dtype)
         model_name = Path(args.model_path).stem
-        app = create_app(model, tokenizer, limits, model_name=model_name)
-        host, port = listener.getsockname()[:2]
+        app = create_app(model, tokenizer, limits, model_name=model_name, access=access)
         shown_host = f"[{host}]" if ":" in host else host
         print(f"serving {model_name} at http://{shown_host}:{port}/ (API: /v1/completions; Ctrl-C stops)", flush=True)
         config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[listener])
+
+
+def exposure_warning(address: str, access: ServeAccess) -> str | None:
+    """A warning when a server without an API key listens on an address other machines can reach."""
+    if access.api_key is not None or ipaddress.ip_address(address).is_loopback:
+        return None
+    return (
+        f"warning: listening on {address} without an API key: anyone who can reach this address can use the "
+        f"model; pass --api_key or set {API_KEY_VARIABLE} (or listen on 127.0.0.1)"
+    )
 
 
 def listen(host: str, port: int) -> socket.socket:

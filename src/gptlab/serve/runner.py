@@ -76,9 +76,11 @@ class ModelRunner:
     def in_flight(self) -> int:
         return len(self._jobs)
 
-    def submit(self, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> Job:
-        """Queue a completion; ApiError 429 when `capacity` requests are already in flight.
-        Must be called on the event loop that will read the job's events."""
+    def reserve(self) -> Job:
+        """A slot for one request, held until its job ends (or `release`); ApiError 429 when
+        `capacity` requests are already in flight. Taken before the prompts are encoded, so that
+        at most `capacity` requests encode at once. Must be called on the event loop that will
+        read the job's events."""
         job = Job(asyncio.get_running_loop())
         with self._lock:
             if len(self._jobs) >= self.capacity:
@@ -87,12 +89,26 @@ class ModelRunner:
                     "(--max_concurrent); retry later", kind="rate_limit_error",
                 )  # fmt: skip
             self._jobs.add(job)
+        return job
+
+    def start(self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> None:
+        """Queue the completions of a reserved job; ApiError 503 (and the slot freed) when shutting down."""
         try:
             self._executor.submit(self._run, job, prompt_ids, cfg)
         except RuntimeError:  # the executor is shut down
-            self._leave(job)
+            self.release(job)
             raise ApiError(503, "the server is shutting down; retry on a running server", kind="server_error") from None
+
+    def submit(self, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> Job:
+        """reserve() and start() in one."""
+        job = self.reserve()
+        self.start(job, prompt_ids, cfg)
         return job
+
+    def release(self, job: Job) -> None:
+        """Free the slot of a job that will not run (or has ended)."""
+        with self._lock:
+            self._jobs.discard(job)
 
     def shutdown(self) -> None:
         """Cancel every job (each then ends at once; a client still connected gets a 503) and stop
@@ -117,9 +133,5 @@ class ModelRunner:
             log.exception("generation failed")
             job.emit(Failed(500, "generation failed on the server; its log has the traceback"))
         finally:
-            self._leave(job)  # before _END: a client that read the whole answer may send the next request at once
+            self.release(job)  # before _END: a client that read the whole answer may send the next request at once
             job.emit(_END)
-
-    def _leave(self, job: Job) -> None:
-        with self._lock:
-            self._jobs.discard(job)

@@ -9,20 +9,30 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptlab.config import SampleConfig
 
 # Request field -> SampleConfig field, for the ones whose names differ.
 SAMPLE_FIELD_NAMES = {"max_tokens": "max_new_tokens", "n": "num_samples"}
+MAX_PROMPTS = 1024  # the most prompts one request's list may hold, whatever --max_choices says
 
 
 class ApiError(Exception):
     """An HTTP error answered as OpenAI's error object; the message names the problem and the fix."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        close: bool = False,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.close = close  # close the connection after answering: the request's body was not read
 
 
 class ServeLimits(BaseModel):
@@ -36,22 +46,76 @@ class ServeLimits(BaseModel):
     max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
     max_concurrent: int = Field(4, gt=0, description="Requests queued or generating at once; more get 429.")
     max_choices: int = Field(8, gt=0, description="Largest n times the number of prompts in one request.")
+    max_body_bytes: int = Field(
+        2**20, gt=0, description="Largest request body in bytes; a larger one gets 413 before it is read."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may take to arrive; a slower one gets 408."
+    )
 
 
-class StreamOptions(BaseModel):
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class ServeAccess(BaseModel):
+    """Who may use the server: the API key requests must carry (none: anyone who can connect)
+    and the Host names it answers to beyond the loopback ones ("*": any)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    api_key: str | None = Field(None, min_length=1, description="Key sent as Authorization: Bearer KEY.")
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="Host names or addresses requests may name besides localhost, 127.0.0.1 and ::1."
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower_case(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(host.strip().lower().rstrip(".") for host in hosts if host.strip())
+
+    def allows_host(self, host: str) -> bool:
+        """Whether a request's Host header value is allowed."""
+        return "*" in self.allowed_hosts or host_name(host) in (*LOOPBACK_NAMES, *self.allowed_hosts)
+
+
+def host_name(host: str) -> str:
+    """The name or address of a Host header value, without its port. Example: "[::1]:8000" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [IPv6 address]:port
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+class StrictObject(BaseModel):
+    """A request object that refuses unknown fields, naming the first one only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_unknown_field(cls, data: Any) -> Any:
+        # Pydantic reports every unknown field, and a 1 MiB body holds 100,000 of them: seconds
+        # and hundreds of MB of error objects. One is enough to say what is wrong.
+        if isinstance(data, dict) and len(data) > len(cls.model_fields):
+            first = next((name for name in data if name not in cls.model_fields), None)
+            data = {name: value for name, value in data.items() if name in cls.model_fields or name == first}
+        return data
+
+
+class StreamOptions(StrictObject):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(StrictObject):
     """The body of POST /v1/completions: OpenAI's fields, plus top_k, min_p and
     repetition_penalty. Values are checked by building a SampleConfig (sample_config)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     model: str | None = None  # echoed as the served model's name: there is only one
-    prompt: str | list[str] = ""
+    # At most MAX_PROMPTS, checked before the items: pydantic reports each bad item, and a 1 MiB
+    # body holds half a million of them. --max_choices sets the limit a server answers with.
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] = ""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -71,7 +135,7 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None  # values unchecked: only an empty one is accepted
     suffix: str | None = None
 
     @property
@@ -135,9 +199,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def sse_event(payload: dict[str, Any] | str) -> str:
