@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from data_files import SHAKESPEARE_VAL, read_text
 
+from gpt2_dirs import gpt2_ordered_ranks, save_random_gpt2
+
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, export_safetensors, init_model_from_hf, load_safetensors_dir
@@ -21,7 +23,6 @@ from gptlab.interop.cli_commands import add_export_parser
 from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer
 from gptlab.tokenizers.bpe import GPT2_PATTERN
-from gptlab.tokenizers.byte_level import bytes_to_unicode, token_to_text
 from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
 from gptlab.training.checkpoint import save_checkpoint
 
@@ -128,15 +129,6 @@ def test_exported_tokenizer_gives_our_ids_on_varied_text(bpe, exported_tokenizer
 @given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
 def test_exported_tokenizer_gives_our_ids_on_random_unicode(bpe, exported_tokenizer, text):
     assert exported_tokenizer(text)["input_ids"] == bpe.encode(text, allowed_special="all")
-
-
-def gpt2_ordered_ranks(bpe: BPETokenizer) -> dict[bytes, int]:
-    """`bpe`'s tokens numbered as GPT-2 numbers its own: the 256 bytes in the order of their
-    printable characters (not 0..255), then one id per merge."""
-    byte_order = sorted(range(256), key=lambda b: bytes_to_unicode()[b])
-    ranks = {bytes([b]): i for i, b in enumerate(byte_order)}
-    ranks |= {bpe.token_bytes(256 + rank): 256 + rank for rank in range(bpe.n_merges)}
-    return ranks
 
 
 def test_tiktoken_kind_exports_with_its_own_ids(corpus, tmp_path):
@@ -253,27 +245,10 @@ def test_safetensors_weights_that_disagree_with_the_config_are_named(small_bpe, 
 # ---- import of a Hugging Face GPT-2 directory ---------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt2_dir(corpus, tmp_path_factory):
-    """A directory as `huggingface-cli download gpt2` leaves it, small and random: GPT-2's
-    vocab.json/merges.txt format (bytes not in 0..255 order, <|endoftext|> last) and
-    save_pretrained's config.json + model.safetensors."""
+    """A small random GPT-2 directory (see gpt2_dirs.py) and its model."""
     directory = tmp_path_factory.mktemp("gpt2")
     bpe = BPETokenizer.train([corpus], 400, pattern="gpt2", progress=False)
-    vocab = {token_to_text(token): i for token, i in gpt2_ordered_ranks(bpe).items()}
-    vocab["<|endoftext|>"] = len(vocab)
-    merges = [f"{token_to_text(bpe.token_bytes(a))} {token_to_text(bpe.token_bytes(b))}" for a, b in bpe.merges]
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=len(vocab), resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    model.save_pretrained(directory)
-    return directory, model
+    return directory, save_random_gpt2(directory, bpe, n_embd=64, n_head=4, noise=0.05)
 
 
 def copy_of(gpt2_dir, tmp_path) -> Path:

@@ -14,9 +14,9 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data.choice_files import read_choice_file
 from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer, load_tokenizer
-from gptlab.tokenizers.byte_level import bytes_to_unicode, token_to_text
 from gptlab.training.checkpoint import save_checkpoint
 from gptlab.training.multiple_choice import ChoiceTask
+from gpt2_dirs import save_random_gpt2
 from test_multiple_choice import BAD_LINES, GENERIC, HELLASWAG, TEXT, WIKIHOW, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,27 +115,11 @@ def test_misplaced_flags_are_refused(tiny, tmp_path, capsys):
 def gpt2_dir(tmp_path_factory) -> Path:
     """A small random GPT-2 saved with save_pretrained, with GPT-2's vocab.json/merges.txt format
     (bytes in GPT-2's order, not 0..255; <|endoftext|> last)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
     directory = tmp_path_factory.mktemp("gpt2")
     bpe = BPETokenizer.train([TEXT], 400, pattern="gpt2", progress=False)
-    byte_order = sorted(range(256), key=lambda b: bytes_to_unicode()[b])
-    vocab = {token_to_text(bytes([b])): i for i, b in enumerate(byte_order)}
-    vocab |= {token_to_text(bpe.token_bytes(256 + rank)): 256 + rank for rank in range(bpe.n_merges)}
-    vocab["<|endoftext|>"] = len(vocab)
-    merges = [f"{token_to_text(bpe.token_bytes(a))} {token_to_text(bpe.token_bytes(b))}" for a, b in bpe.merges]
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=len(vocab), resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(directory)
+    save_random_gpt2(directory, bpe, n_embd=32, n_head=2, noise=0.1)
     return directory
 
 
