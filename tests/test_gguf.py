@@ -2,7 +2,6 @@
 and one clear error, with nothing written, for each bad input."""
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -305,3 +304,43 @@ def test_llama_cpp_tokenizes_like_cl100k(corpus, tmp_path):
     llm = llama_model(tmp_path / "m.gguf", 128)
     for text in [*VARIED_TEXTS, "<|endoftext|>x<|fim_prefix|>", corpus[:20_000]]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text, allowed_special="all")
+
+
+@pytest.mark.llama_cpp
+@needs_llama_cpp
+@pytest.mark.parametrize(
+    "fields",
+    [
+        GPT2_LAYOUT | dict(bias=True, tie_embeddings=True),
+        GPT2_LAYOUT | dict(bias=False, tie_embeddings=False, norm_eps=1e-6),
+        LLAMA_LAYOUT | dict(bias=False, tie_embeddings=True, rope_theta=500.0),
+        LLAMA_LAYOUT | dict(bias=True, tie_embeddings=False, expansion_factor=3),
+    ],
+    ids=["gpt2", "gpt2-no-bias-untied", "llama", "llama-bias-untied"],
+)
+def test_llama_cpp_continues_an_f32_export_as_gptlab_does(small_bpe, corpus, tmp_path, fields):
+    model = random_gpt(small_bpe.vocab_size + 3, **fields)
+    export_gguf(model, small_bpe, tmp_path / "m.gguf")
+    prompt = small_bpe.encode(corpus[:200])[:20]
+    theirs, their_logits = llama_greedy(llama_model(tmp_path / "m.gguf", 128), prompt, 60)
+    with torch.no_grad():
+        our_logits = model(torch.tensor([prompt]))[0][0, -1].numpy()
+    assert np.abs(their_logits - our_logits).max() < 1e-3 * np.abs(our_logits).max()
+    assert theirs == our_greedy(model, prompt, 60, small_bpe.pad_id)
+
+
+@pytest.mark.llama_cpp
+@needs_llama_cpp
+@pytest.mark.parametrize("layout", [GPT2_LAYOUT, LLAMA_LAYOUT], ids=["gpt2", "llama"])
+def test_llama_cpp_runs_a_q8_0_export_a_quarter_of_the_size(small_bpe, corpus, tmp_path, layout):
+    model = random_gpt(small_bpe.vocab_size, embed_dim=128, **layout)
+    export_gguf(model, small_bpe, tmp_path / "f32.gguf")
+    export_gguf(model, small_bpe, tmp_path / "q8.gguf", "q8_0")
+    ratio = (tmp_path / "q8.gguf").stat().st_size / (tmp_path / "f32.gguf").stat().st_size
+    assert 0.22 < ratio < 0.32, ratio
+    prompt = small_bpe.encode(corpus[:200])[:20]
+    theirs, their_logits = llama_greedy(llama_model(tmp_path / "q8.gguf", 128), prompt, 5)
+    with torch.no_grad():
+        our_logits = model(torch.tensor([prompt]))[0][0, -1].numpy()
+    assert np.corrcoef(their_logits, our_logits)[0, 1] > 0.99  # close, not equal: 8-bit weights
+    assert theirs == our_greedy(model, prompt, 5, small_bpe.pad_id)
