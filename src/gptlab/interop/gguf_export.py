@@ -23,7 +23,6 @@ import torch
 
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_path
-from gptlab.interop.hf_export import GPT2, LLAMA, hf_architecture
 from gptlab.interop.hf_tokenizer import ByteLevelBPE, as_byte_level_bpe
 from gptlab.models import GPT
 from gptlab.models.blocks import swiglu_hidden_dim
@@ -42,7 +41,11 @@ PRE_TOKENIZERS = {
     KNOWN_ENCODINGS["gpt2"][0]: "gpt-2",  # tiktoken's r50k spelling of GPT-2's regex
     GPT4_PATTERN: "llama-bpe",
 }
-ARCHITECTURES = {GPT2: "gpt2", LLAMA: "llama"}
+# The fields that decide the architecture, and the values each llama.cpp architecture needs.
+NEEDS = {
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu"},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu"},
+}
 Q8_BLOCK = 32  # values per q8_0 block: a row must be a multiple of it
 
 
@@ -76,13 +79,22 @@ def gguf_architecture(model: GPT) -> str:
     """llama.cpp's name for the architecture that computes what `model` computes; GptlabError
     naming the field that has none."""
     if getattr(model.config, "model", "gpt") != "gpt":
-        raise GptlabError("only a GPT (decoder-only) model can be exported as GGUF; this is an encoder-decoder")
-    try:
-        return ARCHITECTURES[hf_architecture(model.config)]
-    except GptlabError as error:  # its words name transformers; say llama.cpp
+        raise GptlabError("only a GPT (decoder-only) can be exported as GGUF; this model is an encoder-decoder")
+    config = model.config
+    family = next((name for name, needs in NEEDS.items() if needs["pos_encoding"] == config.pos_encoding), None)
+    if family is None:
         raise GptlabError(
-            str(error).replace("transformers equivalent", "llama.cpp (GGUF) equivalent").replace("; export", "; for gptlab, export")
-        ) from None
+            f"pos_encoding={config.pos_encoding!r} has no llama.cpp (GGUF) equivalent (gpt2 needs 'learned', llama "
+            "'rope'); export with --format safetensors to keep it for gptlab"
+        )
+    for field, needed in NEEDS[family].items():
+        if getattr(config, field) != needed:
+            raise GptlabError(
+                f"{field}={getattr(config, field)!r} has no llama.cpp (GGUF) equivalent with pos_encoding="
+                f"{config.pos_encoding!r} ({family} needs {field}={needed!r}); export with --format safetensors "
+                "to keep it for gptlab"
+            )
+    return family
 
 
 def gguf_tokenizer(tokenizer: Tokenizer) -> tuple[ByteLevelBPE, str]:
