@@ -84,7 +84,7 @@ def main() -> None:
             path = Path(tmp) / f"model-{outtype}.gguf"
             export_gguf(model, tokenizer, path, outtype)
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=n + len(prompt), n_batch=64, n_threads=args.threads,
-                                  n_threads_batch=args.threads, verbose=False)  # fmt: skip
+                                  n_threads_batch=args.threads, logits_all=True, verbose=False)  # fmt: skip
             run_llama(llm, prompt, 10)  # warm up
             seconds, tokens = best_time(args.repeats, lambda llm=llm: run_llama(llm, prompt, n))
             rows.append(("llama.cpp", outtype, f"{path.stat().st_size / 2**20:,.0f} MiB", n / seconds, tokens))
