@@ -8,7 +8,8 @@ learned positions + LayerNorm + GELU, tied embeddings; random weights) is export
 llama-cpp-python (`pip install llama-cpp-python`, which builds llama.cpp from source).
 Batch 1, a 1-token prompt, greedy, exactly --tokens new tokens:
   - gptlab: `generate_token_ids` on the fp32 model made `ready_for_generation`, as `gptlab generate` does;
-  - llama.cpp: `Llama.eval` one token at a time and the argmax of its logits (the same greedy loop).
+  - llama.cpp: `Llama.eval` one token at a time and the argmax of its logits (the same greedy loop),
+    with its weight repacking off unless --repack (on CPUs with AMX, repacked q8_0 crashed here).
 Prints a Markdown table of tokens/s with ratios to gptlab. Each time is the best of --repeats runs
 (the machine may be shared; the best run is the least disturbed). Both get --threads threads.
 """
@@ -63,8 +64,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per run (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for both (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts")
+    parser.add_argument("--repack", action="store_true", help="let llama.cpp repack weights for its CPU kernels")
     args = parser.parse_args()
     import llama_cpp
+
+    if not args.repack:
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_repacking
 
     torch.set_num_threads(args.threads)
     n, prompt = args.tokens, [1]
@@ -73,7 +85,8 @@ def main() -> None:
     # Any BPE fits: its ids are a few hundred of the table's 50304 rows; the rest are unused entries.
     tokenizer = BPETokenizer.train([DATA.read_text(encoding="utf-8")[:20_000]], 300, progress=False)
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.threads} thread(s); "
-          f"GPT-2-124M shape ({model.num_params():,} parameters), batch 1, 1-token prompt, {n} new tokens, greedy\n")  # fmt: skip
+          f"GPT-2-124M shape ({model.num_params():,} parameters), batch 1, 1-token prompt, {n} new tokens, greedy, "
+          f"llama.cpp repacking {'on' if args.repack else 'off'}\n")  # fmt: skip
 
     ours = ready_for_generation(model, torch.float32)
     run_ours(ours, prompt, 10)  # warm up
