@@ -76,8 +76,8 @@ def random_gpt(vocab_size: int, seed: int = 0, **fields) -> GPT:
     return model
 
 
-def read_fields(path: Path) -> dict:
-    """The GGUF file's key-value pairs as Python values."""
+def read_fields(path: Path) -> tuple[dict, object]:
+    """The GGUF file's key-value pairs as Python values, and its reader (for the tensors)."""
     reader = gguf.GGUFReader(path)
     return {name: field.contents() for name, field in reader.fields.items()}, reader
 
