@@ -33,9 +33,12 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )  # fmt: skip
     parser.add_argument("--model_path", required=True, help="a .pth checkpoint, or a gptlab safetensors directory")
-    parser.add_argument("--format", default="hf", choices=FORMATS, help="output format (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="output directory (a file for gguf); must be new or empty unless --force")
+    parser.add_argument(
+        "--format", default="hf", choices=FORMATS,
+        help="output format: hf and safetensors write a directory, gguf one file (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--outtype", choices=OUTTYPES, help="gguf only: weight type (default: f32)")
+    parser.add_argument("--out", required=True, help="output directory; must be new or empty unless --force")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the export succeeded)")
     parser.set_defaults(handler=_export)
 
