@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR := runs/demo
 SEQ2SEQ_DIR := runs/demo-seq2seq
 
-.PHONY: demo demo-seq2seq speedrun ablation test test-slow clean
+.PHONY: demo demo-seq2seq speedrun ablation test test-gguf test-slow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ $(VENV)/.browser: | $(VENV)/.installed
 
 test: $(VENV)/.installed $(VENV)/.browser
 	$(BIN)/python -m pytest
+
+# GGUF exports checked against llama.cpp itself. llama-cpp-python builds llama.cpp from source the
+# first time (minutes of C++; pip then keeps the wheel in its cache), hence a target of its own.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+test-gguf: $(VENV)/.installed
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q "$(LLAMA_CPP)"
+	$(BIN)/python -m pytest -m llama_cpp
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow

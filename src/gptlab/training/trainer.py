@@ -280,7 +280,11 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
-            return self._run()
+            result = self._run()
+            # Rank 0 may still be writing (and fsyncing) the last checkpoint: a rank that tore its
+            # process group down meanwhile would abort the run. Leave together.
+            distributed.barrier(self.world)
+            return result
         finally:
             distributed.teardown(self.world)
 
