@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.cli import main
-from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.config import ModelConfig
 from gptlab.data.choice_files import ChoiceItem, hellaswag_clean, read_choice_file
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
-from gptlab.tokenizers import load_tokenizer
-from gptlab.training.checkpoint import save_checkpoint
 from gptlab.training.multiple_choice import ChoiceTask, choice_metrics, encode_pair
 from helpers import ByteTokenizer
 

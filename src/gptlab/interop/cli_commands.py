@@ -38,8 +38,14 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="output format: hf and safetensors write a directory, gguf one file (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--outtype", choices=OUTTYPES, help="gguf only: weight type (default: f32)")
-    parser.add_argument("--out", required=True, help="output directory; must be new or empty unless --force")
-    parser.add_argument("--force", action="store_true", help="replace an earlier export at --out (only once the export succeeded; other files are refused)")
+    parser.add_argument(
+        "--out", required=True, help="output directory (new or empty unless --force), or the .gguf file (new unless --force)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export at --out (only once the export succeeded; other files are refused)",
+    )
     parser.set_defaults(handler=_export)
 
 
