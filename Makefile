@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR := runs/demo
 SEQ2SEQ_DIR := runs/demo-seq2seq
 
-.PHONY: demo demo-seq2seq speedrun ablation test test-gguf test-slow clean
+.PHONY: demo demo-seq2seq speedrun ablation test test-gguf test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ test-gguf: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow
+
+# ruff's lint rules and formatting (configured in pyproject.toml); `ruff format .` fixes the latter.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

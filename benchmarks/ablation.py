@@ -33,7 +33,15 @@ from gptlab.tokenizers.corpus import read_corpus
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
 from speedrun import (  # noqa: E402
-    ROOT, SHAKESPEARE, Recipe, RunResult, add_benchmarks_flags, checked_budget, describe_budget, run_once, update_section,
+    ROOT,
+    SHAKESPEARE,
+    Recipe,
+    RunResult,
+    add_benchmarks_flags,
+    checked_budget,
+    describe_budget,
+    run_once,
+    update_section,
 )
 
 BASELINE = "nanogpt-char"
@@ -145,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="one seed for every row (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=None, help="stop after this many changes (default: all)")
     parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
-    parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole")
+    parser.add_argument(
+        "--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole"
+    )
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "ablation.md", help="Markdown file to write")
     add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "ablation", help="tokenizers, data, logs")

@@ -44,15 +44,33 @@ def make_models(layers: int, width: int, heads: int, device: torch.device):
 
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=POSITIONS, n_embd=width, n_layer=layers, n_head=heads,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=None, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        n_positions=POSITIONS,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     ours_config = ModelConfig(
-        embed_dim=width, n_heads=heads, num_layers=layers, seq_len=POSITIONS, tgt_vocab_size=VOCAB,
-        dropout=0.0, bias=True, pos_encoding="learned", norm="layernorm", activation="gelu", tie_embeddings=True,
-    )  # fmt: skip
+        embed_dim=width,
+        n_heads=heads,
+        num_layers=layers,
+        seq_len=POSITIONS,
+        tgt_vocab_size=VOCAB,
+        dropout=0.0,
+        bias=True,
+        pos_encoding="learned",
+        norm="layernorm",
+        activation="gelu",
+        tie_embeddings=True,
+    )
     ours = GPT.from_hf_gpt2(hf.state_dict(), ours_config).eval()
     return hf.to(device), ours.to(device)
 
@@ -75,9 +93,14 @@ def run_ours_without_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
 def run_hf(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), use_cache=True, do_sample=False,
-        max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-    )  # fmt: skip
+        ids,
+        attention_mask=torch.ones_like(ids),
+        use_cache=True,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=0,
+    )
     return out[0, len(prompt) :].tolist()
 
 
@@ -157,11 +180,15 @@ def main() -> None:
 
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
-          f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
-          f"vocab {VOCAB}, n_positions {POSITIONS}\n")  # fmt: skip
-    print("| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
-          "| gptlab / floor | no-cache tok/s | cache / no-cache | same tokens |")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+        f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
+        f"vocab {VOCAB}, n_positions {POSITIONS}\n"
+    )
+    print(
+        "| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
+        "| gptlab / floor | no-cache tok/s | cache / no-cache | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layers, width, heads in SIZES:
         hf_fp32, ours_fp32 = make_models(layers, width, heads, device)
@@ -172,9 +199,14 @@ def main() -> None:
             ours = ready_for_generation(copy.deepcopy(ours_fp32), dtype)
             hf = copy.deepcopy(hf_fp32).to(dtype)
             run_ours(ours, prompt, 20), run_hf(hf, prompt, 20)  # warm up both
-            timed = best_times(args.repeats, {
-                "ours": lambda: run_ours(ours, prompt, n), "hf": lambda: run_hf(hf, prompt, n),
-            }, device)  # fmt: skip
+            timed = best_times(
+                args.repeats,
+                {
+                    "ours": lambda: run_ours(ours, prompt, n),
+                    "hf": lambda: run_hf(hf, prompt, n),
+                },
+                device,
+            )
             (ours_s, ours_tokens), (hf_s, hf_tokens) = timed["ours"], timed["hf"]
             hf_fp32_tok_s = hf_fp32_tok_s or (n / hf_s if dtype_name == "fp32" else None)
             vs_fp32 = f"{n / ours_s / hf_fp32_tok_s:.2f}x" if hf_fp32_tok_s else "-"
@@ -187,9 +219,12 @@ def main() -> None:
             # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
             same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
             floor = linear_floor_tokens_per_s(ours)
-            print(f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
-                  f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} "
-                  f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |", flush=True)  # fmt: skip
+            print(
+                f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
+                f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} "
+                f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |",
+                flush=True,
+            )
     if device.type == "cpu":
         matrix_timings(width=SIZES[-1][1])
 

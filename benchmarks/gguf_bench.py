@@ -31,8 +31,19 @@ from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "val.txt"
-GPT2_SMALL = dict(embed_dim=768, n_heads=12, num_layers=12, seq_len=1024, tgt_vocab_size=50304, dropout=0.0,
-                  bias=True, pos_encoding="learned", norm="layernorm", activation="gelu", tie_embeddings=True)  # fmt: skip
+GPT2_SMALL = dict(
+    embed_dim=768,
+    n_heads=12,
+    num_layers=12,
+    seq_len=1024,
+    tgt_vocab_size=50304,
+    dropout=0.0,
+    bias=True,
+    pos_encoding="learned",
+    norm="layernorm",
+    activation="gelu",
+    tie_embeddings=True,
+)
 
 
 def run_ours(model: GPT, prompt: list[int], n: int) -> list[int]:
@@ -62,7 +73,9 @@ def best_time(repeats: int, run) -> tuple[float, list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per run (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for both (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="threads for both (default: %(default)s)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts")
     parser.add_argument("--repack", action="store_true", help="let llama.cpp repack weights for its CPU kernels")
     args = parser.parse_args()
@@ -84,9 +97,11 @@ def main() -> None:
     model = GPT(ModelConfig(**GPT2_SMALL)).eval()
     # Any BPE fits: its ids are a few hundred of the table's 50304 rows; the rest are unused entries.
     tokenizer = BPETokenizer.train([DATA.read_text(encoding="utf-8")[:20_000]], 300, progress=False)
-    print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.threads} thread(s); "
-          f"GPT-2-124M shape ({model.num_params():,} parameters), batch 1, 1-token prompt, {n} new tokens, greedy, "
-          f"llama.cpp repacking {'on' if args.repack else 'off'}\n")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {args.threads} thread(s); "
+        f"GPT-2-124M shape ({model.num_params():,} parameters), batch 1, 1-token prompt, {n} new tokens, greedy, "
+        f"llama.cpp repacking {'on' if args.repack else 'off'}\n"
+    )
 
     ours = ready_for_generation(model, torch.float32)
     run_ours(ours, prompt, 10)  # warm up
@@ -96,8 +111,15 @@ def main() -> None:
         for outtype in ("f32", "q8_0"):
             path = Path(tmp) / f"model-{outtype}.gguf"
             export_gguf(model, tokenizer, path, outtype)
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n + len(prompt), n_batch=64, n_threads=args.threads,
-                                  n_threads_batch=args.threads, logits_all=True, verbose=False)  # fmt: skip
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n + len(prompt),
+                n_batch=64,
+                n_threads=args.threads,
+                n_threads_batch=args.threads,
+                logits_all=True,
+                verbose=False,
+            )
             run_llama(llm, prompt, 10)  # warm up
             seconds, tokens = best_time(args.repeats, lambda llm=llm: run_llama(llm, prompt, n))
             rows.append(("llama.cpp", outtype, f"{path.stat().st_size / 2**20:,.0f} MiB", n / seconds, tokens))

@@ -90,7 +90,9 @@ class Report:
         if self.tracebacks:
             failed.append(f"the server logged {self.tracebacks} traceback(s)")
         if not self.health or max(self.health) > HEALTH_LIMIT_S:
-            failed.append(f"/health took up to {max(self.health, default=float('inf')):.2f} s (limit {HEALTH_LIMIT_S} s)")
+            failed.append(
+                f"/health took up to {max(self.health, default=float('inf')):.2f} s (limit {HEALTH_LIMIT_S} s)"
+            )
         if self.peak_rss_mb > self.idle_rss_mb + RSS_HEADROOM_MB:
             failed.append(f"peak RSS {self.peak_rss_mb:.0f} MB over idle {self.idle_rss_mb:.0f} + {RSS_HEADROOM_MB} MB")
         if self.settle_s is None:

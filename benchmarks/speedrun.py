@@ -129,10 +129,17 @@ def run_once(
     sample = generate(model, tokenizer, "", sample_cfg, notice=lambda _: None)[0][:SAMPLE_CHARS]
     rates = read_curve(log_dir / experiment, "tokens_per_s")
     run = RunResult(
-        recipe=recipe.name, seed=seed, bpb=final.bits_per_byte, tokens_per_s=training_rate(rates.xs, rates.ys),
-        params=model.num_params(), tokens_seen=result.tokens_seen, steps=result.steps,
-        stopped=result.stopped_reason, sample=sample, log_dir=log_dir / experiment,
-    )  # fmt: skip
+        recipe=recipe.name,
+        seed=seed,
+        bpb=final.bits_per_byte,
+        tokens_per_s=training_rate(rates.xs, rates.ys),
+        params=model.num_params(),
+        tokens_seen=result.tokens_seen,
+        steps=result.steps,
+        stopped=result.stopped_reason,
+        sample=sample,
+        log_dir=log_dir / experiment,
+    )
     print(f"[{experiment}] {run.steps} steps, {run.tokens_seen:,} tokens, val bpb {run.bpb:.4f}", flush=True)
     return run
 
@@ -240,9 +247,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
 
 def add_benchmarks_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md",
+        "--benchmarks",
+        type=Path,
+        default=ROOT / "BENCHMARKS.md",
         help="also write the report into its marked section of this file (default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--no_benchmarks", dest="benchmarks", action="store_const", const=None, help="leave BENCHMARKS.md alone"
     )
@@ -250,21 +259,31 @@ def add_benchmarks_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="10m", help="training time per run: 600, 600s, 10m, 1h (default: %(default)s)")
+    parser.add_argument(
+        "--budget", default="10m", help="training time per run: 600, 600s, 10m, 1h (default: %(default)s)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds per recipe (default: 1 2)")
     parser.add_argument(
-        "--recipes", nargs="+", default=["nanogpt-cpu", "cpu-10min"],
+        "--recipes",
+        nargs="+",
+        default=["nanogpt-cpu", "cpu-10min"],
         help="presets to compare; the first is the baseline (default: %(default)s)",
     )
     parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
-    parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole")
+    parser.add_argument(
+        "--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole"
+    )
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "speedrun.md", help="Markdown file to write")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "speedrun.png", help="PNG of bpb against seconds")
     add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "speedrun", help="tokenizers, data, logs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="override a config field in every recipe, e.g. --set embed_dim=64 (for quick trials); repeatable",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -297,9 +316,13 @@ def run(args: argparse.Namespace) -> list[RunResult]:
         for seed in args.seeds
     ]
     plot_runs(
-        [r.log_dir for r in runs], args.plot, metric="val/bpb", x="time",
-        labels=[f"{r.recipe}, seed {r.seed}" for r in runs], title=f"Validation bits per byte, {args.budget} budget",
-    )  # fmt: skip
+        [r.log_dir for r in runs],
+        args.plot,
+        metric="val/bpb",
+        x="time",
+        labels=[f"{r.recipe}, seed {r.seed}" for r in runs],
+        title=f"Validation bits per byte, {args.budget} budget",
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     text = report(runs, args, budget_s, os.path.relpath(args.plot, args.report.parent))
     write_atomic(args.report, text.encode("utf-8"))

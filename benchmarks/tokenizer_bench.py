@@ -71,8 +71,14 @@ def train_sentencepiece(path: Path, vocab_size: int) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         sentencepiece.SentencePieceTrainer.train(
-            input=str(path), model_prefix=f"{directory}/spm", vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, character_coverage=1.0, num_threads=2, minloglevel=2,
+            input=str(path),
+            model_prefix=f"{directory}/spm",
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=1.0,
+            num_threads=2,
+            minloglevel=2,
         )
 
 
@@ -88,7 +94,9 @@ def training_table(path: Path, text: str, repeats: int) -> dict[int, tuple]:
     """Prints the table; returns vocab size -> (ours gpt4, ours gpt2, HF) tokenizers."""
     hf, spm = optional("tokenizers"), optional("sentencepiece")
     print("### Training time (s)\n")
-    print("| vocab | ours (gpt4 split) | ours (gpt2 split) | HF tokenizers | sentencepiece BPE | ours gpt4 / HF | ours gpt2 / HF |")
+    print(
+        "| vocab | ours (gpt4 split) | ours (gpt2 split) | HF tokenizers | sentencepiece BPE | ours gpt4 / HF | ours gpt2 / HF |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     trained = {}
     for vocab_size in (4096, 16384):
@@ -97,7 +105,9 @@ def training_table(path: Path, text: str, repeats: int) -> dict[int, tuple]:
         hf_time, hf_tok = best_of(repeats, lambda: train_hf(path, vocab_size)) if hf else (float("nan"), None)
         spm_time, _ = best_of(repeats, lambda: train_sentencepiece(path, vocab_size)) if spm else (float("nan"), None)
         trained[vocab_size] = (tok4, tok2, hf_tok)
-        print(f"| {vocab_size} | {ours4:.2f} | {ours2:.2f} | {hf_time:.2f} | {spm_time:.2f} | {ours4 / hf_time:.2f} | {ours2 / hf_time:.2f} |")
+        print(
+            f"| {vocab_size} | {ours4:.2f} | {ours2:.2f} | {hf_time:.2f} | {spm_time:.2f} | {ours4 / hf_time:.2f} | {ours2 / hf_time:.2f} |"
+        )
     print()
     return trained
 
@@ -105,7 +115,9 @@ def training_table(path: Path, text: str, repeats: int) -> dict[int, tuple]:
 def scaling_table(text: str, vocab_size: int, repeats: int) -> None:
     """Four different quarters vs the whole: repeating one quarter would keep the unique chunks."""
     quarter = len(text) // 4
-    quarter_times = [best_of(repeats, lambda: train_ours([text[i * quarter : (i + 1) * quarter]], vocab_size))[0] for i in range(4)]
+    quarter_times = [
+        best_of(repeats, lambda: train_ours([text[i * quarter : (i + 1) * quarter]], vocab_size))[0] for i in range(4)
+    ]
     whole, _ = best_of(repeats, lambda: train_ours([text], vocab_size))
     median = statistics.median(quarter_times)
     print(f"### Linear scaling (ours, vocab {vocab_size})\n")

@@ -32,10 +32,18 @@ from gptlab.training.metrics import measure_matmul_flops
 
 def gptlab_model(args) -> GPT:
     cfg = ModelConfig(
-        embed_dim=args.embed_dim, num_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
-        tgt_vocab_size=args.vocab, dropout=0.0, bias=True, pos_encoding="learned", norm="layernorm",
-        activation="gelu", tie_embeddings=True,
-    )  # fmt: skip
+        embed_dim=args.embed_dim,
+        num_layers=args.layers,
+        n_heads=args.heads,
+        seq_len=args.seq_len,
+        tgt_vocab_size=args.vocab,
+        dropout=0.0,
+        bias=True,
+        pos_encoding="learned",
+        norm="layernorm",
+        activation="gelu",
+        tie_embeddings=True,
+    )
     return GPT(cfg)
 
 
@@ -43,9 +51,17 @@ def hf_model(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.embed_dim, n_layer=args.layers,
-        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        n_positions=args.seq_len,
+        n_embd=args.embed_dim,
+        n_layer=args.layers,
+        n_head=args.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -142,8 +158,10 @@ def in_fresh_process(function, *args):
 def print_loss_memory() -> None:
     """head_and_loss_peak_mb, fused and not, each in a fresh process (peak RSS only grows)."""
     fused, plain = (in_fresh_process(head_and_loss_peak_mb, flag) for flag in (True, False))
-    print(f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
-          f"(linear_cross_entropy) against {plain:,.0f} MB (F.linear + F.cross_entropy)")  # fmt: skip
+    print(
+        f"\nhead + loss, forward and backward, 16,384 tokens x 50,304 ids: peak {fused:,.0f} MB "
+        f"(linear_cross_entropy) against {plain:,.0f} MB (F.linear + F.cross_entropy)"
+    )
 
 
 def gptlab_loss(model, x, y):
@@ -217,9 +235,11 @@ def main() -> None:
     # The best of many: the machine may be shared.
     peaks = {dtype: measure_matmul_flops(dtype, repeats=20) for dtype in (torch.float32, torch.bfloat16)}
     flops_per_token = ours.flops_per_token()
-    print(f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
-          f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; measured matmul "
-          f"peak {peaks[torch.float32] / 1e9:.1f} GFLOP/s fp32, {peaks[torch.bfloat16] / 1e9:.1f} bf16")  # fmt: skip
+    print(
+        f"config: {args.layers} layers, embed {args.embed_dim}, {args.heads} heads, seq {args.seq_len}, "
+        f"batch {args.batch_size}, vocab {args.vocab}; {torch.get_num_threads()} threads; measured matmul "
+        f"peak {peaks[torch.float32] / 1e9:.1f} GFLOP/s fp32, {peaks[torch.bfloat16] / 1e9:.1f} bf16"
+    )
     best["fp32 matmul floor (linear layers' matmuls alone)"] = matmul_floor_tokens_per_s(ours, args) / tokens
     reference = best[REFERENCE]
     print("| run | tokens/s | vs HF | MFU (its dtype's matmul peak) | page faults a step |\n|---|---|---|---|---|")
@@ -229,8 +249,10 @@ def main() -> None:
         mfu = flops_per_token * tokens_per_s / peaks[dtype]
         faults_per_step = f"{faults[name]:,.0f}" if name in faults else "-"
         print(f"| {name} | {tokens_per_s:,.0f} | {rate / reference:.2f}x | {100 * mfu:.1f}% | {faults_per_step} |")
-    print(f"\nwith the same memory setting on both sides, gptlab / HF = {best[OURS] / best[HF_WITH_SETTING]:.2f}x; "
-          f"with the default on both, {best[OURS_WITHOUT_SETTING] / reference:.2f}x")  # fmt: skip
+    print(
+        f"\nwith the same memory setting on both sides, gptlab / HF = {best[OURS] / best[HF_WITH_SETTING]:.2f}x; "
+        f"with the default on both, {best[OURS_WITHOUT_SETTING] / reference:.2f}x"
+    )
     if args.loss_memory:
         print_loss_memory()
 

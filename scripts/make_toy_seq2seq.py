@@ -18,11 +18,15 @@ from pathlib import Path
 
 from gptlab.tokenizers import CharTokenizer
 
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "\
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen".split()
+)
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-ORDINAL_ONES = "_ first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "\
+ORDINAL_ONES = (
+    "_ first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "
     "fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth".split()
+)
 ORDINAL_TENS = {20: "twentieth", 30: "thirtieth"}
 MONTHS = "january february march april may june july august september october november december".split()
 FIRST, LAST = datetime.date(1900, 1, 1), datetime.date(2099, 12, 31)

@@ -1,8 +1,8 @@
 """The seed's tokenizer script, kept verbatim; it forwards to `gptlab tokenizer ...`.
 
-    python src/tokenization.py --train ./path/to/corpus.txt --vocab_size 20000   # writes ./path/to/corpus/
-    python src/tokenization.py --tokenizer ./path/to/corpus --encode "text"
-    python src/tokenization.py --tokenizer ./path/to/corpus --decode "[1, 2, 3]"
+python src/tokenization.py --train ./path/to/corpus.txt --vocab_size 20000   # writes ./path/to/corpus/
+python src/tokenization.py --tokenizer ./path/to/corpus --encode "text"
+python src/tokenization.py --tokenizer ./path/to/corpus --decode "[1, 2, 3]"
 """
 
 import argparse

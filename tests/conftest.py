@@ -30,6 +30,7 @@ def one_thread():
 def knows_test_tokenizer(monkeypatch):
     """Let checkpoints rebuild the stand-in tokenizer kind of tests/helpers.py."""
     from gptlab.training import checkpoint as checkpoint_module
+
     from helpers import ByteTokenizer
 
     real = checkpoint_module.tokenizer_from_files

@@ -33,9 +33,17 @@ def save_random_gpt2(directory: Path, bpe: BPETokenizer, n_embd: int, n_head: in
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=n_embd, n_head=n_head, n_positions=32, vocab_size=len(vocab), resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1,
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=32,
+        vocab_size=len(vocab),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=len(vocab) - 1,
+        eos_token_id=len(vocab) - 1,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():

@@ -9,11 +9,11 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
-
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import SPECIAL_TOKENS
 from gptlab.tokenizers.bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
 
 # A little of everything UTF-8 has: accents, combining marks, CJK, emoji, digits, odd spacing.
 MIXED = "naïve café résumé e\u0301 日本語の文章 中文 😀👍🏽 1234567 don't WE'LL\t\r\n  x\n\n" * 20
@@ -35,7 +35,9 @@ def gpt2_tokenizer(corpus) -> BPETokenizer:
 
 
 # Text that stresses the split and special-token rules, as well as arbitrary code points.
-pieces = st.sampled_from([*SPECIAL_TOKENS, "<EOS", " ", "  ", "\n", "\r\n", "'s", "'LL", "the", " and", "😀", "e\u0301"])
+pieces = st.sampled_from(
+    [*SPECIAL_TOKENS, "<EOS", " ", "  ", "\n", "\r\n", "'s", "'LL", "the", " and", "😀", "e\u0301"]
+)
 unicode_text = st.lists(st.one_of(st.text(max_size=8), pieces), max_size=12).map("".join)
 # Unassigned code points (Cn) are left out where the two encoders are compared: the fast path
 # splits with tiktoken's Rust regex and the reference with the `regex` module, and each carries

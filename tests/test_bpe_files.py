@@ -8,10 +8,10 @@ import pytest
 import tiktoken
 import tiktoken.load
 
-from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, cl100k_file, read_text
-
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.bpe import GPT4_PATTERN, BPETokenizer
+
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, cl100k_file, read_text
 
 MIXED = "naïve café e\u0301 日本語の文章 😀👍🏽 1234567 don't WE'LL\t\r\n  x\n\n" * 20
 SAMPLE = "To be, or not to be: that is the question. 日本語 😀 e\u0301 <EOS> 12345\n\n  end"
@@ -19,7 +19,9 @@ SAMPLE = "To be, or not to be: that is the question. 日本語 😀 e\u0301 <EOS
 
 @pytest.fixture(scope="module", params=["gpt4", "gpt2"])
 def tokenizer(request) -> BPETokenizer:
-    return BPETokenizer.train([read_text(SHAKESPEARE_TRAIN, 100_000), MIXED], 800, pattern=request.param, progress=False)
+    return BPETokenizer.train(
+        [read_text(SHAKESPEARE_TRAIN, 100_000), MIXED], 800, pattern=request.param, progress=False
+    )
 
 
 def test_save_and_load_round_trip(tokenizer, tmp_path):

@@ -8,7 +8,6 @@ import random
 
 import numpy as np
 import pytest
-from helpers import ByteTokenizer
 import torch
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
@@ -26,6 +25,7 @@ from gptlab.training.metrics import (
 )
 from gptlab.training.optim import build_optimizer, lr_at, total_steps
 
+from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 
@@ -47,9 +47,17 @@ def saved(tmp_path):
     optimizer.step()
     path = tmp_path / "run_e3.pth"
     save_checkpoint(
-        path, model, ByteTokenizer(), model_cfg, data_cfg, train_cfg,
-        step=7, epoch=3, optimizer=optimizer, extra={"epoch_batches_done": 2},
-    )  # fmt: skip
+        path,
+        model,
+        ByteTokenizer(),
+        model_cfg,
+        data_cfg,
+        train_cfg,
+        step=7,
+        epoch=3,
+        optimizer=optimizer,
+        extra={"epoch_batches_done": 2},
+    )
     return path, model, (model_cfg, data_cfg, train_cfg)
 
 

@@ -26,10 +26,26 @@ TINY_MODEL = ["--embed_dim", "32", "--num_layers", "1", "--n_heads", "2", "--seq
 def tiny_train_args(tmp: Path, *extra: str) -> list[str]:
     """A few-step training run that writes everything under `tmp`."""
     return [
-        "train", "--tokenizer", str(TOKENIZER), "--train_data", str(tmp / "train.txt"),
-        "--eval_data", str(tmp / "eval.txt"), *TINY_MODEL, "--max_steps", "4", "--eval_batches", "2",
-        "--experiment_name", "tiny", "--checkpoint_dir", str(tmp), "--log_dir", str(tmp / "runs"),
-        "--no_progress", *extra,
+        "train",
+        "--tokenizer",
+        str(TOKENIZER),
+        "--train_data",
+        str(tmp / "train.txt"),
+        "--eval_data",
+        str(tmp / "eval.txt"),
+        *TINY_MODEL,
+        "--max_steps",
+        "4",
+        "--eval_batches",
+        "2",
+        "--experiment_name",
+        "tiny",
+        "--checkpoint_dir",
+        str(tmp),
+        "--log_dir",
+        str(tmp / "runs"),
+        "--no_progress",
+        *extra,
     ]
 
 
@@ -129,20 +145,65 @@ def test_seed_scripts_train_then_generate(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_text(TRAIN_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": ""}
     train = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train_gpt.py"), "--tokenizer", str(TOKENIZER),
-         "--tokenizer_type", "default", "--train_data", "train.txt", "--eval_data", "train.txt", "--epochs", "1",
-         "--experiment_name", "my_gpt_experiment", "--embed_dim", "32", "--tgt_vocab_size", "1000",
-         "--seq_len", "16", "--num_layers", "1", "--n_heads", "2", "--batch_size", "32", "--max_steps", "3",
-         "--no_progress"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "src" / "train_gpt.py"),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--tokenizer_type",
+            "default",
+            "--train_data",
+            "train.txt",
+            "--eval_data",
+            "train.txt",
+            "--epochs",
+            "1",
+            "--experiment_name",
+            "my_gpt_experiment",
+            "--embed_dim",
+            "32",
+            "--tgt_vocab_size",
+            "1000",
+            "--seq_len",
+            "16",
+            "--num_layers",
+            "1",
+            "--n_heads",
+            "2",
+            "--batch_size",
+            "32",
+            "--max_steps",
+            "3",
+            "--no_progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert train.returncode == 0, train.stderr
     assert (tmp_path / "my_gpt_experiment_e1.pth").is_file()
     generate = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "generate.py"), "--prompt", "Once upon a time",
-         "--model_path", "my_gpt_experiment_e1.pth", "--tokenizer_path", str(TOKENIZER),
-         "--vocab_size", "1000", "--length", "20"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "src" / "generate.py"),
+            "--prompt",
+            "Once upon a time",
+            "--model_path",
+            "my_gpt_experiment_e1.pth",
+            "--tokenizer_path",
+            str(TOKENIZER),
+            "--vocab_size",
+            "1000",
+            "--length",
+            "20",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert generate.returncode == 0, generate.stderr
     assert generate.stdout.startswith("Once upon a time")
@@ -154,7 +215,9 @@ def test_ctrl_c_on_the_command_line_finishes_the_step_and_saves(workdir: Path, t
     args = [*tiny_train_args(workdir), "--max_steps", "100000", "--eval_interval", "100000"]
     args[args.index("--checkpoint_dir") + 1] = str(tmp_path)
     args[args.index("--log_dir") + 1] = str(tmp_path / "runs")
-    run = subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     steps = tmp_path / "runs" / "tiny" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while run.poll() is None and time.monotonic() < deadline:

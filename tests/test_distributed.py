@@ -43,8 +43,10 @@ def single_run(tmp_path_factory) -> tuple[Path, list[float]]:
     return tmp, [entry["loss"] for entry in read_step_log(tmp / "runs" / "single" / "metrics.jsonl")]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="needs torchrun")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="needs torchrun",
+)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one_process(single_run, mode: str) -> None:
     tmp, single = single_run
@@ -74,8 +76,17 @@ def test_two_gloo_processes_match_one_process(single_run, mode: str) -> None:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "gptlab", *args]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    command = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "gptlab",
+        *args,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

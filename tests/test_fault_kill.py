@@ -89,8 +89,10 @@ def kill_campaign(tmp: Path, steps: int, kills: int) -> None:
         before = logged_steps(parts)
         process = subprocess.Popen(
             [sys.executable, "-c", SLOW_SAVE_CHILD, *train_args(tmp, "parts", steps, "--resume", "auto")],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             # Once it trains again (its log passes where the last run was killed), wait a random
             # while, then kill it at once or (every other time) in its next checkpoint write.
@@ -141,7 +143,11 @@ def test_stale_temporaries_of_a_killed_run_are_removed_and_others_kept(tmp_path:
 
     ckpt, logs = tmp_path / "ckpt", tmp_path / "ckpt" / "runs" / "exp"
     logs.mkdir(parents=True)
-    stale = [ckpt / ".exp_s12.pth.k3j_x9a1.tmp", ckpt / ".exp_latest.json.a1b2c3d4.tmp", logs / ".metrics.jsonl.zz99.tmp"]
+    stale = [
+        ckpt / ".exp_s12.pth.k3j_x9a1.tmp",
+        ckpt / ".exp_latest.json.a1b2c3d4.tmp",
+        logs / ".metrics.jsonl.zz99.tmp",
+    ]
     kept = [ckpt / ".other_s12.pth.k3j_x9a1.tmp", ckpt / "exp_s12.pth", ckpt / ".exp_notes.tmp"]
     for path in stale + kept:
         path.write_bytes(b"x")

@@ -41,7 +41,9 @@ class ScriptedModel(nn.Module):
 
     def __init__(self, script: list[int], vocab_size: int = BYTES.vocab_size):
         super().__init__()
-        self.config = ModelConfig(embed_dim=4, n_heads=1, num_layers=1, seq_len=256, tgt_vocab_size=vocab_size, dropout=0.0)
+        self.config = ModelConfig(
+            embed_dim=4, n_heads=1, num_layers=1, seq_len=256, tgt_vocab_size=vocab_size, dropout=0.0
+        )
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the engine a device to read
         self.script, self.calls, self.batch_sizes = script, 0, []
 
@@ -253,7 +255,9 @@ def test_a_prompt_longer_than_the_context_keeps_its_tail_with_a_notice():
 
 
 def test_a_model_left_in_training_mode_with_dropout_is_warned_about():
-    config = ModelConfig(embed_dim=32, n_heads=4, num_layers=2, seq_len=16, tgt_vocab_size=BYTES.vocab_size, dropout=0.1)
+    config = ModelConfig(
+        embed_dim=32, n_heads=4, num_layers=2, seq_len=16, tgt_vocab_size=BYTES.vocab_size, dropout=0.1
+    )
     model = GPT(config)  # a new module is in training mode
     cfg = SampleConfig(greedy=True, max_new_tokens=2)
     with pytest.warns(UserWarning, match=r"training mode, so dropout changes what it generates; call model.eval\(\)"):

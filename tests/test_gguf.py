@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
-
 from gptlab.cli import main
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig
 from gptlab.errors import GptlabError
@@ -22,6 +20,8 @@ from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer
 from gptlab.tokenizers.bpe import GPT2_PATTERN, GPT4_PATTERN
 from gptlab.tokenizers.byte_level import token_to_text
 from gptlab.training.checkpoint import save_checkpoint
+
+from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
 
 gguf = pytest.importorskip("gguf")
 try:
@@ -157,7 +157,9 @@ def run_export(*argv: str) -> None:
 @pytest.fixture()
 def checkpoint(small_bpe, tmp_path) -> Path:
     model = random_gpt(small_bpe.vocab_size, **LLAMA_LAYOUT)
-    return save_checkpoint(tmp_path / "run_e1.pth", model, small_bpe, model.config, DatasetConfig(), TrainConfig(), step=1, epoch=1)
+    return save_checkpoint(
+        tmp_path / "run_e1.pth", model, small_bpe, model.config, DatasetConfig(), TrainConfig(), step=1, epoch=1
+    )
 
 
 def test_export_command_writes_gguf_and_replaces_only_a_gguf_file(checkpoint, tmp_path, capsys):
@@ -193,7 +195,19 @@ def test_export_command_refuses_a_bad_out_before_loading(tmp_path, out, message,
 
 def test_an_unknown_outtype_is_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["export", "--model_path", "x.pth", "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--outtype", "q4_0"])
+        main(
+            [
+                "export",
+                "--model_path",
+                "x.pth",
+                "--format",
+                "gguf",
+                "--out",
+                str(tmp_path / "m.gguf"),
+                "--outtype",
+                "q4_0",
+            ]
+        )
     assert "argument --outtype: invalid choice: 'q4_0'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -268,7 +282,9 @@ def llama_model(monkeypatch):
     monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_repacking)
 
     def load(path: Path, n_ctx: int = 128):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True, verbose=False)
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True, verbose=False
+        )
 
     return load
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ByteTokenizer
 
 from gptlab import files
 from gptlab.cli import main
@@ -20,6 +19,8 @@ from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.training import load_checkpoint, load_model, save_checkpoint
 from gptlab.training.optim import build_optimizer
+
+from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,17 @@ def saved(tmp_path: Path) -> Path:
     optimizer.step()
     path = tmp_path / "run_e1.pth"
     save_checkpoint(
-        path, model, ByteTokenizer(), model_cfg, DatasetConfig(batch_size=4), TrainConfig(),
-        step=1, epoch=1, optimizer=optimizer, extra={"tokens_seen": 64, "epoch_batches_done": 1},
-    )  # fmt: skip
+        path,
+        model,
+        ByteTokenizer(),
+        model_cfg,
+        DatasetConfig(batch_size=4),
+        TrainConfig(),
+        step=1,
+        epoch=1,
+        optimizer=optimizer,
+        extra={"tokens_seen": 64, "epoch_batches_done": 1},
+    )
     return path
 
 
@@ -77,7 +86,9 @@ except GptlabError as error:
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
     message, grown_mb = done.stdout.strip().splitlines()
     assert "weights do not match the model config" in message and "wrong shape" in message
     assert int(grown_mb) < 250, f"peak memory grew by {grown_mb} MB before the mismatch was reported"
@@ -118,7 +129,10 @@ def test_allocation_failure_is_one_line(saved: Path, monkeypatch) -> None:
         (lambda raw: raw["rng"]["numpy"].update(keys=torch.zeros(5, dtype=torch.int64)), "rng.numpy.keys"),
         (lambda raw: raw.update(optimizer="adam"), "optimizer"),
         (lambda raw: raw["optimizer"]["optimizers"]["adamw"].update(state=[1]), "optimizer.optimizers.adamw"),
-        (lambda raw: raw["optimizer"]["optimizers"]["adamw"]["state"].update({0: "x"}), "optimizer.optimizers.adamw.state[0]"),
+        (
+            lambda raw: raw["optimizer"]["optimizers"]["adamw"]["state"].update({0: "x"}),
+            "optimizer.optimizers.adamw.state[0]",
+        ),
         (lambda raw: raw.update(model={"wte.weight": 3}), "model"),
     ],
 )

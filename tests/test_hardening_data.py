@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ByteTokenizer
 
 from gptlab.data import TokenDataset, prepare, resolve_data
 from gptlab.data.pairs import read_pairs
 from gptlab.data.prepare import _exclusive_lock
 from gptlab.errors import GptlabError
+
+from helpers import ByteTokenizer
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
 
@@ -27,7 +28,9 @@ def test_token_ids_past_the_vocabulary_are_refused_when_opening(tmp_path: Path) 
     ids = np.fromfile(shard, dtype=np.uint16)
     ids[len(ids) // 2] = 65535  # the tokenizer has 260 ids
     ids.tofile(shard)
-    with pytest.raises(GptlabError, match=rf"shard .*{shard.name} holds token id 65535, but its tokenizer has only 260 ids"):
+    with pytest.raises(
+        GptlabError, match=rf"shard .*{shard.name} holds token id 65535, but its tokenizer has only 260 ids"
+    ):
         TokenDataset(out, seq_len=8)
 
 

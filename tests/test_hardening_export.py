@@ -26,9 +26,16 @@ def model_and_tokenizer() -> tuple[GPT, BPETokenizer]:
     tokenizer = BPETokenizer.train([TEXT], 280, progress=False)
     torch.manual_seed(0)
     config = ModelConfig(
-        embed_dim=32, n_heads=2, num_layers=1, seq_len=16, tgt_vocab_size=tokenizer.vocab_size, dropout=0.0,
-        pos_encoding="learned", norm="layernorm", activation="gelu",
-    )  # fmt: skip
+        embed_dim=32,
+        n_heads=2,
+        num_layers=1,
+        seq_len=16,
+        tgt_vocab_size=tokenizer.vocab_size,
+        dropout=0.0,
+        pos_encoding="learned",
+        norm="layernorm",
+        activation="gelu",
+    )
     return GPT(config).eval(), tokenizer
 
 
@@ -51,7 +58,9 @@ def test_force_refuses_a_folder_of_user_files_by_name(tmp_path: Path, capsys) ->
 
 @pytest.mark.parametrize("first", ["hf", "safetensors"])
 @pytest.mark.parametrize("second", ["hf", "safetensors"])
-def test_force_replaces_an_earlier_export_but_not_one_with_user_files(model_and_tokenizer, tmp_path, first, second) -> None:
+def test_force_replaces_an_earlier_export_but_not_one_with_user_files(
+    model_and_tokenizer, tmp_path, first, second
+) -> None:
     model, tokenizer = model_and_tokenizer
     export = {"hf": export_hf, "safetensors": export_safetensors}
     out = tmp_path / "out"

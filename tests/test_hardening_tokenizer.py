@@ -43,7 +43,17 @@ def test_a_tokenizer_file_with_an_explosive_pattern_is_refused(tmp_path: Path, p
 def test_an_explosive_pattern_given_with_pattern_flag_is_refused(tmp_path: Path, capsys) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("aaa bbb aaa\n" * 20)
-    args = ["tokenizer", "train", str(corpus), "--vocab_size", "270", "--pattern", EXPLOSIVE, "--out", str(tmp_path / "t")]
+    args = [
+        "tokenizer",
+        "train",
+        str(corpus),
+        "--vocab_size",
+        "270",
+        "--pattern",
+        EXPLOSIVE,
+        "--out",
+        str(tmp_path / "t"),
+    ]
     assert main(args) == 1
     assert "the unbounded quantifier '+' over a group" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

@@ -12,10 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_files import SHAKESPEARE_VAL, read_text
-
-from gpt2_dirs import gpt2_ordered_ranks, save_random_gpt2
-
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, export_safetensors, init_model_from_hf, load_safetensors_dir
@@ -25,6 +21,9 @@ from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer
 from gptlab.tokenizers.bpe import GPT2_PATTERN
 from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
 from gptlab.training.checkpoint import save_checkpoint
+
+from data_files import SHAKESPEARE_VAL, read_text
+from gpt2_dirs import gpt2_ordered_ranks, save_random_gpt2
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -154,7 +153,9 @@ def test_tiktoken_kind_exports_with_its_own_ids(corpus, tmp_path):
         (LLAMA_LAYOUT | dict(norm="layernorm"), "norm"),
     ],
 )
-def test_a_model_without_transformers_equivalent_names_the_field_and_safetensors_works(small_bpe, tmp_path, fields, named):
+def test_a_model_without_transformers_equivalent_names_the_field_and_safetensors_works(
+    small_bpe, tmp_path, fields, named
+):
     model = random_gpt(small_bpe.vocab_size, **fields)
     with pytest.raises(GptlabError, match=f"^{named}=.*--format safetensors"):
         export_hf(model, small_bpe, tmp_path / "hf")
@@ -333,8 +334,10 @@ def _edit_config(directory: Path, **changes) -> None:
         (lambda d: _edit_config(d, n_layer=3), "hold 2 layers but config.json says n_layer = 3"),
         (lambda d: _edit_config(d, n_positions=64), "wpe.weight"),
         (lambda d: _edit_config(d, activation_function="relu"), "activation_function = 'relu'"),
-        (lambda d: _edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
-         "holds a 'mistral' model .*MistralForCausalLM.*only GPT-2"),
+        (
+            lambda d: _edit_config(d, model_type="mistral", architectures=["MistralForCausalLM"]),
+            "holds a 'mistral' model .*MistralForCausalLM.*only GPT-2",
+        ),
         (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 16), "not a readable safetensors file"),
     ],
 )

@@ -22,9 +22,15 @@ PAD = 0
 def tiny_model(seq_len: int, pos_encoding: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     config = ModelConfig(
-        embed_dim=32, n_heads=4, num_layers=2, seq_len=seq_len, tgt_vocab_size=VOCAB, dropout=0.0,
-        pos_encoding=pos_encoding, bias=True,
-    )  # fmt: skip
+        embed_dim=32,
+        n_heads=4,
+        num_layers=2,
+        seq_len=seq_len,
+        tgt_vocab_size=VOCAB,
+        dropout=0.0,
+        pos_encoding=pos_encoding,
+        bias=True,
+    )
     model = GPT(config).eval()
     with torch.no_grad():  # a bigger spread of logits than the small init, so differences show
         for param in model.parameters():

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.models import GPT
-from gptlab.models import blocks
+from gptlab.models import GPT, blocks
 from gptlab.models.blocks import LearnedPositions, RotaryEmbedding, SinusoidalPositions, apply_rotary
 
 
@@ -171,16 +170,38 @@ def test_tied_embeddings_share_one_tensor_through_training():
 
 def test_num_params_and_flops_match_a_hand_count():
     V, T, C, L = 11, 5, 8, 2
-    gpt2_like = GPT(ModelConfig(embed_dim=C, n_heads=2, num_layers=L, seq_len=T, tgt_vocab_size=V, bias=True,
-                                pos_encoding="learned", norm="layernorm", activation="gelu"))  # fmt: skip
+    gpt2_like = GPT(
+        ModelConfig(
+            embed_dim=C,
+            n_heads=2,
+            num_layers=L,
+            seq_len=T,
+            tgt_vocab_size=V,
+            bias=True,
+            pos_encoding="learned",
+            norm="layernorm",
+            activation="gelu",
+        )
+    )
     block = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) + (4 * C * C + C)
     assert gpt2_like.num_params(non_embedding=True) == L * block + 2 * C
     assert gpt2_like.num_params() == V * C + T * C + L * block + 2 * C  # head tied: counted once
     assert gpt2_like.flops_per_token() == 6 * (L * block + 2 * C + V * C) + 12 * L * T * C
 
-    llama_like = GPT(ModelConfig(embed_dim=C, n_heads=2, num_layers=L, seq_len=T, tgt_vocab_size=V, bias=False,
-                                 pos_encoding="rope", norm="rmsnorm", activation="swiglu",
-                                 tie_embeddings=False))  # fmt: skip
+    llama_like = GPT(
+        ModelConfig(
+            embed_dim=C,
+            n_heads=2,
+            num_layers=L,
+            seq_len=T,
+            tgt_vocab_size=V,
+            bias=False,
+            pos_encoding="rope",
+            norm="rmsnorm",
+            activation="swiglu",
+            tie_embeddings=False,
+        )
+    )
     hidden = 24  # 2/3 * 4 * 8 = 21.3, rounded up to a multiple of 8
     block = C + 3 * C * C + C * C + C + 3 * C * hidden
     assert llama_like.num_params() == V * C + L * block + C + C * V
@@ -198,8 +219,18 @@ def test_swiglu_keeps_the_mlp_about_as_large_as_gelu():
 
 def test_init_is_gpt2_style():
     torch.manual_seed(0)
-    model = GPT(tiny_config(embed_dim=256, n_heads=4, num_layers=8, bias=True, tie_embeddings=False,
-                            pos_encoding="learned", tgt_vocab_size=512, seq_len=64))  # fmt: skip
+    model = GPT(
+        tiny_config(
+            embed_dim=256,
+            n_heads=4,
+            num_layers=8,
+            bias=True,
+            tie_embeddings=False,
+            pos_encoding="learned",
+            tgt_vocab_size=512,
+            seq_len=64,
+        )
+    )
     residual_std = 0.02 / math.sqrt(2 * 8)
     for name, param in model.named_parameters():
         if name.endswith(("attn.proj.weight", "mlp.proj.weight")):

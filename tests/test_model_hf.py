@@ -14,9 +14,19 @@ transformers = pytest.importorskip("transformers")
 def hf_gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=32,
+        vocab_size=100,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # perturb every weight, so that norms and biases are not 1s and 0s
         for param in model.parameters():
@@ -26,9 +36,19 @@ def hf_gpt2():
 
 def gpt2_config(**overrides) -> ModelConfig:
     values = dict(
-        embed_dim=64, n_heads=4, num_layers=2, seq_len=32, tgt_vocab_size=100, dropout=0.0, bias=True,
-        pos_encoding="learned", norm="layernorm", activation="gelu", tie_embeddings=True, norm_eps=1e-5,
-    )  # fmt: skip
+        embed_dim=64,
+        n_heads=4,
+        num_layers=2,
+        seq_len=32,
+        tgt_vocab_size=100,
+        dropout=0.0,
+        bias=True,
+        pos_encoding="learned",
+        norm="layernorm",
+        activation="gelu",
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    )
     return ModelConfig(**(values | overrides))
 
 
@@ -45,8 +65,11 @@ def test_loaded_gpt2_gives_the_same_logits_as_transformers(hf_gpt2):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("pos_encoding", "rope"), ("norm", "rmsnorm"), ("activation", "swiglu"),
-        ("bias", False), ("tie_embeddings", False),
+        ("pos_encoding", "rope"),
+        ("norm", "rmsnorm"),
+        ("activation", "swiglu"),
+        ("bias", False),
+        ("tie_embeddings", False),
     ],  # fmt: skip
 )
 def test_a_config_that_is_not_gpt2_is_named(hf_gpt2, field, value):

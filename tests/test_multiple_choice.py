@@ -16,6 +16,7 @@ from gptlab.data.choice_files import ChoiceItem, hellaswag_clean, read_choice_fi
 from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.training.multiple_choice import ChoiceTask, choice_metrics, encode_pair
+
 from helpers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,11 @@ WIKIHOW = {  # a WikiHow-style line: bracketed markers, a string label (as in th
     "ctx_b": "tomatoes NEED light", "label": "1",
     "endings": ["[step] Water them daily. [title] Use mulch.", "Plant them  in shade.", "Sing to them.", "Wait."],
 }  # fmt: skip
-GENERIC = {"context": "KING HENRY: Once more unto the", "choices": ["breach", "sea", "castle walls, my friends"], "answer": 0}
+GENERIC = {
+    "context": "KING HENRY: Once more unto the",
+    "choices": ["breach", "sea", "castle walls, my friends"],
+    "answer": 0,
+}
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -48,8 +53,10 @@ def test_hellaswag_lines_are_prepared_as_lm_eval_prepares_them(tmp_path):
     items = read_choice_file(write_jsonl(tmp_path / "hs.jsonl", [HELLASWAG, WIKIHOW]))
     assert items[0] == ChoiceItem(
         context="Roof shingle removal: A man is sitting on a roof. He",  # ctx_b capitalized
-        choices=tuple(HELLASWAG["endings"]), answer=3, line=1,
-    )  # fmt: skip
+        choices=tuple(HELLASWAG["endings"]),
+        answer=3,
+        line=1,
+    )
     # capitalize() lowers the rest; " [title]" becomes ". ", other [..] go, double spaces shrink.
     assert items[1].context == "Home and Garden: How to grow tomatoes. Pick a sunny SPOT. Tomatoes need light"
     assert items[1].choices == (" Water them daily.. Use mulch.", "Plant them in shade.", "Sing to them.", "Wait.")

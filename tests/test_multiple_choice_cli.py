@@ -16,6 +16,7 @@ from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer, load_tokenizer
 from gptlab.training.checkpoint import save_checkpoint
 from gptlab.training.multiple_choice import ChoiceTask
+
 from gpt2_dirs import save_random_gpt2
 from test_multiple_choice import BAD_LINES, GENERIC, HELLASWAG, TEXT, WIKIHOW, write_jsonl
 
@@ -53,7 +54,9 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("mc")
     tokenizer = load_tokenizer(None, str(TOKENIZER))
     torch.manual_seed(0)
-    cfg = ModelConfig(embed_dim=32, n_heads=2, num_layers=1, seq_len=32, tgt_vocab_size=tokenizer.vocab_size, dropout=0.0)
+    cfg = ModelConfig(
+        embed_dim=32, n_heads=2, num_layers=1, seq_len=32, tgt_vocab_size=tokenizer.vocab_size, dropout=0.0
+    )
     model = GPT(cfg)
     path = save_checkpoint(tmp / "tiny.pth", model, tokenizer, cfg, DatasetConfig(), TrainConfig(), step=1, epoch=1)
     return path, write_jsonl(tmp / "questions.jsonl", synthetic_records())
@@ -93,7 +96,17 @@ def test_each_bad_file_is_one_line_with_its_line_number_and_writes_nothing(tiny,
     kept = tmp_path / "kept.jsonl"
     kept.write_text("an earlier run's scores\n", encoding="utf-8")
     for out in (tmp_path / "new.jsonl", kept):
-        argv = ["eval", "--task", "multiple_choice", "--model_path", str(tiny[0]), "--data", str(bad), "--output", str(out)]
+        argv = [
+            "eval",
+            "--task",
+            "multiple_choice",
+            "--model_path",
+            str(tiny[0]),
+            "--data",
+            str(bad),
+            "--output",
+            str(out),
+        ]
         error = run_error(argv, capsys)
         assert error.startswith(f"error: {bad}:2: ") and message in error
     assert not (tmp_path / "new.jsonl").exists()
@@ -104,10 +117,16 @@ def test_each_bad_file_is_one_line_with_its_line_number_and_writes_nothing(tiny,
 def test_misplaced_flags_are_refused(tiny, tmp_path, capsys):
     checkpoint, questions = tiny
     base = ["eval", "--model_path", str(checkpoint), "--data", str(questions)]
-    assert "does not exist" in run_error([*base, "--task", "multiple_choice", "--output", str(tmp_path / "no/x.jsonl")], capsys)
+    assert "does not exist" in run_error(
+        [*base, "--task", "multiple_choice", "--output", str(tmp_path / "no/x.jsonl")], capsys
+    )
     assert "--output is for --task multiple_choice" in run_error([*base, "--output", str(tmp_path / "x.jsonl")], capsys)
-    assert "--batch_size must be at least 1" in run_error([*base, "--task", "multiple_choice", "--batch_size", "0"], capsys)
-    assert "--max_batches is for --task lm" in run_error([*base, "--task", "multiple_choice", "--max_batches", "2"], capsys)
+    assert "--batch_size must be at least 1" in run_error(
+        [*base, "--task", "multiple_choice", "--batch_size", "0"], capsys
+    )
+    assert "--max_batches is for --task lm" in run_error(
+        [*base, "--task", "multiple_choice", "--max_batches", "2"], capsys
+    )
 
 
 # ---- a Hugging Face GPT-2 directory: the same numbers as transformers -------------------------------

@@ -29,11 +29,22 @@ def runs(tmp_path_factory):
             ModelConfig(embed_dim=16, num_layers=1, n_heads=2, seq_len=16, dropout=0.0),
             DatasetConfig(batch_size=4),
             TrainConfig(
-                max_steps=6, eval_interval=2, eval_batches=2, warmup_steps=1, learning_rate=3e-3, seed=seed,
-                experiment_name=name, checkpoint_dir=str(root / "ckpt"), log_dir=str(root / "runs"), device="cpu",
+                max_steps=6,
+                eval_interval=2,
+                eval_batches=2,
+                warmup_steps=1,
+                learning_rate=3e-3,
+                seed=seed,
+                experiment_name=name,
+                checkpoint_dir=str(root / "ckpt"),
+                log_dir=str(root / "runs"),
+                device="cpu",
             ),
-            tokenizer, root / "train.txt", root / "val.txt", progress=False,
-        )  # fmt: skip
+            tokenizer,
+            root / "train.txt",
+            root / "val.txt",
+            progress=False,
+        )
     return root / "runs"
 
 

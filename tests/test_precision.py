@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from helpers import ByteTokenizer
 import torch
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
@@ -12,6 +11,7 @@ from gptlab.errors import GptlabError
 from gptlab.training import load_checkpoint, train
 from gptlab.training.run_files import read_step_log
 
+from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 
@@ -27,10 +27,17 @@ def losses(tmp_path, text, name: str, **train_settings) -> list[float]:
     """Per-step training losses of a 4-step run of a tiny GPT."""
     model = ModelConfig(embed_dim=32, num_layers=2, n_heads=2, seq_len=32, dropout=0.0)
     cfg = TrainConfig(
-        max_steps=4, learning_rate=3e-3, warmup_steps=1, eval_interval=100, experiment_name=name,
-        checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "runs"), device="cpu", seed=0,
+        max_steps=4,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        eval_interval=100,
+        experiment_name=name,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        log_dir=str(tmp_path / "runs"),
+        device="cpu",
+        seed=0,
         **train_settings,
-    )  # fmt: skip
+    )
     result = train(model, DatasetConfig(batch_size=8), cfg, ByteTokenizer(), text, progress=False)
     assert result.steps == 4
     return [entry["loss"] for entry in read_step_log(tmp_path / "runs" / name / "metrics.jsonl")]

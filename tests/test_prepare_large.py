@@ -13,8 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_files import SHAKESPEARE_TRAIN, cl100k_file
-
 from gptlab.data import TokenDataset, prepare, read_meta, resolve_data
 from gptlab.data.sources import can_split, safe_cut, text_file_segments
 from gptlab.errors import GptlabError
@@ -25,14 +23,39 @@ from gptlab.tokenizers.char import CharTokenizer
 from gptlab.tokenizers.corpus import read_text_file
 from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
 
+from data_files import SHAKESPEARE_TRAIN, cl100k_file
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY_TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 TOY_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
 # Everything that sits around a line break in real text: runs of \n and \r\n, trailing and
 # leading spaces and tabs, Unicode spaces, punctuation, digits, contractions, non-ASCII letters.
 TRICKY = st.lists(
-    st.sampled_from(["\n", "\n\n", "\r\n", " ", "  ", "\t", "\u3000", "\xa0", "a", "Zz", "7", "42",
-                     ".", "!?", "/", "'s", "é", "日本", "😀", "x\n", "\ny"]),
+    st.sampled_from(
+        [
+            "\n",
+            "\n\n",
+            "\r\n",
+            " ",
+            "  ",
+            "\t",
+            "\u3000",
+            "\xa0",
+            "a",
+            "Zz",
+            "7",
+            "42",
+            ".",
+            "!?",
+            "/",
+            "'s",
+            "é",
+            "日本",
+            "😀",
+            "x\n",
+            "\ny",
+        ]
+    ),
     max_size=200,
 ).map("".join)
 
@@ -56,8 +79,17 @@ def write(path: Path, text: str) -> Path:
 # ---- cutting text at safe points --------------------------------------------------------
 @pytest.mark.parametrize(
     "data, cut",
-    [(b"ab\ncd", 3), (b"ab\n\n\ncd\n", 5), (b"ab\n cd", 0), (b"ab\n\tcd\ne", 7), (b"a\n\xe3\x80\x80b", 0),
-     (b"a\n\xe6\x97\xa5", 2), (b"a\n\xe6\x97", 0), (b"no newline", 0), (b"ends\n", 0)],
+    [
+        (b"ab\ncd", 3),
+        (b"ab\n\n\ncd\n", 5),
+        (b"ab\n cd", 0),
+        (b"ab\n\tcd\ne", 7),
+        (b"a\n\xe3\x80\x80b", 0),
+        (b"a\n\xe6\x97\xa5", 2),
+        (b"a\n\xe6\x97", 0),
+        (b"no newline", 0),
+        (b"ends\n", 0),
+    ],
 )
 def test_safe_cut_is_after_the_last_newline_before_a_visible_character(data, cut):
     assert safe_cut(data) == cut
@@ -208,8 +240,11 @@ def test_an_error_in_a_worker_stops_prepare_and_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "option, message",
-    [({"workers": 0}, "workers must be at least 1"), ({"shard_tokens": 0}, "shard_tokens must be positive"),
-     ({"jsonl_field": ""}, "jsonl_field is empty")],
+    [
+        ({"workers": 0}, "workers must be at least 1"),
+        ({"shard_tokens": 0}, "shard_tokens must be positive"),
+        ({"jsonl_field": ""}, "jsonl_field is empty"),
+    ],
 )
 def test_bad_options_are_clear_errors(tmp_path, toy, option, message):
     with pytest.raises(GptlabError, match=message):

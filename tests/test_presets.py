@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
-
 from gptlab.config import build_configs
 from gptlab.errors import GptlabError
 from gptlab.presets import PRESETS_DIR, TokenizerRecipe, list_presets, load_preset, resolve_config, suggest_fields
 from gptlab.training import train
+
+from data_files import SHAKESPEARE_TRAIN, SHAKESPEARE_VAL, read_text
 
 SHIPPED = ["cpu-10min", "demo", "gpt2-124m", "gpu-1h", "nanogpt-char", "nanogpt-cpu"]
 TEXT = "".join(f"{i} To be, or not to be, that is the question. Whether 'tis nobler.\n" for i in range(50))
@@ -38,9 +38,14 @@ def test_preset_validates_and_trains_two_steps(name, tmp_path):
     if train_cfg.total_batch_tokens is not None:  # keep gradient accumulation, at the tiny shapes
         values["total_batch_tokens"] = 2 * TINY_SHAPES["batch_size"] * TINY_SHAPES["seq_len"]
     values.update(
-        max_steps=2, eval_interval=1, eval_batches=1, compile=False, device="cpu",
-        log_dir=str(tmp_path / "runs"), checkpoint_dir=str(tmp_path / "ckpt"),
-    )  # fmt: skip
+        max_steps=2,
+        eval_interval=1,
+        eval_batches=1,
+        compile=False,
+        device="cpu",
+        log_dir=str(tmp_path / "runs"),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
     tiny_model, tiny_data, tiny_train = build_configs(values)
     kept = ("pos_encoding", "norm", "activation", "dropout", "bias", "tie_embeddings", "tgt_vocab_size")
     assert all(getattr(tiny_model, f) == getattr(model_cfg, f) for f in kept)
@@ -52,7 +57,12 @@ def test_preset_validates_and_trains_two_steps(name, tmp_path):
     (tmp_path / "train.txt").write_text(TEXT)
     (tmp_path / "val.txt").write_text(TEXT[:800])
     result = train(
-        tiny_model, tiny_data, tiny_train, recipe.train([TEXT]), tmp_path / "train.txt", tmp_path / "val.txt",
+        tiny_model,
+        tiny_data,
+        tiny_train,
+        recipe.train([TEXT]),
+        tmp_path / "train.txt",
+        tmp_path / "val.txt",
         progress=False,
     )
     assert result.steps == 2 and result.stopped_reason == "max_steps"
@@ -78,7 +88,10 @@ def test_nanogpt_cpu_is_the_recipe_nanogpts_readme_gives_cpu_users_and_trains_at
     (tmp_path / "train.txt").write_text(TEXT)
     (tmp_path / "val.txt").write_text(TEXT[:800])
     result = train(
-        *build_configs(values), preset.tokenizer.train([TEXT]), tmp_path / "train.txt", tmp_path / "val.txt",
+        *build_configs(values),
+        preset.tokenizer.train([TEXT]),
+        tmp_path / "train.txt",
+        tmp_path / "val.txt",
         progress=False,
     )
     assert result.steps == 2 and result.stopped_reason == "max_steps" and result.final_checkpoint.exists()
@@ -113,8 +126,10 @@ def test_a_recipe_spells_its_training_command():
     assert TokenizerRecipe("default", 512, "gpt2").train_command("a.txt", "t") == (
         "gptlab tokenizer train a.txt --vocab_size 512 --pattern gpt2 --out t"
     )
-    assert TokenizerRecipe("sentencepiece", 300).train_command("a.txt", "t").startswith(
-        "gptlab tokenizer train a.txt --type sentencepiece --vocab_size 300"
+    assert (
+        TokenizerRecipe("sentencepiece", 300)
+        .train_command("a.txt", "t")
+        .startswith("gptlab tokenizer train a.txt --type sentencepiece --vocab_size 300")
     )
 
 
@@ -130,7 +145,9 @@ def test_names_and_paths_resolve(tmp_path, monkeypatch):
 
 
 def test_an_unknown_preset_names_close_matches_and_all_presets():
-    with pytest.raises(GptlabError, match=r"'cpu-10mn' is neither a file nor a preset; did you mean cpu-10min\b") as err:
+    with pytest.raises(
+        GptlabError, match=r"'cpu-10mn' is neither a file nor a preset; did you mean cpu-10min\b"
+    ) as err:
         resolve_config("cpu-10mn")
     assert all(name in str(err.value) for name in SHIPPED) and "\n" not in str(err.value)
     with pytest.raises(GptlabError, match=r"neither a file nor a preset; presets: cpu-10min"):
@@ -266,7 +283,10 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
     assert text.count("| no |") == 1 + (not rows[3].kept)
     kept_line = text.splitlines()[-1]
     assert "learning_rate=0.01" in kept_line  # the kept change, not the dropped one
-    assert benchmarks.read_text() == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation:start -->\n{text}<!-- ablation:end -->\n"
+    assert (
+        benchmarks.read_text()
+        == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation:start -->\n{text}<!-- ablation:end -->\n"
+    )
 
 
 def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, monkeypatch):
@@ -283,7 +303,9 @@ def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, mo
     )
 
 
-@pytest.mark.parametrize(("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")])
+@pytest.mark.parametrize(
+    ("flags", "message"), [(["--budget", "10x"], "cannot read duration"), (["--rows", "-1"], "--rows")]
+)
 def test_ablation_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
     assert_refused_in_one_line(load_ablation(monkeypatch).main, tmp_path, capsys, flags, message)
 

@@ -46,9 +46,11 @@ def test_sigkilled_run_resumed_with_auto_matches_an_uninterrupted_one(workdir: P
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed = subprocess.Popen(
-        [sys.executable, "-m", "gptlab", *train_args(workdir, "parts")], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "gptlab", *train_args(workdir, "parts")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pointer = workdir / "parts" / "exp_latest.json"
     deadline = time.monotonic() + 120
     while not (pointer.exists() and json.loads(pointer.read_text())["step"] >= 30):

@@ -20,9 +20,7 @@ WORDS = ["abc", "bad", "cab", "dab", "ace", "bead", "face", "fade", "cafe", "dea
 
 
 def gptlab(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptlab", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "gptlab", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

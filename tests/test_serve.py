@@ -46,9 +46,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 def tiny_gpt(seq_len: int = 64) -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(
-        embed_dim=32, n_heads=4, num_layers=2, seq_len=seq_len, tgt_vocab_size=TOKENIZER.vocab_size,
-        dropout=0.0, tie_embeddings=False,
-    )  # fmt: skip
+        embed_dim=32,
+        n_heads=4,
+        num_layers=2,
+        seq_len=seq_len,
+        tgt_vocab_size=TOKENIZER.vocab_size,
+        dropout=0.0,
+        tie_embeddings=False,
+    )
     model = GPT(config).eval()
     with torch.no_grad():  # larger weights than a fresh model's: its greedy text varies, its samples differ
         for weight in model.parameters():
@@ -103,7 +108,9 @@ class ScriptedModel(nn.Module):
 
 def client_for(model: nn.Module, **limits) -> TestClient:
     # A loopback name in the Host header, as a local client sends (TestClient's own is "testserver").
-    return TestClient(create_app(model, TOKENIZER, ServeLimits(**limits), model_name="tiny"), base_url="http://localhost")
+    return TestClient(
+        create_app(model, TOKENIZER, ServeLimits(**limits), model_name="tiny"), base_url="http://localhost"
+    )
 
 
 def post(client: TestClient, **body) -> httpx.Response:
@@ -192,7 +199,10 @@ def test_eos_and_stop_strings_end_a_choice_with_stop():
 
     at_stop = post(client, max_tokens=40, stop=["zebra", " on"]).json()
     assert at_stop["choices"][0] | {"logprobs": None} == {
-        "text": " the cat sat", "index": 0, "logprobs": None, "finish_reason": "stop"
+        "text": " the cat sat",
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "stop",
     }
     streamed = stream(client, max_tokens=40, stop=" on")
     assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == " the cat sat"
@@ -245,7 +255,11 @@ def test_openai_fields_sent_at_their_off_values_are_accepted():
         ({"logit_bias": {"50": 100}}, 400, ["logit_bias is not supported"]),
         ({"best_of": 3}, 400, ["best_of is not supported"]),
         ({"logprobs": 0}, 400, ["logprobs is not supported"]),  # 0 still asks for the chosen tokens' logprobs
-        ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, 422, ["unknown field 'stream_options.x'"]),
+        (
+            {"stream": True, "stream_options": {"include_usage": True, "x": 1}},
+            422,
+            ["unknown field 'stream_options.x'"],
+        ),
         ({"temperature": 1000}, 400, ["temperature", "less than or equal to 100"]),
     ],
 )
@@ -331,7 +345,7 @@ def test_a_client_that_hangs_up_frees_the_model_over_http(stream):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
-        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         body = {"prompt": PROMPT, "max_tokens": 100, "stream": stream}
         if stream:
             with httpx.stream("POST", url + "/v1/completions", json=body) as response:

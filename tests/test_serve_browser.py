@@ -17,6 +17,7 @@ if not CHROMIUM.exists():
 
 import httpx  # noqa: E402
 from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+
 from test_serve import PROMPT, ServerProcess, save_tiny_checkpoint  # noqa: E402
 
 CHROMIUM_ARGS = [
@@ -58,9 +59,10 @@ def set_controls(page: Page, prompt: str, temperature: str, max_tokens: str) -> 
     page.fill("#prompt", prompt)
     page.fill("#max-tokens", max_tokens)
     page.eval_on_selector(
-        "#temperature", "(slider, value) => { slider.value = value; slider.dispatchEvent(new Event('input')); }",
+        "#temperature",
+        "(slider, value) => { slider.value = value; slider.dispatchEvent(new Event('input')); }",
         temperature,
-    )  # fmt: skip
+    )
 
 
 def test_typed_prompt_streams_into_the_page(page: Page, server: ServerProcess):

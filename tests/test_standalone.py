@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What is not the project's own files: version control, environments, build and run outputs.
-NOT_OURS = re.compile(r"^(\.git|\.venv|runs|build|dist|__pycache__|\.pytest_cache|\.hypothesis|.*\.egg-info|.*\.gptlab-.*)$")
+NOT_OURS = re.compile(
+    r"^(\.git|\.venv|runs|build|dist|__pycache__|\.pytest_cache|\.hypothesis|.*\.egg-info|.*\.gptlab-.*)$"
+)
 REFERENCES = re.compile(
     r"\.\.[/\\]shared\b"  # ../shared, ..\shared
     r"|[\"']shared[\"']\s*/"  # "shared" / "data" (pathlib)

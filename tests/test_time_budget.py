@@ -56,7 +56,11 @@ def clock(monkeypatch):
     clock = SimulatedClock()
     clock.step_seconds = [1.0]
     clock.steps = clock.evaluations = clock.saves = 0
-    real_step, real_evaluate, real_save = trainer_module.optimizer_step, tasks_module.evaluate, trainer_module.save_checkpoint
+    real_step, real_evaluate, real_save = (
+        trainer_module.optimizer_step,
+        tasks_module.evaluate,
+        trainer_module.save_checkpoint,
+    )
 
     def timed_step(*args, **kwargs):
         result = real_step(*args, **kwargs)

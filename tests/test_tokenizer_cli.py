@@ -72,7 +72,9 @@ def test_sentencepiece_and_char_through_the_cli(corpus, tmp_path):
         trained = run("-m", "gptlab", *train, cwd=tmp_path)
         assert trained.returncode == 0, trained.stderr
         encoded = run("-m", "gptlab", "tokenizer", "encode", "hear me", "--tokenizer", str(out), cwd=tmp_path)
-        decoded = run("-m", "gptlab", "tokenizer", "decode", encoded.stdout.strip(), "--tokenizer", str(out), cwd=tmp_path)
+        decoded = run(
+            "-m", "gptlab", "tokenizer", "decode", encoded.stdout.strip(), "--tokenizer", str(out), cwd=tmp_path
+        )
         assert decoded.stdout == "hear me\n", decoded.stderr
 
 
@@ -127,7 +129,9 @@ def test_use_errors_fail_cleanly(corpus, tmp_path):
     assert_clean_failure(run(*use, "decode", "[1, 99999]", "--tokenizer", "corpus", cwd=tmp_path), "99999")
     assert_clean_failure(run(*use, "decode", "1, two", "--tokenizer", "corpus", cwd=tmp_path), "[1, 2, 3]")
     assert_clean_failure(run(*use, "info", "--tokenizer", "nowhere", cwd=tmp_path), "not found")
-    assert_clean_failure(run(*use, "info", "--tokenizer", "nowhere", "--type", "sentencepiece", cwd=tmp_path), "not found")
+    assert_clean_failure(
+        run(*use, "info", "--tokenizer", "nowhere", "--type", "sentencepiece", cwd=tmp_path), "not found"
+    )
     (tmp_path / "corpus" / "vocab.json").unlink()
     assert_clean_failure(run(*use, "info", "--tokenizer", "corpus", cwd=tmp_path), "vocab.json")
     (tmp_path / "corpus" / "vocab.json").write_text("{not json")

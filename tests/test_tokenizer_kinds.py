@@ -16,8 +16,6 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
-
 from gptlab.errors import GptlabError
 from gptlab.text_stream import TextStream
 from gptlab.tokenizers import (
@@ -35,6 +33,8 @@ from gptlab.tokenizers import (
 )
 from gptlab.tokenizers.corpus import read_corpus
 from gptlab.tokenizers.tiktoken_adapter import KNOWN_ENCODINGS
+
+from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
 
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 

@@ -9,7 +9,6 @@ import os
 import signal
 
 import pytest
-from helpers import ByteTokenizer
 import torch
 
 import gptlab.training.tasks as tasks_module
@@ -21,6 +20,7 @@ from gptlab.models import GPT
 from gptlab.training import evaluate, load_checkpoint, load_model, train
 from gptlab.training.stop_request import StopRequest
 
+from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("knows_test_tokenizer")  # see conftest.py
 
@@ -266,7 +266,10 @@ def test_a_process_told_to_ignore_ctrl_c_goes_on_ignoring_it():
     [
         ({"seed": 5}, "trained with other seed"),
         ({"shuffle": False}, "trained with other shuffle"),
-        ({"train_text": "other words entirely. " * 40}, r"trained with other training data \([\d,]+ tokens; this run's has"),
+        (
+            {"train_text": "other words entirely. " * 40},
+            r"trained with other training data \([\d,]+ tokens; this run's has",
+        ),
     ],
 )
 def test_resume_refuses_other_data_or_order(tmp_path, corpus, change, message):
@@ -279,7 +282,9 @@ def test_resume_refuses_other_data_or_order(tmp_path, corpus, change, message):
         train_path = tmp_path / "other.txt"
         train_path.write_text(change["train_text"])
     with pytest.raises(GptlabError, match=message):
-        train(model_cfg, data_cfg, train_cfg, ByteTokenizer(), train_path, progress=False, resume=first.final_checkpoint)
+        train(
+            model_cfg, data_cfg, train_cfg, ByteTokenizer(), train_path, progress=False, resume=first.final_checkpoint
+        )
 
 
 def test_resume_refuses_a_checkpoint_without_random_states(tmp_path, corpus):
@@ -297,9 +302,14 @@ def test_resume_refuses_another_model(tmp_path, corpus):
     model_cfg, data_cfg, train_cfg = configs(tmp_path)
     with pytest.raises(GptlabError, match="trained with other embed_dim"):
         train(
-            model_cfg.model_copy(update={"embed_dim": 64}), data_cfg, train_cfg, ByteTokenizer(), *corpus,
-            progress=False, resume=first.final_checkpoint,
-        )  # fmt: skip
+            model_cfg.model_copy(update={"embed_dim": 64}),
+            data_cfg,
+            train_cfg,
+            ByteTokenizer(),
+            *corpus,
+            progress=False,
+            resume=first.final_checkpoint,
+        )
 
 
 # ---- gradient accumulation ------------------------------------------------------------------------
@@ -308,9 +318,12 @@ def test_accumulating_4_micro_batches_of_2_equals_one_batch_of_8(tmp_path, corpu
     big_cfg = train_cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "a")})
     big = train_fn(model_cfg, DatasetConfig(batch_size=8), big_cfg, corpus, False)
     accumulated = train_fn(
-        model_cfg, DatasetConfig(batch_size=2),
-        train_cfg.model_copy(update={"grad_accum_steps": 4, "checkpoint_dir": str(tmp_path / "b")}), corpus, False,
-    )  # fmt: skip
+        model_cfg,
+        DatasetConfig(batch_size=2),
+        train_cfg.model_copy(update={"grad_accum_steps": 4, "checkpoint_dir": str(tmp_path / "b")}),
+        corpus,
+        False,
+    )
     a, b = load_checkpoint(big.final_checkpoint), load_checkpoint(accumulated.final_checkpoint)
     # Gradients agree to float32 roundoff (see the next test); Adam divides by sqrt(v), which
     # magnifies that roundoff in the embedding rows of tokens that barely occur: hence 1e-5 here.
@@ -382,15 +395,25 @@ def test_muon_trains_saves_both_optimizers_and_resumes_exactly(tmp_path, corpus)
     _, _, first_cfg = configs(tmp_path / "parts", optimizer="muon", max_steps=3, eval_interval=100)
     first = train_fn(model_cfg, data_cfg, first_cfg, corpus)
     rest = train(
-        model_cfg, data_cfg, first_cfg.model_copy(update={"max_steps": 6}), ByteTokenizer(), *corpus,
-        progress=False, resume=first.final_checkpoint,
-    )  # fmt: skip
+        model_cfg,
+        data_cfg,
+        first_cfg.model_copy(update={"max_steps": 6}),
+        ByteTokenizer(),
+        *corpus,
+        progress=False,
+        resume=first.final_checkpoint,
+    )
     a, b = load_checkpoint(whole.final_checkpoint), load_checkpoint(rest.final_checkpoint)
     for name, tensor in a.model_state.items():
         assert torch.equal(b.model_state[name], tensor), name
 
     with pytest.raises(GptlabError, match="trained with optimizer\\(s\\) adamw, muon.*resume with the --optimizer"):
         train(
-            model_cfg, data_cfg, first_cfg.model_copy(update={"optimizer": "adamw", "max_steps": 6}), ByteTokenizer(),
-            *corpus, progress=False, resume=first.final_checkpoint,
-        )  # fmt: skip
+            model_cfg,
+            data_cfg,
+            first_cfg.model_copy(update={"optimizer": "adamw", "max_steps": 6}),
+            ByteTokenizer(),
+            *corpus,
+            progress=False,
+            resume=first.final_checkpoint,
+        )

@@ -23,9 +23,15 @@ LETTERS = "abcdefgh"
 
 def tiny_config(**overrides) -> ModelConfig:
     settings = dict(
-        model="transformer", embed_dim=32, n_heads=4, num_layers=2, seq_len=12, max_source_len=16,
-        tgt_vocab_size=20, dropout=0.0,
-    )  # fmt: skip
+        model="transformer",
+        embed_dim=32,
+        n_heads=4,
+        num_layers=2,
+        seq_len=12,
+        max_source_len=16,
+        tgt_vocab_size=20,
+        dropout=0.0,
+    )
     return ModelConfig(**{**settings, **overrides})
 
 
@@ -256,10 +262,18 @@ def reversal_configs(tmp_path, **train_settings):
         model="transformer", embed_dim=64, n_heads=4, num_layers=2, seq_len=6, max_source_len=5, dropout=0.0
     )
     settings = dict(
-        epochs=12, learning_rate=3e-3, warmup_steps=30, eval_interval=1000, eval_batches=4, checkpoint_every=100,
-        experiment_name="reverse", checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "runs"),
-        device="cpu", seed=0,
-    )  # fmt: skip
+        epochs=12,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        eval_interval=1000,
+        eval_batches=4,
+        checkpoint_every=100,
+        experiment_name="reverse",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        log_dir=str(tmp_path / "runs"),
+        device="cpu",
+        seed=0,
+    )
     return model, DatasetConfig(batch_size=32), TrainConfig(**{**settings, **train_settings})
 
 

@@ -1,6 +1,6 @@
 """gptlab: train GPT language models from scratch, with a byte-level BPE tokenizer of its own.
 
-    from gptlab import load_tokenizer, train, load_model, generate
+from gptlab import load_tokenizer, train, load_model, generate
 """
 
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig

@@ -24,7 +24,12 @@ from gptlab.interop.cli_commands import add_export_parser
 from gptlab.multiple_choice_cli import add_multiple_choice_flags, run_multiple_choice
 from gptlab.plot import add_plot_parser
 from gptlab.presets import list_presets, load_preset
-from gptlab.seq2seq.cli import add_seq2seq_generate_flags, is_seq2seq_checkpoint, refuse_seq2seq_flags, run_generate_seq2seq
+from gptlab.seq2seq.cli import (
+    add_seq2seq_generate_flags,
+    is_seq2seq_checkpoint,
+    refuse_seq2seq_flags,
+    run_generate_seq2seq,
+)
 from gptlab.serve.cli_commands import add_serve_parser
 from gptlab.tokenizers import KINDS, Tokenizer, check_output_dir, load_tokenizer, save_tokenizer, train_tokenizer
 from gptlab.tokenizers.corpus import read_corpus
@@ -122,7 +127,7 @@ def parse_ids(text: str) -> list[int]:
     except ValueError:
         ids = None
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-        raise GptlabError(f"cannot read token ids from {text[:40]!r}; write them as a list like \"[1, 2, 3]\"")
+        raise GptlabError(f'cannot read token ids from {text[:40]!r}; write them as a list like "[1, 2, 3]"')
     return ids
 
 
@@ -140,7 +145,9 @@ def _tokenizer_info(args: argparse.Namespace) -> None:
 
 
 # ---- configs as flags ------------------------------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, *config_classes: type[BaseModel], skip: Sequence[str] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, *config_classes: type[BaseModel], skip: Sequence[str] = ()
+) -> None:
     """One --flag per config field, documented from the Pydantic model. Values stay strings
     (pydantic converts and validates them) and default to None, so only the flags a user typed
     override a --config file."""
@@ -168,14 +175,17 @@ def flag_values(args: argparse.Namespace, *config_classes: type[BaseModel]) -> d
 
 
 def add_tokenizer_flags(parser: argparse.ArgumentParser, flag: str = "--tokenizer", required: bool = True) -> None:
-    parser.add_argument(flag, required=required, help="tokenizer directory, .model/.tiktoken file or tiktoken encoding name")
+    parser.add_argument(
+        flag, required=required, help="tokenizer directory, .model/.tiktoken file or tiktoken encoding name"
+    )
     parser.add_argument("--tokenizer_type", choices=KINDS, help="tokenizer kind (default: detected from its files)")
 
 
 # ---- gptlab train ----------------------------------------------------------------------------
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a GPT on text files (or, with --model transformer, an encoder-decoder on pairs)",
+        "train",
+        help="train a GPT on text files (or, with --model transformer, an encoder-decoder on pairs)",
         description="Train a GPT on text (raw .txt is tokenized on the fly and cached next to it), or with "
         "--model transformer an encoder-decoder Transformer on TSV (source<TAB>target) or JSONL pairs.",
     )
@@ -183,15 +193,19 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train_data", required=True, help="a .txt file, a directory of them, or a prepared directory")
     parser.add_argument("--eval_data", help="held-out data, in the same forms (default: no evaluation)")
     parser.add_argument(
-        "--config", help="a preset name (see configs/: " + ", ".join(list_presets()) + ") or a YAML/JSON file "
+        "--config",
+        help="a preset name (see configs/: " + ", ".join(list_presets()) + ") or a YAML/JSON file "
         "of options; flags typed here override it",
     )
     parser.add_argument(
-        "--resume", help="continue from this checkpoint, or 'auto' for <checkpoint_dir>/<experiment_name>_latest.json "
+        "--resume",
+        help="continue from this checkpoint, or 'auto' for <checkpoint_dir>/<experiment_name>_latest.json "
         "(a fresh start if there is none): weights, optimizer, schedule, data position and random state",
     )
     parser.add_argument(
-        "--init_from", metavar="HF_DIR", help="fine-tune a local Hugging Face GPT-2 directory (its weights and "
+        "--init_from",
+        metavar="HF_DIR",
+        help="fine-tune a local Hugging Face GPT-2 directory (its weights and "
         "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes)",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
@@ -227,8 +241,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
     result = train(
-        model_cfg, data_cfg, train_cfg, tokenizer, args.train_data, args.eval_data,
-        progress=not args.no_progress, resume=args.resume, init_weights=init_weights,
+        model_cfg,
+        data_cfg,
+        train_cfg,
+        tokenizer,
+        args.train_data,
+        args.eval_data,
+        progress=not args.no_progress,
+        resume=args.resume,
+        init_weights=init_weights,
     )
     if is_main_process():  # under torchrun every rank returns here
         print_train_result(result)
@@ -251,19 +272,25 @@ def print_train_result(result) -> None:
 # ---- gptlab prepare --------------------------------------------------------------------------
 def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "prepare", help="tokenize text files into a token directory for training",
+        "prepare",
+        help="tokenize text files into a token directory for training",
         description=f"Tokenize text into token shards plus meta.json, with <EOS> after each file. {CORPUS_RULES}",
     )
     parser.add_argument(
-        "files", nargs="+",
+        "files",
+        nargs="+",
         help="text files or directories of .txt files (with --jsonl_field: JSONL files or directories of .jsonl files)",
     )
     add_tokenizer_flags(parser)
     parser.add_argument("--out", required=True, help="output directory (replaced only if it holds prepared data)")
     parser.add_argument(
-        "--workers", type=int, help="tokenizer processes (default: min(4, CPU count)); the output is the same for any count"
+        "--workers",
+        type=int,
+        help="tokenizer processes (default: min(4, CPU count)); the output is the same for any count",
     )
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="token ids per shard file (default: %(default)s)")
+    parser.add_argument(
+        "--shard_tokens", type=int, default=100_000_000, help="token ids per shard file (default: %(default)s)"
+    )
     parser.add_argument("--jsonl_field", help="read JSONL: one document a line, its text in this field (e.g. text)")
     parser.set_defaults(handler=_prepare)
 
@@ -273,7 +300,12 @@ def _prepare(args: argparse.Namespace) -> None:
 
     tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer)
     out = prepare(
-        args.files, tokenizer, args.out, shard_tokens=args.shard_tokens, workers=args.workers, jsonl_field=args.jsonl_field
+        args.files,
+        tokenizer,
+        args.out,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        jsonl_field=args.jsonl_field,
     )
     meta = TokenDataset(out, seq_len=1).meta
     print(f"{meta['num_tokens']:,} tokens ({meta['dtype']}) from {meta['num_bytes']:,} bytes, written to {out}")
@@ -281,22 +313,33 @@ def _prepare(args: argparse.Namespace) -> None:
 
 # ---- gptlab generate -------------------------------------------------------------------------
 # Flags the seed's generate.py required; now optional, and checked against the checkpoint.
-SHAPE_FLAGS = {"vocab_size": "tgt_vocab_size", "embed_dim": "embed_dim", "n_heads": "n_heads",
-               "num_layers": "num_layers", "seq_len": "seq_len"}
+SHAPE_FLAGS = {
+    "vocab_size": "tgt_vocab_size",
+    "embed_dim": "embed_dim",
+    "n_heads": "n_heads",
+    "num_layers": "num_layers",
+    "seq_len": "seq_len",
+}
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "generate", help="sample text from a trained GPT",
+        "generate",
+        help="sample text from a trained GPT",
         description="Sample text from a checkpoint, which carries the model's shape and its tokenizer.",
     )
-    parser.add_argument("--model_path", required=True, help="a .pth checkpoint, or a directory from `gptlab export --format safetensors`")
+    parser.add_argument(
+        "--model_path",
+        required=True,
+        help="a .pth checkpoint, or a directory from `gptlab export --format safetensors`",
+    )
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument("--length", "--max_new_tokens", dest="max_new_tokens", help="tokens to generate (default: 200)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     add_weights_dtype_flag(parser)
     parser.add_argument(
-        "--interactive", action="store_true",
+        "--interactive",
+        action="store_true",
         help="read prompts in a loop and stream each answer (an empty line or Ctrl-D quits, Ctrl-C stops an answer)",
     )
     add_config_flags(parser, SampleConfig, skip=("max_new_tokens",))
@@ -348,11 +391,13 @@ def _notice(message: str) -> None:
 
 def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
         help="precision of the weights while generating: bf16 reads half the memory per token (faster for larger "
         "models on GPUs; on CPUs usually slower than fp32), with slightly different logits; fp16 on GPUs only "
         "(default: fp32)",
-    )  # fmt: skip
+    )
 
 
 def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
@@ -396,23 +441,29 @@ def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, t
 # ---- gptlab eval -----------------------------------------------------------------------------
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="loss, perplexity and bits per byte of a GPT on some text, or its multiple-choice accuracy",
+        "eval",
+        help="loss, perplexity and bits per byte of a GPT on some text, or its multiple-choice accuracy",
         description="Evaluate a GPT on text: mean loss, perplexity and bits per byte (comparable across tokenizers); "
         "or with --task multiple_choice, accuracy and length-normalised accuracy on a JSONL file of questions "
         "(HellaSwag's format or {context, choices, answer}), scored as lm-evaluation-harness scores them.",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--model_path", required=True,
+        "--model_path",
+        required=True,
         help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors "
         "(--task multiple_choice also takes a Hugging Face GPT-2 directory)",
-    )  # fmt: skip
+    )
     parser.add_argument("--task", default="lm", choices=["lm", "multiple_choice"], help="what to measure (default: lm)")
     parser.add_argument(
-        "--data", required=True,
+        "--data",
+        required=True,
         help="lm: a .txt file, a directory of them, or a prepared directory; multiple_choice: a .jsonl file",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--batch_size", type=int, default=32, help="windows (lm) or choices (multiple_choice) per batch (default: %(default)s)"
+        "--batch_size",
+        type=int,
+        default=32,
+        help="windows (lm) or choices (multiple_choice) per batch (default: %(default)s)",
     )
     parser.add_argument("--max_batches", type=int, help="lm: evaluate on at most this many batches (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -433,8 +484,10 @@ def _eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_trained_model(args.model_path, device)
     dataset = TokenDataset(resolve_data(args.data, tokenizer), model.config.seq_len)
     result = evaluate(model, dataset, args.batch_size, args.max_batches, device)
-    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
-          f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)")
+    print(
+        f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  "
+        f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens:,} tokens)"
+    )
 
 
 # ---- the entry point -------------------------------------------------------------------------

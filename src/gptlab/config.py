@@ -114,7 +114,8 @@ class TrainConfig(_Config):
     eval_interval: int = Field(500, gt=0, description="Evaluate every this many steps (and at each epoch end).")
     eval_batches: int = Field(20, gt=0, description="Batches per evaluation.")
     eval_task: str | None = Field(
-        None, description="A multiple-choice .jsonl file (HellaSwag's or {context, choices, answer}) scored in full "
+        None,
+        description="A multiple-choice .jsonl file (HellaSwag's or {context, choices, answer}) scored in full "
         "at each evaluation (GPT only): acc and acc_norm beside the bits per byte.",
     )
     checkpoint_every: int = Field(5, gt=0, description="Save a checkpoint every this many epochs.")
@@ -181,14 +182,18 @@ class SampleConfig(_Config):
         None, ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one."
     )
     repetition_penalty: float = Field(
-        1.0, ge=0.01, le=1e30,  # beyond float32's range a logit of 0 times the penalty is NaN
+        1.0,
+        ge=0.01,
+        le=1e30,  # beyond float32's range a logit of 0 times the penalty is NaN
         description="Make tokens already in the text less likely (CTRL); 1 is off, 1.1-1.3 typical.",
     )
     greedy: bool = Field(False, description="Always take the most likely token.")
     num_samples: int = Field(1, gt=0, description="Independent samples of the same prompt, generated as one batch.")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Seed for reproducible samples.")
     window_keep: int | None = Field(
-        None, gt=0, description="When the text outgrows the context, continue from its last this many tokens "
+        None,
+        gt=0,
+        description="When the text outgrows the context, continue from its last this many tokens "
         "(default seq_len/2; seq_len = a sliding window, slower).",
     )
     stop: list[str] = Field(

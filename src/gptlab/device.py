@@ -71,7 +71,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type != "cuda":
-        raise GptlabError(f"--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only), not {device.type}; use bf16 or fp32")
+        raise GptlabError(
+            f"--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only), not {device.type}; use bf16 or fp32"
+        )
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise GptlabError("this GPU does not support bfloat16; use --dtype fp16 or fp32")
     if dtype != torch.float32 and device.type == "mps":

@@ -46,7 +46,9 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out)
     if out.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise GptlabError(f"{out} is the current directory or holds it, so it cannot be replaced; choose another directory")
+        raise GptlabError(
+            f"{out} is the current directory or holds it, so it cannot be replaced; choose another directory"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

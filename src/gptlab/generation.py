@@ -53,7 +53,7 @@ def generate_token_ids(
     # window (a full forward per step); the default seq_len // 2 costs one prefill per seq_len // 2 tokens.
     keep = window_keep(cfg, seq_len)
     if model.training and model.config.dropout > 0:
-        warnings.warn("the model is in training mode, so dropout changes what it generates; call model.eval() first")
+        warnings.warn("the model is in training mode, so dropout changes what it generates; call model.eval() first")  # noqa: B028 (a stacklevel would move where it is reported)
     if not prompts or any(not ids for ids in prompts) or max(len(ids) for ids in prompts) > seq_len:
         raise GptlabError(f"every prompt needs 1 to seq_len={seq_len} token ids; crop or fill it")
     device = next(model.parameters()).device

@@ -37,8 +37,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process
-        libc.gnu_get_libc_version  # glibc's own function: musl has a mallopt that does nothing
-        libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 glibc's own function: musl has a mallopt that does nothing
+        libc.mallopt  # noqa: B018 (only whether it exists matters)
     except (OSError, AttributeError):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -22,9 +22,10 @@ GPT2_SEPARATOR = "<|endoftext|>"
 def add_multiple_choice_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--task multiple_choice")
     group.add_argument(
-        "--output", metavar="FILE.jsonl",
+        "--output",
+        metavar="FILE.jsonl",
         help="also write each item's choice log-likelihoods and picks here (one JSON object per item)",
-    )  # fmt: skip
+    )
 
 
 def is_hf_directory(path: str | Path) -> bool:

@@ -132,14 +132,16 @@ def _image_format(out: Path) -> str:
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
     """`gptlab plot RUN_DIR [RUN_DIR ...] --out plot.png [--metric M] [--x step|time]`."""
     parser = subparsers.add_parser(
-        "plot", help="draw the loss or bits-per-byte curves of training runs to an image",
+        "plot",
+        help="draw the loss or bits-per-byte curves of training runs to an image",
         description="Read the TensorBoard logs of one or several runs and draw one metric of each, "
         "one line per run, to a PNG (or .svg/.pdf).",
     )
     parser.add_argument("runs", nargs="+", help="run directories, e.g. runs/<experiment_name>")
     parser.add_argument("--out", required=True, help="image to write: .png, .svg or .pdf")
     parser.add_argument(
-        "--metric", default="val/bpb",
+        "--metric",
+        default="val/bpb",
         help=f"a logged scalar: {', '.join(METRICS)}, or lr, tokens_per_s, grad_norm ... (default: %(default)s)",
     )
     parser.add_argument("--x", default="step", choices=X_AXES, help="x axis: optimizer steps or wall-clock seconds")

@@ -69,7 +69,9 @@ def read_choice_file(path: str | Path) -> list[ChoiceItem]:
             raise GptlabError(f"{where}: not valid JSON ({error.msg}); write one JSON object per line") from None
         if not isinstance(record, dict):
             raise GptlabError(f"{where}: not a JSON object; write one object per line")
-        items.append(_hellaswag_item(record, where, number) if "endings" in record else _generic_item(record, where, number))
+        items.append(
+            _hellaswag_item(record, where, number) if "endings" in record else _generic_item(record, where, number)
+        )
     if not items:
         raise GptlabError(f"{path} holds no items; write one JSON object per line")
     return items
@@ -79,7 +81,7 @@ def _generic_item(record: dict[str, Any], where: str, number: int) -> ChoiceItem
     missing = [name for name in GENERIC_FIELDS if name not in record]
     if missing:
         raise GptlabError(
-            f"{where}: missing field {missing[0]!r}; write {{\"context\", \"choices\", \"answer\"}} "
+            f'{where}: missing field {missing[0]!r}; write {{"context", "choices", "answer"}} '
             "(or HellaSwag's ctx/endings/label)"
         )
     context = record["context"]

@@ -23,7 +23,8 @@ FORMATS = ("hf", "safetensors", "gguf")
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     """`gptlab export --model_path X --format hf|safetensors|gguf --out PATH [--outtype T] [--force]`."""
     parser = subparsers.add_parser(
-        "export", help="write a trained GPT as a Hugging Face or safetensors directory, or a GGUF file",
+        "export",
+        help="write a trained GPT as a Hugging Face or safetensors directory, or a GGUF file",
         description=(
             "Export a model and its tokenizer. --format hf writes a directory that transformers' "
             "AutoModelForCausalLM and AutoTokenizer load offline (GPT-2 layout for learned positions + "
@@ -31,15 +32,19 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
             "gptlab's own directory (any model), which `gptlab generate --model_path DIR` reads. --format gguf "
             "writes one file for llama.cpp and Ollama (the same two layouts as hf; tokenizer included)."
         ),
-    )  # fmt: skip
+    )
     parser.add_argument("--model_path", required=True, help="a .pth checkpoint, or a gptlab safetensors directory")
     parser.add_argument(
-        "--format", default="hf", choices=FORMATS,
+        "--format",
+        default="hf",
+        choices=FORMATS,
         help="output format: hf and safetensors write a directory, gguf one file (default: %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument("--outtype", choices=OUTTYPES, help="gguf only: weight type (default: f32)")
     parser.add_argument(
-        "--out", required=True, help="output directory (new or empty unless --force), or the .gguf file (new unless --force)"
+        "--out",
+        required=True,
+        help="output directory (new or empty unless --force), or the .gguf file (new unless --force)",
     )
     parser.add_argument(
         "--force",
@@ -61,7 +66,9 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "gguf":
         outtype = args.outtype or "f32"
         architecture = export_gguf(model, tokenizer, args.out, outtype, force=args.force)
-        print(f"wrote {args.out} (GGUF {architecture}, {outtype}, {model.num_params():,} parameters, {tokenizer.kind} tokenizer)")
+        print(
+            f"wrote {args.out} (GGUF {architecture}, {outtype}, {model.num_params():,} parameters, {tokenizer.kind} tokenizer)"
+        )
     elif args.format == "hf":
         architecture = export_hf(model, tokenizer, args.out, force=args.force)
         print(f"wrote {args.out} ({architecture}, {model.num_params():,} parameters, {tokenizer.kind} tokenizer)")

@@ -130,7 +130,9 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, outtype: str 
     bpe, pre = gguf_tokenizer(tokenizer)
     rows = model.config.tgt_vocab_size
     if tokenizer.vocab_size > rows:
-        raise GptlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {rows} rows; they do not belong together")
+        raise GptlabError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {rows} rows; they do not belong together"
+        )
     tensors = gpt2_tensors(model) if architecture == "gpt2" else llama_tensors(model)
 
     with atomic_path(out) as tmp:
@@ -178,13 +180,20 @@ def _add_tokenizer(writer, gguf: ModuleType, bpe: ByteLevelBPE, pre: str, rows: 
     for text, i in bpe.special_tokens.items():
         tokens[i], types[i] = text, gguf.TokenType.CONTROL
     if len(set(tokens)) != rows:
-        raise GptlabError("two token ids have the same text, which llama.cpp cannot tell apart; this tokenizer cannot go into GGUF")
+        raise GptlabError(
+            "two token ids have the same text, which llama.cpp cannot tell apart; this tokenizer cannot go into GGUF"
+        )
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([f"{token_to_text(left)} {token_to_text(right)}" for left, right in bpe.merges])
-    roles = {BOS: writer.add_bos_token_id, EOS: writer.add_eos_token_id, UNK: writer.add_unk_token_id, PAD: writer.add_pad_token_id}
+    roles = {
+        BOS: writer.add_bos_token_id,
+        EOS: writer.add_eos_token_id,
+        UNK: writer.add_unk_token_id,
+        PAD: writer.add_pad_token_id,
+    }
     for name, add in roles.items():
         if name in bpe.special_tokens:
             add(bpe.special_tokens[name])

@@ -95,7 +95,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise GptlabError(f"Hugging Face model directory {directory} not found; download it with {download}")
     path = directory / "config.json"
     if not path.is_file():
-        raise GptlabError(f"{directory} has no config.json, so it is not a Hugging Face model directory; try {download}")
+        raise GptlabError(
+            f"{directory} has no config.json, so it is not a Hugging Face model directory; try {download}"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -103,7 +105,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise GptlabError(f"{path} is not a JSON object; download the model again")
     if config.get("format") == "gptlab-safetensors":
-        raise GptlabError(f"{directory} is a gptlab safetensors directory, not a Hugging Face one; pass it as --model_path")
+        raise GptlabError(
+            f"{directory} is a gptlab safetensors directory, not a Hugging Face one; pass it as --model_path"
+        )
     if config.get("model_type") != "gpt2":
         found = config.get("model_type") or "unknown"
         architectures = ", ".join(config.get("architectures") or []) or "none named"
@@ -144,13 +148,19 @@ def gpt2_model_config(config: dict[str, Any], directory: Path) -> ModelConfig:
             expansion_factor=n_inner // embed_dim,
             dropout=float(config.get("resid_pdrop", 0.1)),
             norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
-            bias=True, pos_encoding="learned", norm="layernorm", activation="gelu", tie_embeddings=True,
-        )  # fmt: skip
+            bias=True,
+            pos_encoding="learned",
+            norm="layernorm",
+            activation="gelu",
+            tie_embeddings=True,
+        )
     except KeyError as missing:
         raise GptlabError(f"{directory}/config.json lacks {missing}; download the model again") from None
     except (TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError
         first = str(error).strip().splitlines()[0]
-        raise GptlabError(f"{directory}/config.json holds an invalid size ({first}); download the model again") from None
+        raise GptlabError(
+            f"{directory}/config.json holds an invalid size ({first}); download the model again"
+        ) from None
 
 
 # ---- weights ----------------------------------------------------------------------------------

@@ -108,7 +108,14 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
 
 
 def _added_token(content: str) -> dict:
-    return {"content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    return {
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def _tokenizer_json(vocab: dict[str, int], merges: list[str], pattern: str, specials: list[tuple[str, int]]) -> dict:

@@ -76,14 +76,18 @@ def is_safetensors_dir(path: str | Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_safetensors_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, ModelConfig]:
+def load_safetensors_dir(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer, ModelConfig]:
     """The GPT (on `device`, in eval mode), tokenizer and model config stored by export_safetensors().
 
     Raises GptlabError naming the missing or inconsistent file.
     """
     directory = Path(directory)
     config = read_config(directory)
-    model_cfg = validated_from(ModelConfig, config.get("model_config"), directory / CONFIG_FILE, "export the directory again")
+    model_cfg = validated_from(
+        ModelConfig, config.get("model_config"), directory / CONFIG_FILE, "export the directory again"
+    )
     tokenizer = _read_tokenizer(directory, config.get("tokenizer"))
     if model_cfg.tgt_vocab_size is None or model_cfg.tgt_vocab_size < tokenizer.vocab_size:
         raise GptlabError(
@@ -115,16 +119,24 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{directory} is not a gptlab safetensors directory{hint}; export one with gptlab export --format safetensors"
         )
     if not isinstance(config.get("version"), int) or config["version"] > VERSION:
-        raise GptlabError(f"{path} has version {config.get('version')!r}, this gptlab reads up to {VERSION}; upgrade gptlab")
+        raise GptlabError(
+            f"{path} has version {config.get('version')!r}, this gptlab reads up to {VERSION}; upgrade gptlab"
+        )
     return config
 
 
 def _read_tokenizer(directory: Path, entry: Any) -> Tokenizer:
-    if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or not isinstance(entry.get("files"), list):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("kind"), str)
+        or not isinstance(entry.get("files"), list)
+    ):
         raise GptlabError(f"{directory / CONFIG_FILE} lacks a valid tokenizer entry; export the directory again")
     folder = directory / TOKENIZER_DIR
     if not all(isinstance(name, str) and name == Path(name).name for name in entry["files"]):
-        raise GptlabError(f"{directory / CONFIG_FILE} names tokenizer files outside {folder}; export the directory again")
+        raise GptlabError(
+            f"{directory / CONFIG_FILE} names tokenizer files outside {folder}; export the directory again"
+        )
     missing = [name for name in entry["files"] if not (folder / name).is_file()]
     if missing:
         raise GptlabError(f"tokenizer file {folder / missing[0]} is missing; export the directory again")

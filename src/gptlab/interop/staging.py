@@ -17,7 +17,15 @@ from gptlab.errors import GptlabError
 
 # What export_hf writes: the model, its config and hf_tokenizer_files()'s names.
 HF_EXPORT_FILES = frozenset(
-    {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
 )
 SAFETENSORS_FORMAT = "gptlab-safetensors"  # safetensors_io.FORMAT (that module imports this one)
 
@@ -31,7 +39,9 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
         raise GptlabError(f"{out} is a file; choose another --out directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise GptlabError(f"{out} already exists and is not empty; choose another --out or pass --force to replace it")
+            raise GptlabError(
+                f"{out} already exists and is not empty; choose another --out or pass --force to replace it"
+            )
         foreign = foreign_entries(out)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

@@ -110,16 +110,20 @@ class GPT(nn.Module):
         summed = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return logits, summed / (flat != IGNORE_INDEX).sum().clamp(min=1)
 
-    def new_kv_cache(
-        self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None
-    ) -> KVCache:
+    def new_kv_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         """An empty KVCache for this model: `batch` rows of up to max_len (default seq_len) slots,
         on the model's device and in its dtype; pad (B,) counts each row's leading <PAD> slots."""
         cfg, weight = self.config, self.wte.weight
         return KVCache(
-            batch, cfg.num_layers, cfg.n_heads, max_len or cfg.seq_len, cfg.head_dim,
-            dtype=weight.dtype, device=weight.device, pad=pad,
-        )  # fmt: skip
+            batch,
+            cfg.num_layers,
+            cfg.n_heads,
+            max_len or cfg.seq_len,
+            cfg.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+            pad=pad,
+        )
 
     # ---- sizes and costs ---------------------------------------------------------------------
 

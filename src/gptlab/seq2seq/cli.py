@@ -22,9 +22,11 @@ def add_seq2seq_generate_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoder-decoder Transformer checkpoints")
     group.add_argument("--beam_size", type=int, default=1, help="beams of the search; 1 = greedy (default: 1)")
     group.add_argument(
-        "--length_penalty", type=float, default=1.0,
+        "--length_penalty",
+        type=float,
+        default=1.0,
         help="beam scores are logprob / length**this; 0 = raw logprob, more = longer targets (default: 1.0)",
-    )  # fmt: skip
+    )
 
 
 def is_seq2seq_checkpoint(path: str | Path) -> bool:
@@ -62,7 +64,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
             f"--{given[0]} applies to GPT checkpoints; a Transformer decodes greedily or with --beam_size N"
         )
     if not args.prompt:
-        raise GptlabError("a Transformer translates a source: pass it with --prompt \"source text\"")
+        raise GptlabError('a Transformer translates a source: pass it with --prompt "source text"')
     if args.beam_size < 1:
         raise GptlabError(f"--beam_size must be at least 1, got {args.beam_size}")
     max_len = _positive_int(args.max_new_tokens, "--max_new_tokens") if args.max_new_tokens is not None else None

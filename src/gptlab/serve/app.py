@@ -31,10 +31,10 @@ from gptlab.serve.guard import RequestGuard
 from gptlab.serve.prompts import check_prompt_bytes, encode_prompts, max_bytes_per_token
 from gptlab.serve.runner import Failed, Job, ModelRunner
 from gptlab.serve.schemas import (
+    UNSUPPORTED_FIELDS,
     ApiError,
     CompletionMeta,
     CompletionRequest,
-    UNSUPPORTED_FIELDS,
     ServeAccess,
     ServeLimits,
     choice,
@@ -154,14 +154,18 @@ def check_request_size(n_prompts: int, n: int, max_tokens: int, limits: ServeLim
         raise ApiError(400, "prompt is an empty list; send a string or a list of strings", param="prompt")
     if n_prompts * n > limits.max_choices:
         raise ApiError(
-            400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} completions; this server makes at most "
-            f"{limits.max_choices} per request (--max_choices): lower n or split the request", param="n",
-        )  # fmt: skip
+            400,
+            f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} completions; this server makes at most "
+            f"{limits.max_choices} per request (--max_choices): lower n or split the request",
+            param="n",
+        )
     if max_tokens > limits.max_tokens_limit:
         raise ApiError(
-            400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens_limit} "
-            "(--max_tokens_limit); ask for fewer", param="max_tokens",
-        )  # fmt: skip
+            400,
+            f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens_limit} "
+            "(--max_tokens_limit); ask for fewer",
+            param="max_tokens",
+        )
 
 
 async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:

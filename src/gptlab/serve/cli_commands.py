@@ -31,17 +31,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     from gptlab.cli import add_weights_dtype_flag  # here, not at the top: cli.py imports this module
 
     parser = subparsers.add_parser(
-        "serve", help="serve a GPT over HTTP: OpenAI-style completions API and a playground page",
+        "serve",
+        help="serve a GPT over HTTP: OpenAI-style completions API and a playground page",
         description=(
             "Load a checkpoint once and serve it: POST /v1/completions (OpenAI's completions request and "
-            "response, streamed as server-sent events with \"stream\": true), GET /health, GET /v1/models, "
+            'response, streamed as server-sent events with "stream": true), GET /health, GET /v1/models, '
             "and a page at / to try prompts in a browser."
         ),
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--model_path", required=True,
+        "--model_path",
+        required=True,
         help="a .pth checkpoint written by gptlab train, or a directory written by gptlab export --format safetensors",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)"
     )
@@ -55,16 +57,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         limits.add_argument(f"--{name}", type=kind, help=f"{field.description}{default}")
     access = parser.add_argument_group("who may use the server")
     access.add_argument(
-        "--api_key", default=os.environ.get(API_KEY_VARIABLE) or None,
+        "--api_key",
+        default=os.environ.get(API_KEY_VARIABLE) or None,
         help="require Authorization: Bearer KEY on every request but the page and /health (default: "
         f"${API_KEY_VARIABLE}, which keeps the key out of the process list; none: anyone who can connect may use it)",
-    )  # fmt: skip
+    )
     access.add_argument(
-        "--allowed_hosts", default="",
+        "--allowed_hosts",
+        default="",
         help="comma-separated host names or addresses that requests may name in their Host header, besides localhost, "
         "127.0.0.1, ::1 and the --host address; * for any (a browser page on another site could then reach the "
         "server through DNS rebinding)",
-    )  # fmt: skip
+    )
     parser.set_defaults(handler=_serve)
 
 

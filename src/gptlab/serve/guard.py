@@ -52,17 +52,20 @@ class RequestGuard:
             raise ApiError(400, "the request has no Host header; send one naming this server")
         if not self.access.allows_host(host):
             raise ApiError(
-                400, f"this server does not answer to the host name {host!r}; if that name is meant to reach it, "
+                400,
+                f"this server does not answer to the host name {host!r}; if that name is meant to reach it, "
                 f"start the server with --allowed_hosts {host_name(host)}",
-            )  # fmt: skip
+            )
 
     def check_key(self, authorization: str | None) -> None:
         scheme, _, key = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(
-                401, "this server needs an API key: send the header Authorization: Bearer KEY",
-                kind="invalid_request_error", code="invalid_api_key",
-            )  # fmt: skip
+                401,
+                "this server needs an API key: send the header Authorization: Bearer KEY",
+                kind="invalid_request_error",
+                code="invalid_api_key",
+            )
         # Constant time: how long a comparison takes must not reveal how much of a guess is right.
         if not hmac.compare_digest(key.strip().encode(), self.access.api_key.encode()):
             raise ApiError(401, "the API key is wrong; send the server's key", code="invalid_api_key")
@@ -76,9 +79,11 @@ class RequestGuard:
             return await asyncio.wait_for(read_at_most(receive, limit), self.limits.body_timeout)
         except asyncio.TimeoutError:
             raise ApiError(
-                408, f"the request body did not arrive within {self.limits.body_timeout:g} s (--body_timeout); "
-                "send it at once", close=True,
-            ) from None  # fmt: skip
+                408,
+                f"the request body did not arrive within {self.limits.body_timeout:g} s (--body_timeout); "
+                "send it at once",
+                close=True,
+            ) from None
 
 
 async def read_at_most(receive: Receive, limit: int) -> bytes:
@@ -101,9 +106,11 @@ async def read_at_most(receive: Receive, limit: int) -> bytes:
 def body_too_large(size: int | None, limit: int) -> ApiError:
     what = f"{size:,} bytes" if size is not None else "longer than that"
     return ApiError(
-        413, f"the request body is {what}; this server reads at most {limit:,} (--max_body_bytes): "
-        "send a shorter prompt or fewer prompts", close=True,
-    )  # fmt: skip
+        413,
+        f"the request body is {what}; this server reads at most {limit:,} (--max_body_bytes): "
+        "send a shorter prompt or fewer prompts",
+        close=True,
+    )
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -47,10 +47,11 @@ def check_prompt_bytes(prompts: Sequence[str], max_prompt_tokens: int, bytes_per
         # Each character takes 1 to 4 bytes: most prompts are decided without encoding them.
         if len(prompt) * 4 > limit and (size := len(utf8_bytes(prompt))) > limit:
             raise ApiError(
-                400, f"{prompt_name(i, len(prompts))} is {size:,} bytes, more than {max_prompt_tokens} tokens can hold "
+                400,
+                f"{prompt_name(i, len(prompts))} is {size:,} bytes, more than {max_prompt_tokens} tokens can hold "
                 f"(this tokenizer's longest token is {bytes_per_token} bytes; --max_prompt_tokens); shorten it",
                 param="prompt",
-            )  # fmt: skip
+            )
 
 
 def encode_prompts(
@@ -66,9 +67,11 @@ def encode_prompts(
         ids = tokenizer.encode(prompt)
         if len(ids) > max_prompt_tokens:
             raise ApiError(
-                400, f"{prompt_name(i, len(prompts))} is {len(ids)} tokens, over this server's limit of "
-                f"{max_prompt_tokens} (--max_prompt_tokens); shorten it", param="prompt",
-            )  # fmt: skip
+                400,
+                f"{prompt_name(i, len(prompts))} is {len(ids)} tokens, over this server's limit of "
+                f"{max_prompt_tokens} (--max_prompt_tokens); shorten it",
+                param="prompt",
+            )
         if len(ids) > seq_len:
             log.info("prompt of %d tokens: keeping its last %d (the model's context)", len(ids), seq_len)
         encoded.append(ids[-seq_len:] or [tokenizer.eos_id])

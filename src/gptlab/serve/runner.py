@@ -85,9 +85,11 @@ class ModelRunner:
         with self._lock:
             if len(self._jobs) >= self.capacity:
                 raise ApiError(
-                    429, f"the server is busy: {len(self._jobs)} requests in flight, the most it takes "
-                    "(--max_concurrent); retry later", kind="rate_limit_error",
-                )  # fmt: skip
+                    429,
+                    f"the server is busy: {len(self._jobs)} requests in flight, the most it takes "
+                    "(--max_concurrent); retry later",
+                    kind="rate_limit_error",
+                )
             self._jobs.add(job)
         return job
 

@@ -149,7 +149,9 @@ class CompletionRequest(StrictObject):
                 hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
                 raise ApiError(400, f"{name} is not supported by this server (leave it out){hint}", param=name)
         if self.best_of not in (None, self.n):
-            raise ApiError(400, "best_of is not supported by this server (leave it out, or equal to n)", param="best_of")
+            raise ApiError(
+                400, "best_of is not supported by this server (leave it out, or equal to n)", param="best_of"
+            )
         values: dict[str, Any] = {
             "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,

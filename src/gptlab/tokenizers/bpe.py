@@ -47,13 +47,15 @@ CHUNK_CACHE_SIZE = 1 << 16  # recently seen chunks the reference encoder remembe
 
 
 def resolve_pattern(pattern: str) -> str:
-    """"gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile or can take
+    """ "gpt4" | "gpt2" | a regex -> the regex; GptlabError if it does not compile or can take
     exponential time (pattern_safety.py)."""
     pattern = PATTERNS.get(pattern, pattern)
     try:
         regex.compile(pattern)
     except regex.error as error:
-        raise GptlabError(f"split pattern {pattern!r} is not a valid regex ({error}); use 'gpt4', 'gpt2' or fix it") from None
+        raise GptlabError(
+            f"split pattern {pattern!r} is not a valid regex ({error}); use 'gpt4', 'gpt2' or fix it"
+        ) from None
     check_pattern_safety(pattern)
     return pattern
 
@@ -72,14 +74,20 @@ def check_new_pattern(pattern: str) -> str:
         return pattern
     fix = "use 'gpt4', 'gpt2' or fix it"
     try:
-        tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+        tiktoken.Encoding(
+            "probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={}
+        )
     except ValueError as error:
-        raise GptlabError(f"split pattern {pattern!r} does not compile in tiktoken, which encodes ({error}); {fix}") from None
+        raise GptlabError(
+            f"split pattern {pattern!r} does not compile in tiktoken, which encodes ({error}); {fix}"
+        ) from None
     pieces = [match.group() for match in regex.finditer(pattern, PATTERN_PROBE)]
     if "" in pieces:
         raise GptlabError(f"split pattern {pattern!r} can match empty text, which cannot be a token; {fix}")
     if "".join(pieces) != PATTERN_PROBE:
-        raise GptlabError(f"split pattern {pattern!r} leaves some characters out of every piece, so text would be lost; {fix}")
+        raise GptlabError(
+            f"split pattern {pattern!r} leaves some characters out of every piece, so text would be lost; {fix}"
+        )
     return pattern
 
 
@@ -96,7 +104,9 @@ class BPETokenizer(Tokenizer):
         for rank, (a, b) in enumerate(self._merges):
             new_id = 256 + rank
             if not (0 <= a < new_id and 0 <= b < new_id):
-                raise GptlabError(f"merge {rank} ({a}, {b}) uses a token that does not exist yet; re-train the tokenizer")
+                raise GptlabError(
+                    f"merge {rank} ({a}, {b}) uses a token that does not exist yet; re-train the tokenizer"
+                )
             self._token_bytes.append(self._token_bytes[a] + self._token_bytes[b])
         # Token bytes -> id; the ranks tiktoken merges by (lower id = earlier merge).
         self._ranks = {token: i for i, token in enumerate(self._token_bytes)}
@@ -111,15 +121,15 @@ class BPETokenizer(Tokenizer):
 
     # ---- training ------------------------------------------------------------------------
     @classmethod
-    def train(
-        cls, texts: Iterable[str], vocab_size: int, pattern: str = "gpt4", progress: bool = True
-    ) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = "gpt4", progress: bool = True) -> BPETokenizer:
         """Learn a tokenizer of exactly `vocab_size` ids (the 4 special tokens included) from
         `texts`, an iterable of documents. If the corpus runs out of pairs occurring twice first,
         warn and return the smaller tokenizer."""
         smallest = 256 + len(SPECIAL_TOKENS)
         if vocab_size < smallest:
-            raise GptlabError(f"vocab_size {vocab_size} is too small: use at least {smallest} (256 bytes + 4 special tokens)")
+            raise GptlabError(
+                f"vocab_size {vocab_size} is too small: use at least {smallest} (256 bytes + 4 special tokens)"
+            )
         if vocab_size > MAX_VOCAB_SIZE:
             raise GptlabError(f"vocab_size {vocab_size} is too large: use at most {MAX_VOCAB_SIZE}")
         pattern = check_new_pattern(pattern)
@@ -233,7 +243,9 @@ class BPETokenizer(Tokenizer):
                     special_tokens=self._special_tokens,
                 )
             except ValueError as error:  # tiktoken's regex engine knows less syntax than `regex`
-                raise GptlabError(f"tiktoken cannot compile the split pattern ({error}); use 'gpt4', 'gpt2' or a simpler regex") from None
+                raise GptlabError(
+                    f"tiktoken cannot compile the split pattern ({error}); use 'gpt4', 'gpt2' or a simpler regex"
+                ) from None
         return self._engine
 
     # ---- files ----------------------------------------------------------------------------
@@ -265,7 +277,9 @@ class BPETokenizer(Tokenizer):
                 raise GptlabError(f"merges.txt line {rank + 2} does not match vocab.json; save the tokenizer again")
             merges.append((vocab[left], vocab[right]))
         if len(vocab) != 256 + len(merges) or any(vocab.get(bytes([b])) != b for b in range(256)):
-            raise GptlabError("vocab.json does not hold exactly the 256 bytes and one token per merge; save the tokenizer again")
+            raise GptlabError(
+                "vocab.json does not hold exactly the 256 bytes and one token per merge; save the tokenizer again"
+            )
         tokenizer = cls(merges, config["pattern"])
         if config["special_tokens"] != tokenizer._special_tokens:
             raise GptlabError(f"{CONFIG_FILE}: special token ids do not follow the merges; save the tokenizer again")
@@ -322,7 +336,9 @@ def _read_config(data: bytes) -> dict:
     if not isinstance(config, dict) or config.get("kind") != BPETokenizer.kind:
         raise GptlabError(f"{CONFIG_FILE} is not a 'default' (BPE) tokenizer config; load it with its own kind")
     if config.get("format_version") != FORMAT_VERSION:
-        raise GptlabError(f"{CONFIG_FILE} has format version {config.get('format_version')}, expected {FORMAT_VERSION}; save it again")
+        raise GptlabError(
+            f"{CONFIG_FILE} has format version {config.get('format_version')}, expected {FORMAT_VERSION}; save it again"
+        )
     if not isinstance(config.get("pattern"), str) or not isinstance(config.get("special_tokens"), dict):
         raise GptlabError(f"{CONFIG_FILE} lacks 'pattern' or 'special_tokens'; save the tokenizer again")
     return config

@@ -104,7 +104,10 @@ def read_merges_txt(data: bytes) -> list[tuple[bytes, bytes]]:
 # ---- .tiktoken ranks ---------------------------------------------------------------------------
 def write_tiktoken(ranks: dict[bytes, int]) -> bytes:
     """tiktoken's rank file: `base64(token) rank` per line, by rank."""
-    lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    lines = [
+        f"{base64.b64encode(token).decode('ascii')} {rank}"
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ]
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
@@ -118,7 +121,9 @@ def read_tiktoken(data: bytes, file_name: str) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except (ValueError, binascii.Error):
-            raise GptlabError(f"{file_name} line {number} is not `base64-token rank`; use a tiktoken rank file") from None
+            raise GptlabError(
+                f"{file_name} line {number} is not `base64-token rank`; use a tiktoken rank file"
+            ) from None
     if not ranks:
         raise GptlabError(f"{file_name} holds no tokens; use a tiktoken rank file")
     return ranks

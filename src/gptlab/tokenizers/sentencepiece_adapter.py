@@ -161,4 +161,3 @@ class SentencePieceTokenizer(Tokenizer):
         if len(models) == 1:
             return cls(files[models[0]])
         raise GptlabError(f"expected one sentencepiece .model file, found {len(models)}; retrain the tokenizer")
-

@@ -17,8 +17,8 @@ import tiktoken
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, engine_errors
 from gptlab.tokenizers.bpe import GPT4_PATTERN, resolve_pattern
-from gptlab.tokenizers.pattern_safety import check_pattern_safety
 from gptlab.tokenizers.byte_level import read_tiktoken, write_tiktoken
+from gptlab.tokenizers.pattern_safety import check_pattern_safety
 
 RANKS_FILE = "ranks.tiktoken"
 CONFIG_FILE = "tiktoken_config.json"

@@ -10,8 +10,9 @@ dropout masks a row gets depend on where it runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -59,9 +60,7 @@ class RankMicroBatches:
     """A view of a dataset for data.iterate_batches: batch(indices of one step batch) returns this
     rank's list of MicroBatch, reading only this rank's rows from disk."""
 
-    def __init__(
-        self, dataset: Any, micro_batch: int, rank: int, world_size: int, count_targets: Callable[[Any], int]
-    ):
+    def __init__(self, dataset: Any, micro_batch: int, rank: int, world_size: int, count_targets: Callable[[Any], int]):
         self.dataset, self.micro_batch = dataset, micro_batch
         self.rank, self.world_size = rank, world_size
         self.count_targets = count_targets

@@ -158,9 +158,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     return _built(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
-def load_transformer(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Transformer, Tokenizer, Checkpoint]:
+def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Checkpoint]:
     """The encoder-decoder Transformer stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
     if checkpoint.model_type != "transformer":
@@ -195,7 +193,9 @@ def build_with_weights(
         with torch.device("meta"):
             skeleton = cls(config)
     except (RuntimeError, ValueError) as err:  # sizes whose byte count overflows even on meta
-        raise GptlabError(f"{path}: its model config describes an impossible model ({_first_line(err)}); re-save it") from None
+        raise GptlabError(
+            f"{path}: its model config describes an impossible model ({_first_line(err)}); re-save it"
+        ) from None
     check_weights(skeleton, state, path)
     size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     try:
@@ -231,7 +231,12 @@ def check_weights(model: nn.Module, state: Any, path: str | Path, *, exact_dtype
     ]  # fmt: skip
     problems = [
         f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape:", reshaped), ("wrong dtype:", retyped))
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape:", reshaped),
+            ("wrong dtype:", retyped),
+        )
         if keys
     ]
     if problems:
@@ -350,7 +355,9 @@ def _read_torch_file(path: Path, map_location: str | torch.device) -> Any:
             reason = "it is truncated or not a torch file"
         else:
             reason = f"it is not a torch file ({type(err).__name__})"
-        raise GptlabError(f"{path} is not a readable gptlab checkpoint: {reason}; pass a .pth written by gptlab train") from None
+        raise GptlabError(
+            f"{path} is not a readable gptlab checkpoint: {reason}; pass a .pth written by gptlab train"
+        ) from None
 
 
 def _config(cls: type, values: Any, path: Path) -> Any:

@@ -25,7 +25,9 @@ def check_fields(raw: dict[str, Any], path: Path) -> None:
     _count(raw["step"], "step", path)
     _count(raw["epoch"], "epoch", path)
     state = raw["model"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         _bad(path, "model", "is not a dict of named tensors")
     if raw.get("optimizer") is not None:
         check_optimizer_state(raw["optimizer"], path)
@@ -77,10 +79,18 @@ def check_optimizer_state(state: Any, path: Path) -> None:
 
 
 def _check_torch_optimizer(state: Any, path: Path, field: str) -> None:
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or not isinstance(state.get("param_groups"), list):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), list)
+    ):
         _bad(path, field, "is not an optimizer state (a dict with 'state' and 'param_groups')")
     for group in state["param_groups"]:
-        if not (isinstance(group, dict) and isinstance(group.get("params"), list) and all(_is_int(i) for i in group["params"])):
+        if not (
+            isinstance(group, dict)
+            and isinstance(group.get("params"), list)
+            and all(_is_int(i) for i in group["params"])
+        ):
             _bad(path, f"{field}.param_groups", "holds a group without a list of parameter ids")
     for key, values in state["state"].items():
         if not isinstance(values, dict) or not all(
@@ -107,7 +117,9 @@ def check_rng_state(rng: Any, path: Path, field: str) -> None:
             _bad(path, f"{field}.numpy.keys", "holds values outside 0..2**32-1")
         _count(numpy_state.get("pos"), f"{field}.numpy.pos", path, 0, MT_KEYS)
         _count(numpy_state.get("has_gauss"), f"{field}.numpy.has_gauss", path, 0, 1)
-        if not isinstance(numpy_state.get("cached_gaussian"), float | int) or isinstance(numpy_state["cached_gaussian"], bool):
+        if not isinstance(numpy_state.get("cached_gaussian"), float | int) or isinstance(
+            numpy_state["cached_gaussian"], bool
+        ):
             _bad(path, f"{field}.numpy.cached_gaussian", "is not a number")
     python_state = rng.get("python")
     if python_state is not None:
@@ -151,4 +163,6 @@ def _shown(value: Any) -> str:
 
 
 def _bad(path: Path, field: str, problem: str) -> NoReturn:
-    raise GptlabError(f"{path}: field {field!r} {problem}; the checkpoint is damaged, resume from another one or re-save it")
+    raise GptlabError(
+        f"{path}: field {field!r} {problem}; the checkpoint is damaged, resume from another one or re-save it"
+    )

@@ -58,7 +58,9 @@ def setup(cfg: TrainConfig) -> tuple[World, torch.device]:
     cuda:LOCAL_RANK on GPUs, else the device cfg.device names."""
     if not launched_by_torchrun():
         if cfg.fsdp:
-            raise GptlabError(f"--fsdp shards a model across processes started by torchrun; launch with {TORCHRUN_HINT}")
+            raise GptlabError(
+                f"--fsdp shards a model across processes started by torchrun; launch with {TORCHRUN_HINT}"
+            )
         return World(), resolve_device(cfg.device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -67,7 +69,9 @@ def setup(cfg: TrainConfig) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return World(rank, world_size, local_rank, cfg.fsdp), device
 
 

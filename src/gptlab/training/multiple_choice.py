@@ -114,7 +114,12 @@ class ChoiceTask:
     """A multiple-choice set tokenized once for a model of context `seq_len`; evaluate() scores it."""
 
     def __init__(
-        self, items: Sequence[ChoiceItem], tokenizer: Tokenizer, seq_len: int, prefix_id: int | None = None, source: str = ""
+        self,
+        items: Sequence[ChoiceItem],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        prefix_id: int | None = None,
+        source: str = "",
     ):
         self.items = list(items)
         self.pad_id = tokenizer.pad_id
@@ -132,7 +137,9 @@ class ChoiceTask:
                 self.requests.append(ChoiceRequest(index, ids, len(continuation_ids)))
 
     @classmethod
-    def from_file(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int, prefix_id: int | None = None) -> ChoiceTask:
+    def from_file(
+        cls, path: str | Path, tokenizer: Tokenizer, seq_len: int, prefix_id: int | None = None
+    ) -> ChoiceTask:
         """The items of a JSONL file (data/choice_files.py), tokenized; GptlabError naming a bad line."""
         return cls(read_choice_file(path), tokenizer, seq_len, prefix_id, source=str(path))
 

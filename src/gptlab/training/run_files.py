@@ -50,7 +50,9 @@ def find_latest(checkpoint_dir: Path, experiment: str) -> Path | None:
     try:
         name = json.loads(pointer.read_text())["checkpoint"]
     except (ValueError, KeyError, TypeError):
-        raise GptlabError(f"{pointer} is not a valid latest-checkpoint pointer; delete it or pass --resume PATH") from None
+        raise GptlabError(
+            f"{pointer} is not a valid latest-checkpoint pointer; delete it or pass --resume PATH"
+        ) from None
     path = checkpoint_dir / Path(name).name
     if not path.is_file():
         raise GptlabError(f"{pointer} names {path}, which no longer exists; pass --resume PATH of another checkpoint")

@@ -15,7 +15,9 @@ class RunLog:
     """The run's outputs under <log_dir>/<experiment>/. A resumed run (resume_step set) drops what
     its first run logged after the checkpoint, in TensorBoard and in metrics.jsonl alike."""
 
-    def __init__(self, log_dir: Path, active: bool, progress: bool, total_steps: int, step: int, resume_step: int | None):
+    def __init__(
+        self, log_dir: Path, active: bool, progress: bool, total_steps: int, step: int, resume_step: int | None
+    ):
         self.active = active
         self.writer = self.step_log = None
         if active:
@@ -23,7 +25,9 @@ class RunLog:
 
             self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
             self.step_log = StepLog(log_dir / "metrics.jsonl", resume_step)
-        self.bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and active), dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=step, unit="step", disable=not (progress and active), dynamic_ncols=True
+        )
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         """TensorBoard scalars at `step` (None values are left out)."""

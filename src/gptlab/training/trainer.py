@@ -240,18 +240,28 @@ class Trainer:
         """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
         checkpoint = load_checkpoint(path)
         check_resumable(
-            checkpoint, path, self.model_cfg, self.data_cfg, self.tokenizer, self.step_batch,
-            seed=self.train_cfg.seed, train_tokens=self.train_set.num_tokens,
-        )  # fmt: skip
+            checkpoint,
+            path,
+            self.model_cfg,
+            self.data_cfg,
+            self.tokenizer,
+            self.step_batch,
+            seed=self.train_cfg.seed,
+            train_tokens=self.train_set.num_tokens,
+        )
         rng = checkpoint.raw.get("rng")
         if not isinstance(rng, dict):
-            raise GptlabError(f"{path} holds no random generator states, so it cannot be resumed exactly; train from scratch")
+            raise GptlabError(
+                f"{path} holds no random generator states, so it cannot be resumed exactly; train from scratch"
+            )
         if not self.world.fsdp:
             load_weights(self.plain_model, checkpoint.model_state, path)
         else:
             distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
         with restoring(path, "optimizer"):
-            distributed.load_full_optimizer_state(self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world)
+            distributed.load_full_optimizer_state(
+                self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world
+            )
         with restoring(path, "extra.grad_scaler"):
             self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
         rank_rngs = checkpoint.extra.get("rank_rng")  # one per rank, saved by a run under torchrun
@@ -262,7 +272,9 @@ class Trainer:
             with restoring(path, "rng"):
                 restore_rng_state(rng)
             if self.world.distributed:  # another process count: not exact anyway, but masks differ per rank
-                torch.manual_seed(((self.train_cfg.seed + checkpoint.step) * self.world.world_size + self.world.rank) % 2**63)
+                torch.manual_seed(
+                    ((self.train_cfg.seed + checkpoint.step) * self.world.world_size + self.world.rank) % 2**63
+                )
         self.step, self.epoch = checkpoint.step, checkpoint.epoch
         self.tokens_seen = int(checkpoint.extra.get("tokens_seen", 0))
         self.epoch_batches_done = int(checkpoint.extra.get("epoch_batches_done", self.batches_per_epoch))
@@ -349,7 +361,12 @@ class Trainer:
             self.epoch = epoch
             self.epoch_batches_done = self.start_batch if self.epoch == self.start_epoch else 0
             for micro_batches in iterate_batches(
-                rows, self.step_batch, self.data_cfg.shuffle, seed=cfg.seed, epoch=epoch, start_batch=self.epoch_batches_done
+                rows,
+                self.step_batch,
+                self.data_cfg.shuffle,
+                seed=cfg.seed,
+                epoch=epoch,
+                start_batch=self.epoch_batches_done,
             ):
                 self._train_step(micro_batches)
                 epoch_done = self.epoch_batches_done >= self.batches_per_epoch
@@ -382,9 +399,15 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.last_lr = lr
         result = optimizer_step(
-            self.model, self.task, micro_batches, self.optimizer, self.precision, self.world, self.device,
+            self.model,
+            self.task,
+            micro_batches,
+            self.optimizer,
+            self.precision,
+            self.world,
+            self.device,
             self.train_cfg.grad_clip,
-        )  # fmt: skip
+        )
         self.throughput.stop(result.tokens)
         self.step += 1
         self.epoch_batches_done += 1
@@ -453,7 +476,9 @@ class Trainer:
         """Score --eval_task with the unwrapped model (no DDP, no recompiles for its varying shapes;
         under FSDP2 it is the sharded module, so every rank takes part, as its forward needs)."""
         started = time.perf_counter()
-        result = self.choice_task.evaluate(self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype)
+        result = self.choice_task.evaluate(
+            self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype
+        )
         self.excluded_seconds += time.perf_counter() - started
         self.last_task = result
         self.log.scalars(self.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
@@ -487,10 +512,18 @@ class Trainer:
             if self.world.distributed:
                 extra["rank_rng"] = rank_rngs
             save_checkpoint(
-                path, self.plain_model, self.tokenizer, self.model_cfg, self.data_cfg, cfg,
-                step=self.step, epoch=max(self.epoch, 1), extra=extra,
-                model_state=model_state, optimizer_state=optimizer_state,
-            )  # fmt: skip
+                path,
+                self.plain_model,
+                self.tokenizer,
+                self.model_cfg,
+                self.data_cfg,
+                cfg,
+                step=self.step,
+                epoch=max(self.epoch, 1),
+                extra=extra,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
+            )
             run_files.write_latest(directory, cfg.experiment_name, path, self.step, max(self.epoch, 1))
             if every_steps and cfg.keep_last is not None:
                 run_files.prune_step_checkpoints(directory, cfg.experiment_name, cfg.keep_last)
