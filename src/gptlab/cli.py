@@ -18,6 +18,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from gptlab.cli_common import (  # re-exported: other code imported them from here
+    SHAPE_FLAGS,
+    add_weights_dtype_flag,
+    check_against_checkpoint,
+    load_for_generation,
+    load_trained_model,
+)
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, validated
 from gptlab.errors import GptlabError
 from gptlab.interop.cli_commands import add_export_parser
@@ -312,16 +319,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 # ---- gptlab generate -------------------------------------------------------------------------
-# Flags the seed's generate.py required; now optional, and checked against the checkpoint.
-SHAPE_FLAGS = {
-    "vocab_size": "tgt_vocab_size",
-    "embed_dim": "embed_dim",
-    "n_heads": "n_heads",
-    "num_layers": "num_layers",
-    "seq_len": "seq_len",
-}
-
-
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -387,55 +384,6 @@ def print_samples(pieces: Iterable[tuple[int, str]], prompt: str, num_samples: i
 
 def _notice(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
-
-
-def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="precision of the weights while generating: bf16 reads half the memory per token (faster for larger "
-        "models on GPUs; on CPUs usually slower than fp32), with slightly different logits; fp16 on GPUs only "
-        "(default: fp32)",
-    )
-
-
-def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
-    """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export --format safetensors`."""
-    from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
-    from gptlab.training import load_model
-
-    if is_safetensors_dir(path):
-        model, tokenizer, _ = load_safetensors_dir(path, device)
-    else:
-        model, tokenizer, _ = load_model(path, device)
-    return model, tokenizer
-
-
-def load_for_generation(path: str, device_name: str, dtype_name: str) -> tuple[Any, Tokenizer]:
-    """load_trained_model, then ready_for_generation in the --dtype asked for (checked before the slow load)."""
-    from gptlab.device import resolve_device, weights_dtype
-    from gptlab.generation import ready_for_generation
-
-    device = resolve_device(device_name)
-    dtype = weights_dtype(dtype_name, device)
-    model, tokenizer = load_trained_model(path, device)
-    return ready_for_generation(model, dtype), tokenizer
-
-
-def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:
-    """The seed's shape flags and --tokenizer_path must agree with what the checkpoint holds."""
-    for flag, field in SHAPE_FLAGS.items():
-        given, stored = getattr(args, flag), getattr(model_cfg, field)
-        if given is not None and given != stored:
-            raise GptlabError(f"--{flag} {given} contradicts the checkpoint ({field} = {stored}); drop the flag")
-    if args.tokenizer_path:
-        given_tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_path)
-        if given_tokenizer.fingerprint() != tokenizer.fingerprint():
-            raise GptlabError(
-                f"--tokenizer_path {args.tokenizer_path} is not the tokenizer {args.model_path} was trained with; "
-                "drop the flag: the checkpoint carries its own tokenizer"
-            )
 
 
 # ---- gptlab eval -----------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def load_scoring_model(path: str, device) -> tuple[Any, Tokenizer, list[int], in
         model, tokenizer, _ = init_model_from_hf(path)
         added = [tokenizer.special_tokens[token] for token in SPECIAL_TOKENS]
         return model.to(device), tokenizer, added, tokenizer.special_tokens.get(GPT2_SEPARATOR, tokenizer.eos_id)
-    from gptlab.cli import load_trained_model  # cli.py imports this module: import late
+    from gptlab.cli_common import load_trained_model
 
     model, tokenizer = load_trained_model(path, device)
     return model, tokenizer, [], tokenizer.eos_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gptlab.cli_common import check_against_checkpoint
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 
@@ -51,7 +52,6 @@ def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
 
 def run_generate_seq2seq(args: argparse.Namespace) -> None:
     """Print the target the Transformer checkpoint args.model_path writes for the source args.prompt."""
-    from gptlab.cli import check_against_checkpoint
     from gptlab.device import resolve_device, weights_dtype
     from gptlab.generation import ready_for_generation
     from gptlab.seq2seq.decoding import translate

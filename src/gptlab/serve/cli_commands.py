@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from gptlab.cli_common import add_weights_dtype_flag, load_for_generation
 from gptlab.config import SampleConfig, validated
 from gptlab.errors import GptlabError
 from gptlab.generation import stream_text
@@ -28,8 +29,6 @@ INTERACTIVE_HELP = "Type a prompt and press Enter. Ctrl-C stops an answer; an em
 # ---- gptlab serve ----------------------------------------------------------------------------
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     """`gptlab serve --model_path X [--host H] [--port P] [--dtype D] [limits]`."""
-    from gptlab.cli import add_weights_dtype_flag  # here, not at the top: cli.py imports this module
-
     parser = subparsers.add_parser(
         "serve",
         help="serve a GPT over HTTP: OpenAI-style completions API and a playground page",
@@ -79,7 +78,6 @@ def _serve(args: argparse.Namespace) -> None:
         from gptlab.serve.app import create_app
     except ImportError as err:
         raise GptlabError(f"gptlab serve needs {err.name}; install it with: pip install 'gptlab[serve]'") from None
-    from gptlab.cli import load_for_generation  # here, not at the top: cli.py imports this module
 
     given = {name: getattr(args, name) for name in ServeLimits.model_fields}
     limits = validated(ServeLimits, {name: value for name, value in given.items() if value is not None})

@@ -14,6 +14,7 @@ from torch import nn
 from gptlab.data import TokenDataset, iterate_batches
 from gptlab.data.pairs import PairDataset
 from gptlab.device import autocast, sum_dtype
+from gptlab.seq2seq.decoding import greedy_decode  # the generation layer, below training
 from gptlab.tokenizers.base import Tokenizer
 
 # Dense tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
@@ -108,7 +109,6 @@ def evaluate_pairs(
     """Mean target-token loss of an encoder-decoder `model` on up to `max_batches` batches of
     pairs (all when None), and the fraction of those targets that greedy decoding gets exactly right.
     """
-    from gptlab.seq2seq.decoding import greedy_decode  # decoding is downstream of training
 
     device = torch.device(device)
     was_training = model.training
