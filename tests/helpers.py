@@ -1,5 +1,10 @@
-"""A stand-in tokenizer for tests of training and checkpoints, independent of the real kinds."""
+"""Stand-ins for tests: a tokenizer independent of the real kinds (for training and checkpoints),
+and small GPTs with random weights (for exports)."""
 
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.models import GPT
 from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 
 
@@ -30,3 +35,14 @@ class ByteTokenizer(Tokenizer):
     def from_files(cls, files):
         assert files["bytes.txt"] == b"offset 4\n"
         return cls()
+
+
+def random_gpt(vocab_size: int, seed: int = 0, **fields) -> GPT:
+    """A small GPT whose every weight (norm gains and biases included) is far from its init."""
+    torch.manual_seed(seed)
+    values = dict(embed_dim=64, n_heads=4, num_layers=2, seq_len=128, tgt_vocab_size=vocab_size, dropout=0.0)
+    model = GPT(ModelConfig(**(values | fields))).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model

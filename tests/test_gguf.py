@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab.cli import main
-from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig
+from gptlab.config import DatasetConfig, SampleConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import generate_token_ids
 from gptlab.interop.cli_commands import add_export_parser
@@ -22,6 +22,7 @@ from gptlab.tokenizers.byte_level import token_to_text
 from gptlab.training.checkpoint import save_checkpoint
 
 from data_files import SHAKESPEARE_VAL, cl100k_file, read_text
+from helpers import random_gpt
 
 gguf = pytest.importorskip("gguf")
 try:
@@ -63,17 +64,6 @@ def bpe(request, corpus) -> BPETokenizer:
 @pytest.fixture(scope="module")
 def small_bpe(corpus) -> BPETokenizer:
     return BPETokenizer.train([corpus], 300, progress=False)
-
-
-def random_gpt(vocab_size: int, seed: int = 0, **fields) -> GPT:
-    """A small GPT whose every weight (norm gains and biases included) is far from its init."""
-    torch.manual_seed(seed)
-    values = dict(embed_dim=64, n_heads=4, num_layers=2, seq_len=128, tgt_vocab_size=vocab_size, dropout=0.0)
-    model = GPT(ModelConfig(**(values | fields))).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model
 
 
 def read_fields(path: Path) -> tuple[dict, object]:

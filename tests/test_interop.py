@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.config import DatasetConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, export_safetensors, init_model_from_hf, load_safetensors_dir
 from gptlab.interop.cli_commands import add_export_parser
@@ -24,6 +24,7 @@ from gptlab.training.checkpoint import save_checkpoint
 
 from data_files import SHAKESPEARE_VAL, read_text
 from gpt2_dirs import gpt2_ordered_ranks, save_random_gpt2
+from helpers import random_gpt
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -56,17 +57,6 @@ def bpe(request, corpus) -> BPETokenizer:
 @pytest.fixture(scope="module")
 def small_bpe(corpus) -> BPETokenizer:
     return BPETokenizer.train([corpus], 300, progress=False)
-
-
-def random_gpt(vocab_size: int, seed: int = 0, **fields) -> GPT:
-    """A small GPT whose every weight (norm gains and biases included) is far from its init."""
-    torch.manual_seed(seed)
-    values = dict(embed_dim=64, n_heads=4, num_layers=2, seq_len=32, tgt_vocab_size=vocab_size, dropout=0.0)
-    model = GPT(ModelConfig(**(values | fields))).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model
 
 
 def assert_same_logits(ours: GPT, theirs, ids: list[int]) -> None:
