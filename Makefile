@@ -46,11 +46,11 @@ BUDGET ?= 10m
 speedrun: $(VENV)/.installed
 	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
 
-# How cpu-10min was chosen: one change at a time from nanogpt-char, ABLATION_BUDGET per row
-# (docs/ablation.md and BENCHMARKS.md).
-ABLATION_BUDGET ?= 2m
+# How cpu-10min was chosen at its own budget: one change at a time from the first cpu-10min, ABLATION_BUDGET per row
+# (docs/ablation-budget.md and BENCHMARKS.md; `--walk first --budget 2m` replays the first walk).
+ABLATION_BUDGET ?= 10m
 ablation: $(VENV)/.installed
-	$(BIN)/python benchmarks/ablation.py --budget $(ABLATION_BUDGET) --no_progress
+	$(BIN)/python benchmarks/ablation.py --walk budget --budget $(ABLATION_BUDGET) --no_progress
 
 # The browser test of `gptlab serve` drives Chromium through Playwright: install Debian's once.
 # Where that cannot work (no apt-get), say so and go on; that one test then skips, saying why.

@@ -68,6 +68,7 @@ class Recipe:
     tokenizer: Tokenizer
     train_tokens: Path
     val_tokens: Path
+    test_tokens: Path | None = None  # the held-out text, evaluated once a run is over (never tuned on)
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,15 @@ class RunResult:
     stopped: str
     sample: str
     log_dir: Path
+    epochs: float  # passes over the training tokens
+    best_seen: float  # the lowest bpb of the trainer's evaluations during the run (a validation sample)
+    test_bpb: float | None = None  # on the whole held-out text, when the recipe has one
 
 
-def prepare_recipe(preset: Preset, train_text: Path, val_text: Path, work_dir: Path) -> Recipe:
-    """Train the preset's tokenizer on the training text and tokenize both texts with it."""
+def prepare_recipe(
+    preset: Preset, train_text: Path, val_text: Path, work_dir: Path, test_text: Path | None = None
+) -> Recipe:
+    """Train the preset's tokenizer on the training text and tokenize the texts with it."""
     name = preset.name
     if preset.tokenizer is None:
         raise GptlabError(f"preset {name} names no tokenizer; add a `tokenizer:` mapping to {preset.path}")
@@ -101,6 +107,9 @@ def prepare_recipe(preset: Preset, train_text: Path, val_text: Path, work_dir: P
         tokenizer=tokenizer,
         train_tokens=prepare([train_text], tokenizer, data / f"{name}-train", progress=False),
         val_tokens=prepare([val_text], tokenizer, data / f"{name}-val", progress=False),
+        test_tokens=None
+        if test_text is None
+        else prepare([test_text], tokenizer, data / f"{name}-test", progress=False),
     )
 
 
@@ -123,15 +132,19 @@ def run_once(
     )
 
     model, tokenizer, _ = load_model(result.final_checkpoint, device)
-    val_set = TokenDataset(recipe.val_tokens, model.config.seq_len)
-    final = evaluate(model, val_set, batch_size=data_cfg.batch_size, device=device)
+
+    def bits_per_byte(tokens: Path) -> float:
+        whole = TokenDataset(tokens, model.config.seq_len)
+        return evaluate(model, whole, batch_size=data_cfg.batch_size, device=device).bits_per_byte
+
+    train_tokens = TokenDataset(recipe.train_tokens, model.config.seq_len).num_tokens
     sample_cfg = SampleConfig(max_new_tokens=SAMPLE_CHARS, temperature=SAMPLE_TEMPERATURE, seed=seed)
     sample = generate(model, tokenizer, "", sample_cfg, notice=lambda _: None)[0][:SAMPLE_CHARS]
     rates = read_curve(log_dir / experiment, "tokens_per_s")
     run = RunResult(
         recipe=recipe.name,
         seed=seed,
-        bpb=final.bits_per_byte,
+        bpb=bits_per_byte(recipe.val_tokens),
         tokens_per_s=training_rate(rates.xs, rates.ys),
         params=model.num_params(),
         tokens_seen=result.tokens_seen,
@@ -139,9 +152,20 @@ def run_once(
         stopped=result.stopped_reason,
         sample=sample,
         log_dir=log_dir / experiment,
+        epochs=result.tokens_seen / train_tokens,
+        best_seen=min(read_curve(log_dir / experiment, "val/bpb").ys),
+        test_bpb=None if recipe.test_tokens is None else bits_per_byte(recipe.test_tokens),
     )
-    print(f"[{experiment}] {run.steps} steps, {run.tokens_seen:,} tokens, val bpb {run.bpb:.4f}", flush=True)
+    print(
+        f"[{experiment}] {run.steps} steps, {run.tokens_seen:,} tokens ({run.epochs:.1f} epochs), "
+        f"val bpb {run.bpb:.4f} (best seen during the run {run.best_seen:.4f})",
+        flush=True,
+    )
     return run
+
+
+def optional(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def training_rate(steps: list[float], rates: list[float]) -> float:
@@ -194,19 +218,26 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
         "are not counted. Bits per byte = total nats ÷ ln 2 ÷ UTF-8 bytes: lower is better, and comparable "
         "across tokenizers.",
         "",
-        "| recipe | seed | val bpb | tokens/s | parameters | tokens seen | steps | stopped by |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| recipe | seed | val bpb | best seen | test bpb | tokens/s | parameters | tokens seen | epochs | steps "
+        "| stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r.recipe} | {r.seed} | {r.bpb:.4f} | {r.tokens_per_s:,.0f} | {r.params / 1e6:.2f}M | "
-        f"{r.tokens_seen:,} | {r.steps} | {r.stopped} |"
+        f"| {r.recipe} | {r.seed} | {r.bpb:.4f} | {r.best_seen:.4f} | {optional(r.test_bpb)} | "
+        f"{r.tokens_per_s:,.0f} | {r.params / 1e6:.2f}M | {r.tokens_seen:,} | {r.epochs:.1f} | {r.steps} | {r.stopped} |"
         for r in runs
     ]
-    lines += ["", "| recipe | runs | val bpb (mean ± sd) | best | worst |", "|---|---:|---:|---:|---:|"]
     lines += [
-        f"| {name} | {len(bpbs)} | {mean_and_sd(bpbs)} | {min(bpbs):.4f} | {max(bpbs):.4f} |"
-        for name, bpbs in by_recipe.items()
+        "",
+        "| recipe | runs | val bpb (mean ± sd) | best | worst | test bpb (mean ± sd) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    for name, bpbs in by_recipe.items():
+        tests = [r.test_bpb for r in runs if r.recipe == name and r.test_bpb is not None]
+        lines.append(
+            f"| {name} | {len(bpbs)} | {mean_and_sd(bpbs)} | {min(bpbs):.4f} | {max(bpbs):.4f} | "
+            f"{mean_and_sd(tests) if tests else '–'} |"
+        )
     baseline = statistics.fmean(by_recipe[recipes[0]])
     lines.append("")
     for name in recipes:
@@ -223,8 +254,9 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
         "",
         f"![validation bits per byte against wall-clock seconds]({image})",
         "",
-        "The curves are the trainer's evaluations on a sample of the validation text; wall-clock "
-        "time includes those evaluations.",
+        'The curves are the trainer\'s evaluations on a sample of the validation text ("best seen" is '
+        "their lowest point); wall-clock time includes those evaluations. The test text is held out: "
+        "no recipe was tuned on it, and it is evaluated only here, once each run is over.",
         "",
         f"### Samples ({SAMPLE_CHARS} characters, temperature {SAMPLE_TEMPERATURE}, from an empty prompt)",
     ]
@@ -273,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text, evaluated whole"
     )
+    parser.add_argument(
+        "--test_data",
+        type=Path,
+        default=SHAKESPEARE / "test.txt",
+        help="held-out text, evaluated whole once each run is over; never tune on it (default: %(default)s)",
+    )
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "speedrun.md", help="Markdown file to write")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "speedrun.png", help="PNG of bpb against seconds")
     add_benchmarks_flags(parser)
@@ -298,9 +336,9 @@ def checked_budget(args: argparse.Namespace) -> float:
         raise GptlabError(f"--budget: {err}") from None
     if budget_s <= 0:
         raise GptlabError(f"--budget must be positive, got {args.budget!r}")
-    for path in (args.train_data, args.val_data):
-        if not path.is_file():
-            raise GptlabError(f"{path} not found; pass --train_data/--val_data")
+    for path in (args.train_data, args.val_data, getattr(args, "test_data", None)):
+        if path is not None and not path.is_file():
+            raise GptlabError(f"{path} not found; pass --train_data/--val_data/--test_data")
     return budget_s
 
 
@@ -309,7 +347,9 @@ def run(args: argparse.Namespace) -> list[RunResult]:
     overrides = parse_overrides(args.overrides)
     presets = [load_preset(name) for name in args.recipes]  # every name checked before any work
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    recipes = [prepare_recipe(preset, args.train_data, args.val_data, args.work_dir) for preset in presets]
+    recipes = [
+        prepare_recipe(preset, args.train_data, args.val_data, args.work_dir, args.test_data) for preset in presets
+    ]
     runs = [
         run_once(recipe, seed, budget_s, overrides, args.work_dir, args.device, not args.no_progress)
         for recipe in recipes

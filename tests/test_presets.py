@@ -259,16 +259,17 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
         "data: {batch_size: 8}\ntrain: {epochs: 1000, warmup_steps: 2, learning_rate: 1.0e-7, eval_interval: 50, "
         "eval_batches: 1}\n"
     )
-    monkeypatch.setattr(ablation, "BASELINE", str(baseline))
-    monkeypatch.setattr(ablation, "CHANGES", [
+    changes = [
         ablation.Change("a learning rate that learns", {"learning_rate": 0.01}),
         ablation.Change("back to one that does not", {"learning_rate": 1e-7}),
         ablation.Change("a byte-level BPE", tokenizer=TokenizerRecipe("default", 300)),
-    ])  # fmt: skip
+    ]
+    walk = ablation.Walk("a test", str(baseline), {"warmup_steps": 1}, changes, "ablation-test")
+    monkeypatch.setattr(ablation, "WALKS", {"test": walk})
     (tmp_path / "t.txt").write_text(TEXT * 4)
     report, benchmarks = tmp_path / "ablation.md", tmp_path / "BENCHMARKS.md"
     benchmarks.write_text("# Benchmarks\n\nnotes kept\n")
-    args = ["--budget", "2s", "--no_progress", "--train_data", str(tmp_path / "t.txt"), "--val_data",
+    args = ["--walk", "test", "--budget", "2s", "--seeds", "1", "2", "--no_progress", "--train_data", str(tmp_path / "t.txt"), "--val_data",
             str(tmp_path / "t.txt"), "--work_dir", str(tmp_path / "w"), "--report", str(report),
             "--benchmarks", str(benchmarks)]  # fmt: skip
 
@@ -277,15 +278,18 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
     assert [row.kept for row in rows[:3]] == [True, True, False]
     assert rows[2].delta > 0
     # Every row is measured against the last kept one: row 3 against row 1, not the dropped row 2.
-    assert rows[3].delta == pytest.approx(rows[3].run.bpb - rows[1].run.bpb)
-    assert rows[3].run.params != rows[1].run.params  # trained with the BPE's vocabulary
+    assert rows[3].delta == pytest.approx(rows[3].bpb - rows[1].bpb)
+    assert rows[3].runs[0].params != rows[1].runs[0].params  # trained with the BPE's vocabulary
+    assert [run.seed for run in rows[0].runs] == [1, 2]
+    assert rows[0].bpb == pytest.approx((rows[0].runs[0].bpb + rows[0].runs[1].bpb) / 2)
     text = report.read_text()
     assert text.count("| no |") == 1 + (not rows[3].kept)
     kept_line = text.splitlines()[-1]
     assert "learning_rate=0.01" in kept_line  # the kept change, not the dropped one
+    assert "warmup_steps=1" in kept_line  # the walk's start values
     assert (
         benchmarks.read_text()
-        == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation:start -->\n{text}<!-- ablation:end -->\n"
+        == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation-test:start -->\n{text}<!-- ablation-test:end -->\n"
     )
 
 
