@@ -50,5 +50,11 @@ def test_no_file_of_the_project_reads_the_folder_beside_the_clone():
 
 
 def test_the_data_the_benchmarks_and_tests_read_is_in_the_repository():
-    for name in ["shakespeare/train.txt", "shakespeare/val.txt", "shakespeare/test.txt", "tiktoken/cl100k_base.tiktoken", "README.md"]:
+    for name in [
+        "shakespeare/train.txt",
+        "shakespeare/val.txt",
+        "shakespeare/test.txt",
+        "tiktoken/cl100k_base.tiktoken",
+        "README.md",
+    ]:
         assert (ROOT / "data" / name).is_file(), name
