@@ -275,6 +275,28 @@ def test_dropout_is_active_in_training_only():
         assert torch.equal(no_dropout.train()(idx)[0], no_dropout.eval()(idx)[0])
 
 
+def test_attention_dropout_defaults_to_dropout_and_zero_keeps_attention_deterministic(monkeypatch):
+    assert tiny_config(dropout=0.2).attention_dropout_p == 0.2  # None: the old model, unchanged
+    assert tiny_config(dropout=0.2, attention_dropout=0.0).attention_dropout_p == 0.0
+    seen = []  # the dropout_p every attention call asks for
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, dropout_p=0.0, **kwargs):
+        seen.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(blocks.F, "scaled_dot_product_attention", recording_sdpa)
+    idx = random_ids(2, 8)
+    with torch.no_grad():
+        only_attention = tiny_model(dropout=0.0, attention_dropout=0.5).train()
+        assert not torch.equal(only_attention(idx)[0], only_attention(idx)[0])
+        assert set(seen) == {0.5}
+        seen.clear()
+        residual_only = tiny_model(dropout=0.5, attention_dropout=0.0).train()
+        assert not torch.equal(residual_only(idx)[0], residual_only(idx)[0])  # residual dropout still on
+        assert set(seen) == {0.0}  # ... but the attention weights are not dropped: the fused kernel runs
+
+
 def test_flash_attn_path_passes_batch_time_heads_layout(monkeypatch):
     # flash_attn_func takes and returns (B, T, nh, hs); fake it with SDPA in that layout.
     calls = []

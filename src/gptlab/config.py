@@ -37,6 +37,13 @@ class ModelConfig(_Config):
     expansion_factor: int = Field(4, gt=0, description="MLP hidden width = expansion_factor * embed_dim.")
     n_heads: int = Field(6, gt=0, description="Attention heads; must divide embed_dim.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention, MLP and embeddings.")
+    attention_dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the attention weights; None means `dropout`. 0 keeps PyTorch's fused "
+        "CPU attention kernel, which has no dropout, while the residual and embedding dropout still regularise.",
+    )
     bias: bool = Field(False, description="Biases in linear layers and norms.")
     pos_encoding: Literal["rope", "sinusoidal", "learned"] = Field("rope", description="Positional encoding.")
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation layer.")
@@ -51,6 +58,11 @@ class ModelConfig(_Config):
     max_source_len: int | None = Field(
         None, gt=0, description="Transformer: longest source in tokens (longer ones are truncated); None means seq_len."
     )
+
+    @property
+    def attention_dropout_p(self) -> float:
+        """The dropout on attention weights: attention_dropout, or dropout where that is None."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @model_validator(mode="before")
     @classmethod

@@ -154,7 +154,7 @@ def llama_config(config: ModelConfig) -> dict:
         "hidden_act": "silu",
         "attention_bias": config.bias,
         "mlp_bias": config.bias,
-        "attention_dropout": config.dropout,
+        "attention_dropout": config.attention_dropout_p,
         "initializer_range": 0.02,
         "pretraining_tp": 1,
     }

@@ -59,7 +59,7 @@ def init_model_from_hf(directory: str | Path) -> tuple[GPT, Tokenizer, ModelConf
 
 
 # Model fields a fine-tuning run may change; every other shape comes from the pretrained model.
-FINE_TUNABLE = {"dropout", "seq_len"}
+FINE_TUNABLE = {"dropout", "attention_dropout", "seq_len"}
 
 
 def fine_tuning_start(

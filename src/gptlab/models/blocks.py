@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.dropout = config.dropout
+        self.dropout = config.attention_dropout_p
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)  # q, k, v at once
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
