@@ -86,7 +86,8 @@ class RunResult:
     sample: str
     log_dir: Path
     epochs: float  # passes over the training tokens
-    best_seen: float  # the lowest bpb of the trainer's evaluations during the run (a validation sample)
+    best_seen: float  # the lowest bpb of the trainer's evaluations during the run (a validation sample) ...
+    last_seen: float  # ... and its last one, on the same sample: far above best_seen means it overfitted
     test_bpb: float | None = None  # on the whole held-out text, when the recipe has one
 
 
@@ -141,6 +142,7 @@ def run_once(
     sample_cfg = SampleConfig(max_new_tokens=SAMPLE_CHARS, temperature=SAMPLE_TEMPERATURE, seed=seed)
     sample = generate(model, tokenizer, "", sample_cfg, notice=lambda _: None)[0][:SAMPLE_CHARS]
     rates = read_curve(log_dir / experiment, "tokens_per_s")
+    curve = read_curve(log_dir / experiment, "val/bpb")
     run = RunResult(
         recipe=recipe.name,
         seed=seed,
@@ -153,12 +155,13 @@ def run_once(
         sample=sample,
         log_dir=log_dir / experiment,
         epochs=result.tokens_seen / train_tokens,
-        best_seen=min(read_curve(log_dir / experiment, "val/bpb").ys),
+        best_seen=min(curve.ys),
+        last_seen=curve.ys[-1],
         test_bpb=None if recipe.test_tokens is None else bits_per_byte(recipe.test_tokens),
     )
     print(
         f"[{experiment}] {run.steps} steps, {run.tokens_seen:,} tokens ({run.epochs:.1f} epochs), "
-        f"val bpb {run.bpb:.4f} (best seen during the run {run.best_seen:.4f})",
+        f"val bpb {run.bpb:.4f} (the trainer's evaluations: best {run.best_seen:.4f}, last {run.last_seen:.4f})",
         flush=True,
     )
     return run
@@ -218,12 +221,12 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
         "are not counted. Bits per byte = total nats ÷ ln 2 ÷ UTF-8 bytes: lower is better, and comparable "
         "across tokenizers.",
         "",
-        "| recipe | seed | val bpb | best seen | test bpb | tokens/s | parameters | tokens seen | epochs | steps "
-        "| stopped by |",
+        "| recipe | seed | val bpb | best / last seen | test bpb | tokens/s | parameters | tokens seen | epochs "
+        "| steps | stopped by |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {r.recipe} | {r.seed} | {r.bpb:.4f} | {r.best_seen:.4f} | {optional(r.test_bpb)} | "
+        f"| {r.recipe} | {r.seed} | {r.bpb:.4f} | {r.best_seen:.4f} / {r.last_seen:.4f} | {optional(r.test_bpb)} | "
         f"{r.tokens_per_s:,.0f} | {r.params / 1e6:.2f}M | {r.tokens_seen:,} | {r.epochs:.1f} | {r.steps} | {r.stopped} |"
         for r in runs
     ]
