@@ -203,3 +203,17 @@ def test_no_module_imports_from_a_higher_layer(graph):
 
 def test_no_import_cycles(graph):
     assert cycles(graph) == []
+
+
+def test_the_ignore_index_is_defined_once():
+    """-100 (the label the loss skips) is written once, as models/fused_loss.py's IGNORE_INDEX."""
+    literals = sorted(
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in (SRC / "gptlab").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and node.operand.value == 100
+    )
+    assert literals == ["gptlab/models/fused_loss.py:23"]

@@ -68,7 +68,7 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos+T-1.
 
-        With targets (B, T), also the mean cross-entropy over positions whose target is not -100.
+        With targets (B, T), also the mean cross-entropy over positions whose target is not IGNORE_INDEX.
         With a kv_cache, idx holds only the tokens after those already in the cache: they take
         the next slots (start_pos is then the cache's length) and attend to the cached ones.
         last_only=True computes the logits of the last position only, (B, 1, V): all that

@@ -29,6 +29,7 @@ from gptlab.models.blocks import (
     apply_rotary,
     make_norm,
 )
+from gptlab.models.fused_loss import IGNORE_INDEX
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -268,7 +269,7 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for decoder inputs tgt (B, T) given sources src (B, S).
 
         src_mask (B, S) is True at real source tokens (default: all). With targets (B, T), also
-        the mean cross-entropy over positions whose target is not -100.
+        the mean cross-entropy over positions whose target is not IGNORE_INDEX.
         """
         if src_mask is None:
             src_mask = torch.ones_like(src, dtype=torch.bool)
@@ -277,7 +278,7 @@ class Transformer(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
         )
         return logits, loss
 
