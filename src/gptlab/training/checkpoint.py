@@ -253,43 +253,6 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
-def check_resumable(
-    checkpoint: Checkpoint,
-    path: str | Path,
-    model_cfg: ModelConfig,
-    data_cfg: DatasetConfig,
-    tokenizer: Tokenizer,
-    step_batch: int | None = None,
-    *,
-    seed: int | None = None,
-    train_tokens: int | None = None,
-) -> None:
-    """GptlabError unless a run with these settings can continue `checkpoint` exactly.
-
-    step_batch is the windows per optimizer step (batch_size * grad_accum_steps, default
-    batch_size): it fixes the data position, so it must match; how it is split does not matter.
-    The seed and shuffle setting fix the order of the windows, and the training data's token count
-    (checkpoints record it) stands for the data itself: the position means nothing in other data."""
-    if checkpoint.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise GptlabError(f"{path} was trained with another tokenizer; resume with the tokenizer it was trained with")
-    mine, theirs = model_cfg.model_dump(), checkpoint.model_config.model_dump()
-    differ = [name for name in mine if mine[name] != theirs[name]]
-    theirs_step = int(checkpoint.extra.get("step_batch", checkpoint.data_config.batch_size))
-    if theirs_step != (step_batch or data_cfg.batch_size):
-        differ.append("batch_size * grad_accum_steps")
-    if data_cfg.shuffle != checkpoint.data_config.shuffle:
-        differ.append("shuffle")
-    if seed is not None and data_cfg.shuffle and seed != checkpoint.train_config.seed:
-        differ.append("seed")
-    theirs_tokens = checkpoint.extra.get("train_tokens")
-    if train_tokens is not None and theirs_tokens is not None and int(theirs_tokens) != train_tokens:
-        differ.append(f"training data ({int(theirs_tokens):,} tokens; this run's has {train_tokens:,})")
-    if differ:
-        raise GptlabError(f"{path} was trained with other {', '.join(differ)}; resume with the checkpoint's settings")
-    if checkpoint.optimizer_state is None:
-        raise GptlabError(f"{path} holds no optimizer state, so it cannot be resumed; train from scratch")
-
-
 def _optimizer_state(optimizer: Any | None) -> dict[str, Any] | None:
     return optimizer.state_dict() if optimizer is not None else None
 
