@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gptlab.serve.runner",
             "gptlab.serve.schemas",
             "gptlab.interop",
+            "gptlab.loading",
         ),
     ),  # fmt: skip
     ("training", ("gptlab.training", "gptlab.presets")),

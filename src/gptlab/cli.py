@@ -22,8 +22,6 @@ from gptlab.cli_common import (  # re-exported: other code imported them from he
     SHAPE_FLAGS,
     add_weights_dtype_flag,
     check_against_checkpoint,
-    load_for_generation,
-    load_trained_model,
 )
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig, build_configs, validated
 from gptlab.errors import GptlabError
@@ -33,7 +31,6 @@ from gptlab.plot import add_plot_parser
 from gptlab.presets import list_presets, load_preset
 from gptlab.seq2seq.cli import (
     add_seq2seq_generate_flags,
-    is_seq2seq_checkpoint,
     refuse_seq2seq_flags,
     run_generate_seq2seq,
 )
@@ -349,13 +346,18 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from gptlab.generation import stream_batch, window_keep
+    from gptlab.device import resolve_device, weights_dtype
+    from gptlab.generation import ready_for_generation, stream_batch, window_keep
+    from gptlab.loading import load
 
-    if is_seq2seq_checkpoint(args.model_path):
-        return run_generate_seq2seq(args)
+    device = resolve_device(args.device)
+    dtype = weights_dtype(args.dtype, device)  # before the slow load
+    loaded = load(args.model_path, device)  # read once, whatever model it holds
+    if loaded.model_type == "transformer":
+        return run_generate_seq2seq(args, loaded.model, loaded.tokenizer, dtype)
     refuse_seq2seq_flags(args)
     sample_cfg = validated(SampleConfig, flag_values(args, SampleConfig))
-    model, tokenizer = load_for_generation(args.model_path, args.device, args.dtype)
+    model, tokenizer = ready_for_generation(loaded.model, dtype), loaded.tokenizer
     check_against_checkpoint(args, model.config, tokenizer)
     window_keep(sample_cfg, model.config.seq_len)  # before the prompt is printed
     if args.interactive:
@@ -426,10 +428,12 @@ def _eval(args: argparse.Namespace) -> None:
         raise GptlabError("--output is for --task multiple_choice; drop it")
     from gptlab.data import TokenDataset, resolve_data
     from gptlab.device import resolve_device
+    from gptlab.loading import load
     from gptlab.training import evaluate
 
     device = resolve_device(args.device)
-    model, tokenizer = load_trained_model(args.model_path, device)
+    loaded = load(args.model_path, device, model_type="gpt")
+    model, tokenizer = loaded.model, loaded.tokenizer
     dataset = TokenDataset(resolve_data(args.data, tokenizer), model.config.seq_len)
     result = evaluate(model, dataset, args.batch_size, args.max_batches, device)
     print(

@@ -1,4 +1,4 @@
-"""What several subcommands share: loading a trained model for generation, the --dtype flag, and
+"""What several subcommands share: loading a trained GPT for generation, the --dtype flag, and
 checking the seed's shape flags against a checkpoint.
 
 It lives apart from cli.py so that the sub-CLIs (seq2seq/cli.py, serve/cli_commands.py,
@@ -35,27 +35,17 @@ def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
-    """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export --format safetensors`."""
-    from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
-    from gptlab.training import load_model
-
-    if is_safetensors_dir(path):
-        model, tokenizer, _ = load_safetensors_dir(path, device)
-    else:
-        model, tokenizer, _ = load_model(path, device)
-    return model, tokenizer
-
-
 def load_for_generation(path: str, device_name: str, dtype_name: str) -> tuple[Any, Tokenizer]:
-    """load_trained_model, then ready_for_generation in the --dtype asked for (checked before the slow load)."""
+    """The GPT at `path` (gptlab.load), made ready_for_generation in the --dtype asked for
+    (checked before the slow load), and its tokenizer."""
     from gptlab.device import resolve_device, weights_dtype
     from gptlab.generation import ready_for_generation
+    from gptlab.loading import load
 
     device = resolve_device(device_name)
     dtype = weights_dtype(dtype_name, device)
-    model, tokenizer = load_trained_model(path, device)
-    return ready_for_generation(model, dtype), tokenizer
+    loaded = load(path, device, model_type="gpt")
+    return ready_for_generation(loaded.model, dtype), loaded.tokenizer
 
 
 def check_against_checkpoint(args: argparse.Namespace, model_cfg: ModelConfig, tokenizer: Tokenizer) -> None:

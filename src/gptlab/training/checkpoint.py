@@ -147,30 +147,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
+# Every kind of model a checkpoint can hold, by model_type: adding a kind starts here.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt": GPT, "transformer": Transformer}
+_KIND_NAMES = {"gpt": "a GPT", "transformer": "an encoder-decoder Transformer"}
+_KIND_FIXES = {
+    "gpt": "pass a GPT checkpoint (`gptlab generate` decodes Transformer checkpoints too)",
+    "transformer": "pass a checkpoint trained with --model transformer",
+}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
     """The GPT stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "gpt":
-        raise GptlabError(
-            f"{path} holds an encoder-decoder Transformer, not a GPT; pass a GPT checkpoint "
-            "(`gptlab generate` decodes Transformer checkpoints too)"
-        )
-    return _built(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+    check_model_type(checkpoint, path, "gpt")
+    return build_model(checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Checkpoint]:
     """The encoder-decoder Transformer stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "transformer":
+    check_model_type(checkpoint, path, "transformer")
+    return build_model(checkpoint, path, device), checkpoint.tokenizer, checkpoint
+
+
+def check_model_type(checkpoint: Checkpoint, path: str | Path, wanted: str) -> None:
+    """GptlabError unless the checkpoint holds a model of type `wanted` ("gpt", "transformer")."""
+    if checkpoint.model_type != wanted:
         raise GptlabError(
-            f"{path} holds a GPT, not an encoder-decoder Transformer; pass a checkpoint trained with "
-            "--model transformer"
+            f"{path} holds {_KIND_NAMES[checkpoint.model_type]}, not {_KIND_NAMES[wanted]}; {_KIND_FIXES[wanted]}"
         )
-    return _built(Transformer, checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
-def _built(cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, device: str | torch.device) -> nn.Module:
-    """A `cls` model of the checkpoint's config holding its weights, on `device`, in eval mode."""
+def build_model(checkpoint: Checkpoint, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of the checkpoint's model_type holding its weights, on `device`, in eval mode."""
+    cls = MODEL_CLASSES[checkpoint.model_type]
     vocab = checkpoint.model_config.tgt_vocab_size
     if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
         raise GptlabError(
