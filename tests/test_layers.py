@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gptlab.__main__",
             "gptlab.cli",
             "gptlab.cli_common",
-            "gptlab.seq2seq.cli",
+            "gptlab.seq2seq",
             "gptlab.serve",  # the package's __init__ re-exports `gptlab serve`'s command
             "gptlab.serve.cli_commands",
             "gptlab.interop.cli_commands",
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),  # fmt: skip
     ("training", ("gptlab.training", "gptlab.presets")),
-    ("generation", ("gptlab.generation", "gptlab.sampling", "gptlab.text_stream", "gptlab.seq2seq")),
+    ("generation", ("gptlab.generation",)),
     ("data, models, tokenizers", ("gptlab.data", "gptlab.models", "gptlab.tokenizers")),
     (
         "config, files, device",

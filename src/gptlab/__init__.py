@@ -5,11 +5,10 @@ from gptlab import load_tokenizer, train, load, generate
 
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig
 from gptlab.errors import GptlabError
-from gptlab.generation import generate, stream_text
+from gptlab.generation import generate, stream_text, translate
 from gptlab.loading import LoadedModel, load
 from gptlab.models import GPT
 from gptlab.models.transformer import Transformer
-from gptlab.seq2seq import translate
 from gptlab.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from gptlab.training import evaluate, load_model, load_transformer, train
 

@@ -1,5 +1,1 @@
-"""Encoder-decoder (sequence-to-sequence) Transformers: decoding sources into targets."""
-
-from gptlab.seq2seq.decoding import beam_search, greedy_decode, translate
-
-__all__ = ["beam_search", "greedy_decode", "translate"]
+"""`gptlab generate` for encoder-decoder Transformer checkpoints (cli.py); their decoding is gptlab.generation.seq2seq."""

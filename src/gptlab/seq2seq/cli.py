@@ -51,8 +51,7 @@ def run_generate_seq2seq(
     args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype
 ) -> None:
     """Print the target that `model`, loaded from args.model_path, writes for the source args.prompt."""
-    from gptlab.generation import ready_for_generation
-    from gptlab.seq2seq.decoding import translate
+    from gptlab.generation import ready_for_generation, translate
 
     given = [name for name in SampleConfig.model_fields if name not in _DECODING_FIELDS and getattr(args, name, None)]
     given += ["interactive"] if getattr(args, "interactive", False) else []

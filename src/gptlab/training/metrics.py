@@ -14,8 +14,8 @@ from torch import nn
 from gptlab.data import TokenDataset, iterate_batches
 from gptlab.data.pairs import PairDataset
 from gptlab.device import autocast, sum_dtype
+from gptlab.generation.seq2seq import greedy_decode  # the generation layer, below training
 from gptlab.models.fused_loss import IGNORE_INDEX
-from gptlab.seq2seq.decoding import greedy_decode  # the generation layer, below training
 from gptlab.tokenizers.base import Tokenizer
 
 # Dense tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
