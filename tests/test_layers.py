@@ -17,40 +17,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Top to bottom. A module's layer is that of its longest listed prefix (a package stands for its
 # modules unless one is listed on its own).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    (
-        "cli",
-        (
-            "gptlab",  # the package's __init__: the public API, re-exporting from every layer
-            "gptlab.__main__",
-            "gptlab.cli",
-            "gptlab.cli_common",
-            "gptlab.seq2seq",
-            "gptlab.serve",  # the package's __init__ re-exports `gptlab serve`'s command
-            "gptlab.serve.cli_commands",
-            "gptlab.interop.cli_commands",
-            "gptlab.multiple_choice_cli",
-            "gptlab.plot",
-        ),
-    ),
-    (
-        "serve, interop",
-        (
-            "gptlab.serve.app",
-            "gptlab.serve.guard",
-            "gptlab.serve.prompts",
-            "gptlab.serve.runner",
-            "gptlab.serve.schemas",
-            "gptlab.interop",
-            "gptlab.loading",
-        ),
-    ),  # fmt: skip
-    ("training", ("gptlab.training", "gptlab.presets")),
+    ("cli", ("gptlab", "gptlab.__main__", "gptlab.cli")),  # "gptlab": the package's __init__, the public API
+    ("serve, interop", ("gptlab.serve", "gptlab.interop", "gptlab.loading")),
+    ("training", ("gptlab.training", "gptlab.presets", "gptlab.plot")),
     ("generation", ("gptlab.generation",)),
     ("data, models, tokenizers", ("gptlab.data", "gptlab.models", "gptlab.tokenizers")),
     (
         "config, files, device",
         ("gptlab.config", "gptlab.files", "gptlab.device", "gptlab.errors", "gptlab.host_memory"),
-    ),  # fmt: skip
+    ),
 ]
 
 

@@ -1,7 +1,4 @@
-"""`gptlab export`: a trained model as a Hugging Face directory, gptlab's safetensors directory or a GGUF file.
-
-cli.py registers it with one line in build_parser: `add_export_parser(subparsers)`.
-"""
+"""`gptlab export`: a trained model as a Hugging Face directory, gptlab's safetensors directory or a GGUF file."""
 
 from __future__ import annotations
 

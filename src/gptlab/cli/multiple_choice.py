@@ -1,6 +1,6 @@
 """`gptlab eval --task multiple_choice`: accuracy of a GPT on a multiple-choice JSONL file.
 
-cli.py owns the `eval` parser; it adds these flags with `add_multiple_choice_flags` and hands
+eval.py owns the `eval` parser; it adds these flags with `add_multiple_choice_flags` and hands
 --task multiple_choice to `run_multiple_choice`. The scoring itself is training/multiple_choice.py.
 """
 

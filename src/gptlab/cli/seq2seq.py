@@ -1,6 +1,6 @@
 """`gptlab generate` for encoder-decoder Transformer checkpoints: decode --prompt as a source.
 
-cli.py owns the parser; it adds these flags with `add_seq2seq_generate_flags`, loads the
+generate.py owns the parser; it adds these flags with `add_seq2seq_generate_flags`, loads the
 checkpoint (gptlab.load) and hands a Transformer to `run_generate_seq2seq` (and a GPT to its
 sampling loop, after `refuse_seq2seq_flags`).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gptlab.cli_common import check_against_checkpoint
+from gptlab.cli.common import check_against_checkpoint
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.models.transformer import Transformer
