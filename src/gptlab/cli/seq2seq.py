@@ -8,7 +8,6 @@ sampling loop, after `refuse_seq2seq_flags`).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -35,10 +34,7 @@ def add_seq2seq_generate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
-    """GptlabError when beam-search flags are given for a GPT checkpoint (or for no checkpoint:
-    the loader then says what is wrong with the path)."""
-    if not Path(args.model_path).exists():
-        return
+    """GptlabError when beam-search flags are given for a GPT checkpoint (called once it is loaded)."""
     for flag, default in (("beam_size", 1), ("length_penalty", 1.0)):
         if getattr(args, flag, default) != default:
             raise GptlabError(
