@@ -97,7 +97,7 @@ def test_generate_several_samples_and_greedy(checkpoint: Path, capsys) -> None:
 
 
 def test_generate_in_bf16_holds_bf16_weights(checkpoint: Path, capsys) -> None:
-    from gptlab.cli import load_for_generation
+    from gptlab.cli.common import load_for_generation
 
     model, _ = load_for_generation(str(checkpoint), "cpu", "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -12,9 +12,9 @@ from torch import nn
 
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.generation import banned_ids, generate, generate_token_ids, stream_batch, stream_text
+from gptlab.generation.sampling import apply_repetition_penalty, keep_min_p, keep_top_k, keep_top_p, sample_next
+from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
-from gptlab.sampling import apply_repetition_penalty, keep_min_p, keep_top_k, keep_top_p, sample_next
-from gptlab.text_stream import TextStream
 from gptlab.tokenizers import BPETokenizer
 
 BYTES = BPETokenizer([])  # a byte-level tokenizer: ids 0..255 are the bytes, then the specials

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from gptlab.cli import main
+from gptlab.cli.export import add_export_parser
 from gptlab.config import DatasetConfig, SampleConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import generate_token_ids
-from gptlab.interop.cli_commands import add_export_parser
 from gptlab.interop.gguf_export import export_gguf
 from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer

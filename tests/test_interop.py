@@ -12,10 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptlab.cli.export import add_export_parser
 from gptlab.config import DatasetConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop import export_hf, export_safetensors, init_model_from_hf, load_safetensors_dir
-from gptlab.interop.cli_commands import add_export_parser
 from gptlab.models import GPT
 from gptlab.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer
 from gptlab.tokenizers.bpe import GPT2_PATTERN

@@ -8,49 +8,36 @@ a late import hides a cycle from Python, not from the design.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# Top to bottom. A module's layer is that of its longest listed prefix (a package stands for its
-# modules unless one is listed on its own).
-LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    (
-        "cli",
-        (
-            "gptlab",  # the package's __init__: the public API, re-exporting from every layer
-            "gptlab.__main__",
-            "gptlab.cli",
-            "gptlab.cli_common",
-            "gptlab.seq2seq.cli",
-            "gptlab.serve",  # the package's __init__ re-exports `gptlab serve`'s command
-            "gptlab.serve.cli_commands",
-            "gptlab.interop.cli_commands",
-            "gptlab.multiple_choice_cli",
-            "gptlab.plot",
-        ),
-    ),
-    (
-        "serve, interop",
-        (
-            "gptlab.serve.app",
-            "gptlab.serve.guard",
-            "gptlab.serve.prompts",
-            "gptlab.serve.runner",
-            "gptlab.serve.schemas",
-            "gptlab.interop",
-        ),
-    ),  # fmt: skip
-    ("training", ("gptlab.training", "gptlab.presets")),
-    ("generation", ("gptlab.generation", "gptlab.sampling", "gptlab.text_stream", "gptlab.seq2seq")),
-    ("data, models, tokenizers", ("gptlab.data", "gptlab.models", "gptlab.tokenizers")),
-    (
-        "config, files, device",
-        ("gptlab.config", "gptlab.files", "gptlab.device", "gptlab.errors", "gptlab.host_memory"),
-    ),  # fmt: skip
-]
+DOCS = SRC.parent / "docs" / "architecture.md"
+MAX_LINES = 450  # a module longer than this does more than one job: split it by responsibility
+
+
+def read_layers(markdown: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The layers of the numbered list under "## The layers", top to bottom: `N. **name**: ...`,
+    each with the `gptlab...` names in backticks of its item (which may span several lines).
+    A module's layer is that of its longest listed prefix (a package stands for its modules)."""
+    section = markdown.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    layers: list[tuple[str, list[str]]] = []
+    for line in section.splitlines():
+        item = re.match(r"\d+\. \*\*(.+?)\*\*:", line)
+        if item:
+            layers.append((item.group(1), []))
+        elif not (layers and line.startswith("   ")):  # an item's continuation lines are indented
+            if layers and line.strip():
+                break
+            continue
+        layers[-1][1].extend(re.findall(r"`(gptlab(?:\.\w+)*)`", line))
+    return [(name, tuple(modules)) for name, modules in layers]
+
+
+LAYERS = read_layers(DOCS.read_text(encoding="utf-8"))
 
 
 def module_name(path: Path, src: Path) -> str:
@@ -193,6 +180,36 @@ def graph() -> dict[str, set[str]]:
     return import_graph(SRC)
 
 
+def test_the_layers_are_read_from_the_docs():
+    names = [name for name, _ in LAYERS]
+    assert names == [
+        "cli", "serve, interop", "training", "generation", "data, models, tokenizers", "config, files, device",
+    ]  # fmt: skip
+    assert all(modules for _, modules in LAYERS)
+    assert ("gptlab.cli" in LAYERS[0][1]) and ("gptlab.generation",) == LAYERS[3][1]
+
+
+def test_reading_layers_from_markdown():
+    text = """# x
+
+## The layers
+
+Intro.
+
+1. **top**: `pkg.cli` (wiring; not `other`), `pkg.main`,
+   `pkg.more`.
+2. **bottom**: `pkg.base`.
+
+When a module needs ... `pkg.not_a_layer`.
+
+## Next
+"""
+    assert read_layers(text.replace("pkg.", "gptlab.")) == [
+        ("top", ("gptlab.cli", "gptlab.main", "gptlab.more")),
+        ("bottom", ("gptlab.base",)),
+    ]
+
+
 def test_every_module_has_a_layer(graph):
     assert [module for module in sorted(graph) if layer_of(module, LAYERS) is None] == []
 
@@ -203,3 +220,31 @@ def test_no_module_imports_from_a_higher_layer(graph):
 
 def test_no_import_cycles(graph):
     assert cycles(graph) == []
+
+
+def test_the_ignore_index_is_defined_once():
+    """-100 (the label the loss skips) is written once, as models/fused_loss.py's IGNORE_INDEX."""
+    literals = sorted(
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in (SRC / "gptlab").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and node.operand.value == 100
+    )
+    assert literals == ["gptlab/models/fused_loss.py:23"]
+
+
+def test_no_subcommand_imports_the_command_line_package(graph):
+    """cli/__init__.py wires the subcommands together; a subcommand importing it back would close a circle."""
+    importers = sorted(module for module, targets in graph.items() if "gptlab.cli" in targets)
+    assert importers == ["gptlab.__main__"]
+
+
+def test_no_module_is_over_the_line_limit():
+    lengths = {
+        str(path.relative_to(SRC)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in (SRC / "gptlab").rglob("*.py")
+    }
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}

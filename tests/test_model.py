@@ -256,6 +256,20 @@ def test_optimizer_groups_decay_matrices_only_and_cover_every_parameter():
     torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=1e-3)  # accepted as is
 
 
+@pytest.mark.parametrize("kind", ["gpt", "transformer"])
+def test_optimizer_groups_leave_out_frozen_parameters(kind):
+    """What a LoRA run relies on: a base model's frozen weights never reach the optimizer."""
+    from gptlab.models.transformer import Transformer
+
+    model = tiny_model() if kind == "gpt" else Transformer(tiny_config(model="transformer"))
+    frozen = [p for name, p in model.named_parameters() if "attn." not in name]
+    for param in frozen:
+        param.requires_grad_(False)
+    grouped = {id(p) for group in model.configure_optimizer_groups(0.1) for p in group["params"]}
+    assert grouped and not grouped & {id(p) for p in frozen}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+
+
 def test_missing_vocab_size_is_a_clear_error():
     with pytest.raises(GptlabError, match="tgt_vocab_size"):
         GPT(tiny_config(tgt_vocab_size=None))

@@ -7,9 +7,10 @@ import argparse
 import pytest
 
 from gptlab.cli import main
+from gptlab.cli.plot import add_plot_parser
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
-from gptlab.plot import add_plot_parser, draw_curves, plot_runs, read_curve
+from gptlab.plot import draw_curves, plot_runs, read_curve
 from gptlab.tokenizers import CharTokenizer
 from gptlab.training import train
 

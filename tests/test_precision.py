@@ -56,12 +56,12 @@ def test_bf16_autocast_on_cpu_tracks_fp32(tmp_path, text):
 
 def test_a_bf16_run_measures_its_mfu_against_the_bf16_peak(tmp_path, text, monkeypatch):
     import gptlab.training.metrics as metrics
-    import gptlab.training.trainer as trainer
+    import gptlab.training.reporting as reporting
 
     peaks = {torch.float32: 4e9, torch.bfloat16: 1e12}  # stand-ins for measure_matmul_flops
     asked = []
     monkeypatch.setattr(metrics, "measure_matmul_flops", lambda dtype: asked.append(dtype) or peaks[dtype])
-    monkeypatch.setattr(trainer, "model_flops_utilization", lambda flops, rate, peak: asked.append(peak))
+    monkeypatch.setattr(reporting, "model_flops_utilization", lambda flops, rate, peak: asked.append(peak))
     for dtype in ("bf16", "fp32"):
         losses(tmp_path, text, dtype, dtype=dtype)
     # Each run measured its own dtype's peak and divided by it alone (one process, one device).

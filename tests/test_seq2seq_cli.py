@@ -11,8 +11,8 @@ import torch
 
 from gptlab.cli import main
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.generation import translate
 from gptlab.models import GPT
-from gptlab.seq2seq import translate
 from gptlab.tokenizers import CharTokenizer
 from gptlab.training import load_checkpoint, load_transformer, save_checkpoint
 

@@ -24,13 +24,14 @@ pytest.importorskip("fastapi", reason="gptlab serve needs the [serve] extra (fas
 httpx = pytest.importorskip("httpx", reason="the API tests need httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from gptlab.cli.interactive import run_interactive  # noqa: E402
+from gptlab.cli.serve import add_serve_parser, listen  # noqa: E402
 from gptlab.config import DatasetConfig, ModelConfig, SampleConfig, TrainConfig  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.generation import generate  # noqa: E402
 from gptlab.models import GPT, KVCache  # noqa: E402
-from gptlab.serve import ServeLimits, run_interactive  # noqa: E402
+from gptlab.serve import ServeLimits  # noqa: E402
 from gptlab.serve.app import create_app  # noqa: E402
-from gptlab.serve.cli_commands import add_serve_parser, listen  # noqa: E402
 from gptlab.serve.runner import ModelRunner  # noqa: E402
 from gptlab.tokenizers import load_tokenizer  # noqa: E402
 from gptlab.training import save_checkpoint  # noqa: E402
@@ -367,7 +368,7 @@ def test_a_client_that_hangs_up_frees_the_model_over_http(stream):
 
 SERVE = """
 import argparse, sys
-from gptlab.serve.cli_commands import add_serve_parser
+from gptlab.cli.serve import add_serve_parser
 parser = argparse.ArgumentParser()
 add_serve_parser(parser.add_subparsers())
 args = parser.parse_args(["serve", *sys.argv[1:]])

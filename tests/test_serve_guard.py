@@ -21,10 +21,10 @@ import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
+from gptlab.cli.serve import exposure_warning, listen  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.serve import ServeLimits  # noqa: E402
 from gptlab.serve.app import create_app  # noqa: E402
-from gptlab.serve.cli_commands import exposure_warning, listen  # noqa: E402
 from gptlab.serve.prompts import max_bytes_per_token  # noqa: E402
 from gptlab.serve.schemas import ApiError, CompletionRequest, ServeAccess  # noqa: E402
 from gptlab.tokenizers import CharTokenizer  # noqa: E402
@@ -264,7 +264,7 @@ def test_serve_command_takes_its_key_from_the_environment_and_extra_host_names(t
 def test_empty_api_key_is_a_clear_error(monkeypatch):
     import argparse
 
-    from gptlab.serve.cli_commands import add_serve_parser
+    from gptlab.cli.serve import add_serve_parser
 
     monkeypatch.delenv("GPTLAB_API_KEY", raising=False)
     parser = argparse.ArgumentParser()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gptlab.cli import default_output_dir, main, parse_ids
+from gptlab.cli import main
+from gptlab.cli.tokenizer import default_output_dir, parse_ids
 from gptlab.errors import GptlabError
 
 ROOT = Path(__file__).resolve().parents[1]

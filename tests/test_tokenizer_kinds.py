@@ -17,7 +17,7 @@ import tiktoken.load
 import tiktoken_ext.openai_public
 
 from gptlab.errors import GptlabError
-from gptlab.text_stream import TextStream
+from gptlab.generation.text_stream import TextStream
 from gptlab.tokenizers import (
     KINDS,
     SPECIAL_TOKENS,

@@ -12,8 +12,8 @@ import torch
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data.pairs import PairDataset, read_pairs
 from gptlab.errors import GptlabError
+from gptlab.generation import beam_search, greedy_decode, translate
 from gptlab.models.transformer import Transformer
-from gptlab.seq2seq import beam_search, greedy_decode, translate
 from gptlab.tokenizers import CharTokenizer
 from gptlab.training import load_transformer, train
 

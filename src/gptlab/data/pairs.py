@@ -3,7 +3,7 @@
 
 A target is read by the decoder as `<BOS> t1 .. tn` and predicted as `t1 .. tn <EOS>`; both are
 cut to seq_len, and sources to max_source_len, with a warning. Batches are padded on the right
-with <PAD>, and padded label positions hold -100 so that the loss ignores them.
+with <PAD>, and padded label positions hold IGNORE_INDEX so that the loss ignores them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.models.fused_loss import IGNORE_INDEX
 from gptlab.tokenizers.base import Tokenizer
 
-IGNORE_INDEX = -100  # label of positions the loss skips (F.cross_entropy's default ignore_index)
 _JSONL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -92,7 +92,7 @@ class PairBatch:
     src: torch.Tensor  # (B, S) source ids, <PAD> after the end
     src_mask: torch.Tensor  # (B, S) True at real source tokens
     tgt: torch.Tensor  # (B, T) <BOS> t1 .. tn, <PAD> after the end
-    labels: torch.Tensor  # (B, T) t1 .. tn <EOS>, -100 after the end
+    labels: torch.Tensor  # (B, T) t1 .. tn <EOS>, IGNORE_INDEX after the end
     indices: tuple[int, ...]  # which pairs of the dataset, row by row
     num_tokens: int  # real (unpadded) source and target tokens
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+# The label of positions the loss skips (F.cross_entropy's default ignore_index); gptlab's one definition.
 IGNORE_INDEX = -100
 
 # Enough rows for each slice's matrix products to run at full speed (fewer slow them down).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -11,42 +10,25 @@ from torch import nn
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.models.blocks import Block, LearnedPositions, RotaryEmbedding, SinusoidalPositions, make_norm
+from gptlab.models.base import LanguageModel, position_encoding
+from gptlab.models.blocks import Block, make_norm
 from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from gptlab.models.kv_cache import KVCache
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """Token embedding, positional encoding, `num_layers` pre-norm blocks, final norm, head."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.tgt_vocab_size is None:
-            raise GptlabError("ModelConfig.tgt_vocab_size is None; set it to the tokenizer's vocab_size (or more)")
-        self.config = config
-        V, C = config.tgt_vocab_size, config.embed_dim
-        self.wte = nn.Embedding(V, C)
-        # Absolute encodings are added to the embeddings; RoPE acts inside attention instead.
-        self.wpe: LearnedPositions | SinusoidalPositions | None = None
-        self.rotary: RotaryEmbedding | None = None
-        if config.pos_encoding == "learned":
-            self.wpe = LearnedPositions(config.seq_len, C)
-        elif config.pos_encoding == "sinusoidal":
-            self.wpe = SinusoidalPositions(config.seq_len, C)
-        else:
-            self.rotary = RotaryEmbedding(config.head_dim, config.seq_len, config.rope_theta)
+        super().__init__(config)
+        self.wte = nn.Embedding(config.tgt_vocab_size, config.embed_dim)
+        self.wpe, self.rotary = position_encoding(config, config.seq_len)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(C, V, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # one matrix reads tokens in and writes logits out
+        self.lm_head = self.output_head(self.wte)
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream, so that its
-        # variance does not grow with depth (2 such writes per block).
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+        self.scale_residual_writes(config.num_layers)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -68,7 +50,7 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, V) for token ids idx (B, T) at positions start_pos .. start_pos+T-1.
 
-        With targets (B, T), also the mean cross-entropy over positions whose target is not -100.
+        With targets (B, T), also the mean cross-entropy over positions whose target is not IGNORE_INDEX.
         With a kv_cache, idx holds only the tokens after those already in the cache: they take
         the next slots (start_pos is then the cache's length) and attend to the cached ones.
         last_only=True computes the logits of the last position only, (B, 1, V): all that
@@ -144,18 +126,6 @@ class GPT(nn.Module):
         cfg = self.config
         matmul_weights = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
         return 6 * matmul_weights + 12 * cfg.num_layers * cfg.seq_len * cfg.embed_dim
-
-    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups for AdamW: weight decay on matrices, none on biases and norm gains.
-
-        Embedding tables are matrices and decay too (as in GPT-2 / nanoGPT): a tied table is
-        also the output head's weight, and decaying vectors would only pull gains towards zero.
-        """
-        params = list(self.parameters())  # each tied matrix once
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
 
     # ---- foreign weights ---------------------------------------------------------------------
 

@@ -20,15 +20,9 @@ from torch import nn
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.models.blocks import (
-    MLP,
-    LearnedPositions,
-    RopeTables,
-    RotaryEmbedding,
-    SinusoidalPositions,
-    apply_rotary,
-    make_norm,
-)
+from gptlab.models.base import LanguageModel, position_encoding
+from gptlab.models.blocks import MLP, RopeTables, apply_rotary, make_norm
+from gptlab.models.fused_loss import IGNORE_INDEX
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -168,36 +162,27 @@ class DecoderState:
             layer.reorder(index)
 
 
-class Transformer(nn.Module):
+class Transformer(LanguageModel):
     """Source ids -> encoder -> memory; target ids + memory -> decoder -> next-token logits."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.tgt_vocab_size is None:
-            raise GptlabError("ModelConfig.tgt_vocab_size is None; set it to the tokenizer's vocab_size (or more)")
-        self.config = config
+        super().__init__(config)
         V, C = config.tgt_vocab_size, config.embed_dim
         self.tgt_embed = nn.Embedding(V, C)
         self.src_embed = self.tgt_embed if config.shared_embeddings else nn.Embedding(V, C)
-        longest = max(config.seq_len, config.source_len)
-        self.src_pos: LearnedPositions | SinusoidalPositions | None = None
-        self.tgt_pos: LearnedPositions | SinusoidalPositions | None = None
-        self.rotary: RotaryEmbedding | None = None
+        # Learned tables are one per stack (each its own length); fixed encodings serve both.
         if config.pos_encoding == "learned":
-            self.src_pos = LearnedPositions(config.source_len, C)
-            self.tgt_pos = LearnedPositions(config.seq_len, C)
-        elif config.pos_encoding == "sinusoidal":
-            self.src_pos = self.tgt_pos = SinusoidalPositions(longest, C)
+            self.src_pos, self.rotary = position_encoding(config, config.source_len)
+            self.tgt_pos, _ = position_encoding(config, config.seq_len)
         else:
-            self.rotary = RotaryEmbedding(config.head_dim, longest, config.rope_theta)
+            self.src_pos, self.rotary = position_encoding(config, max(config.seq_len, config.source_len))
+            self.tgt_pos = self.src_pos
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.encoder_norm = make_norm(config)
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.decoder_norm = make_norm(config)
-        self.lm_head = nn.Linear(C, V, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tgt_embed.weight
+        self.lm_head = self.output_head(self.tgt_embed)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -210,10 +195,7 @@ class Transformer(nn.Module):
         # like the sinusoids added to them.
         for table in {self.src_embed, self.tgt_embed}:
             nn.init.normal_(table.weight, mean=0.0, std=self.config.embed_dim**-0.5)
-        depth = self.config.encoder_layers + self.config.decoder_layers
-        for name, param in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):  # writes into the residual stream
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        self.scale_residual_writes(self.config.encoder_layers + self.config.decoder_layers)
 
     def _embed(
         self, ids: torch.Tensor, table: nn.Embedding, positions: nn.Module | None, start_pos: int
@@ -268,7 +250,7 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for decoder inputs tgt (B, T) given sources src (B, S).
 
         src_mask (B, S) is True at real source tokens (default: all). With targets (B, T), also
-        the mean cross-entropy over positions whose target is not -100.
+        the mean cross-entropy over positions whose target is not IGNORE_INDEX.
         """
         if src_mask is None:
             src_mask = torch.ones_like(src, dtype=torch.bool)
@@ -277,7 +259,7 @@ class Transformer(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
         )
         return logits, loss
 
@@ -298,11 +280,3 @@ class Transformer(nn.Module):
         matmul_weights = self.num_params(non_embedding=True) // 2 + self.lm_head.weight.numel() // 2
         attention = 12 * cfg.embed_dim * (cfg.encoder_layers * cfg.source_len + 2 * cfg.decoder_layers * cfg.seq_len)
         return 6 * matmul_weights + attention // 2
-
-    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on matrices, none on biases and norm gains (as the GPT)."""
-        params = list(self.parameters())
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]

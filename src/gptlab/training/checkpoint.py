@@ -147,30 +147,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
+# Every kind of model a checkpoint can hold, by model_type: adding a kind starts here.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt": GPT, "transformer": Transformer}
+_KIND_NAMES = {"gpt": "a GPT", "transformer": "an encoder-decoder Transformer"}
+_KIND_FIXES = {
+    "gpt": "pass a GPT checkpoint (`gptlab generate` decodes Transformer checkpoints too)",
+    "transformer": "pass a checkpoint trained with --model transformer",
+}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
     """The GPT stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "gpt":
-        raise GptlabError(
-            f"{path} holds an encoder-decoder Transformer, not a GPT; pass a GPT checkpoint "
-            "(`gptlab generate` decodes Transformer checkpoints too)"
-        )
-    return _built(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+    check_model_type(checkpoint, path, "gpt")
+    return build_model(checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Checkpoint]:
     """The encoder-decoder Transformer stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "transformer":
+    check_model_type(checkpoint, path, "transformer")
+    return build_model(checkpoint, path, device), checkpoint.tokenizer, checkpoint
+
+
+def check_model_type(checkpoint: Checkpoint, path: str | Path, wanted: str) -> None:
+    """GptlabError unless the checkpoint holds a model of type `wanted` ("gpt", "transformer")."""
+    if checkpoint.model_type != wanted:
         raise GptlabError(
-            f"{path} holds a GPT, not an encoder-decoder Transformer; pass a checkpoint trained with "
-            "--model transformer"
+            f"{path} holds {_KIND_NAMES[checkpoint.model_type]}, not {_KIND_NAMES[wanted]}; {_KIND_FIXES[wanted]}"
         )
-    return _built(Transformer, checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
-def _built(cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, device: str | torch.device) -> nn.Module:
-    """A `cls` model of the checkpoint's config holding its weights, on `device`, in eval mode."""
+def build_model(checkpoint: Checkpoint, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of the checkpoint's model_type holding its weights, on `device`, in eval mode."""
+    cls = MODEL_CLASSES[checkpoint.model_type]
     vocab = checkpoint.model_config.tgt_vocab_size
     if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
         raise GptlabError(
@@ -251,43 +261,6 @@ def _same_kind(stored: torch.dtype, wanted: torch.dtype, exact: bool) -> bool:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-
-
-def check_resumable(
-    checkpoint: Checkpoint,
-    path: str | Path,
-    model_cfg: ModelConfig,
-    data_cfg: DatasetConfig,
-    tokenizer: Tokenizer,
-    step_batch: int | None = None,
-    *,
-    seed: int | None = None,
-    train_tokens: int | None = None,
-) -> None:
-    """GptlabError unless a run with these settings can continue `checkpoint` exactly.
-
-    step_batch is the windows per optimizer step (batch_size * grad_accum_steps, default
-    batch_size): it fixes the data position, so it must match; how it is split does not matter.
-    The seed and shuffle setting fix the order of the windows, and the training data's token count
-    (checkpoints record it) stands for the data itself: the position means nothing in other data."""
-    if checkpoint.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise GptlabError(f"{path} was trained with another tokenizer; resume with the tokenizer it was trained with")
-    mine, theirs = model_cfg.model_dump(), checkpoint.model_config.model_dump()
-    differ = [name for name in mine if mine[name] != theirs[name]]
-    theirs_step = int(checkpoint.extra.get("step_batch", checkpoint.data_config.batch_size))
-    if theirs_step != (step_batch or data_cfg.batch_size):
-        differ.append("batch_size * grad_accum_steps")
-    if data_cfg.shuffle != checkpoint.data_config.shuffle:
-        differ.append("shuffle")
-    if seed is not None and data_cfg.shuffle and seed != checkpoint.train_config.seed:
-        differ.append("seed")
-    theirs_tokens = checkpoint.extra.get("train_tokens")
-    if train_tokens is not None and theirs_tokens is not None and int(theirs_tokens) != train_tokens:
-        differ.append(f"training data ({int(theirs_tokens):,} tokens; this run's has {train_tokens:,})")
-    if differ:
-        raise GptlabError(f"{path} was trained with other {', '.join(differ)}; resume with the checkpoint's settings")
-    if checkpoint.optimizer_state is None:
-        raise GptlabError(f"{path} holds no optimizer state, so it cannot be resumed; train from scratch")
 
 
 def _optimizer_state(optimizer: Any | None) -> dict[str, Any] | None:

@@ -14,7 +14,8 @@ from torch import nn
 from gptlab.data import TokenDataset, iterate_batches
 from gptlab.data.pairs import PairDataset
 from gptlab.device import autocast, sum_dtype
-from gptlab.seq2seq.decoding import greedy_decode  # the generation layer, below training
+from gptlab.generation.seq2seq import greedy_decode  # the generation layer, below training
+from gptlab.models.fused_loss import IGNORE_INDEX
 from gptlab.tokenizers.base import Tokenizer
 
 # Dense tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
@@ -89,7 +90,7 @@ def evaluate(
         x, y = x.to(device), y.to(device)  # (B, T)
         with autocast(device, dtype):
             _, loss = model(x, y, return_logits=False)
-        counted = int((y != -100).sum())
+        counted = int((y != IGNORE_INDEX).sum())
         total_loss += loss.to(total_loss.dtype) * counted
         total_tokens += counted
     model.train(was_training)
@@ -123,7 +124,7 @@ def evaluate_pairs(
         with autocast(device, dtype):
             _, loss = model(batch.src, batch.tgt, batch.src_mask, batch.labels)
             decoded = greedy_decode(model, batch.src, batch.src_mask, tokenizer)
-        counted = int((batch.labels != -100).sum())
+        counted = int((batch.labels != IGNORE_INDEX).sum())
         total_loss += loss.to(total_loss.dtype) * counted
         total_tokens += counted
         exact += sum(ids == dataset.reference(j) for ids, j in zip(decoded, batch.indices))

@@ -3,11 +3,13 @@ per-step metrics.jsonl. Only the main process (rank 0) reports; on the others ev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from gptlab.files import write_atomic
 from gptlab.training.run_files import StepLog
 
 
@@ -52,3 +54,12 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
             self.step_log.close()
+
+    def announce(self, summary: dict[str, Any], path: Path, notices: list[str]) -> None:
+        """Print the run's resolved configuration `summary` and write it to `path` (JSON), then the notices."""
+        text = json.dumps(summary, indent=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (text + "\n").encode())
+        self.print(f"training configuration (also in {path}):\n{text}")
+        for notice in notices:
+            self.print(notice)

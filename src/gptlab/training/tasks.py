@@ -19,6 +19,7 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import TokenDataset, resolve_data
 from gptlab.data.pairs import PairBatch, PairDataset
 from gptlab.models import GPT
+from gptlab.models.fused_loss import IGNORE_INDEX
 from gptlab.models.transformer import Transformer
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.metrics import EvalResult, evaluate, evaluate_pairs
@@ -80,14 +81,17 @@ class LanguageModelTask(Task):
             return model(x, y, return_logits=False)[1]
         logits, _ = model(x)  # (B, T, V)
         return F.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, label_smoothing=self.train_cfg.label_smoothing
+            logits.flatten(0, 1).float(),
+            y.flatten(),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.train_cfg.label_smoothing,
         )
 
     def num_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[0].numel()
 
     def num_targets(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-        return int((batch[1] != -100).sum())
+        return int((batch[1] != IGNORE_INDEX).sum())
 
     def evaluate(
         self, model: nn.Module, dataset: TokenDataset, max_batches: int, device: torch.device, dtype=None
@@ -115,7 +119,7 @@ class Seq2SeqTask(Task):
         return batch.num_tokens
 
     def num_targets(self, batch: PairBatch) -> int:
-        return int((batch.labels != -100).sum())
+        return int((batch.labels != IGNORE_INDEX).sum())
 
     def evaluate(
         self, model: nn.Module, dataset: PairDataset, max_batches: int, device: torch.device, dtype=None

@@ -3,7 +3,7 @@
 Checkpoints (see run_files.py) are `<experiment>_e<epoch>.pth`, saved every `checkpoint_every`
 epochs and once more at the end, whatever stopped the run, and `<experiment>_s<step>.pth` every
 `save_every_steps` steps; `<experiment>_latest.json` names the newest. A run stopped mid-epoch
-records how many of that epoch's batches were done under extra["epoch_batches_done"], so that a
+records how many of that epoch's batches were done (RunProgress, progress.py), so that a
 run resumed from any checkpoint continues exactly where it stopped (bitwise on CPU), even after
 SIGKILL: checkpoints and the pointer are written atomically.
 A non-finite loss stops the run with GptlabError and saves nothing, so the last good checkpoint stays.
@@ -20,15 +20,12 @@ Ctrl-C stops the run once the step in progress is done and saves a checkpoint (s
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -37,56 +34,26 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import iterate_batches, num_batches
 from gptlab.device import configure_backend
 from gptlab.errors import GptlabError
-from gptlab.files import write_atomic
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
-from gptlab.training.checkpoint import (
-    capture_rng_state,
-    check_resumable,
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-    save_checkpoint,
-)
+from gptlab.training.checkpoint import capture_rng_state, load_checkpoint, load_weights, save_checkpoint
 from gptlab.training.checkpoint_fields import restoring
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
     device_peak_flops,
-    format_mfu,
-    model_flops_utilization,
-    peak_memory_bytes,
 )
 from gptlab.training.multiple_choice import ChoiceResult, ChoiceTask
 from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, total_steps
 from gptlab.training.precision import Precision
-from gptlab.training.run_log import RunLog
+from gptlab.training.progress import RunProgress, check_resumable
+from gptlab.training.reporting import RunReporting
+from gptlab.training.result import StopReason, TrainResult
+from gptlab.training.run_setup import resolve_vocab_size, seed_everything
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
-
-StopReason = Literal["completed", "max_steps", "time_budget", "interrupted"]
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished run left behind.
-
-    train_loss is the mean training loss over the last logging interval (the steps since the
-    log line before it, at most eval_interval); eval and task are the last evaluation's;
-    elapsed_s is wall-clock time of the loop, evaluation included.
-    """
-
-    final_checkpoint: Path
-    steps: int
-    epochs_completed: int
-    train_loss: float
-    eval: EvalResult | None
-    tokens_seen: int
-    elapsed_s: float
-    stopped_reason: StopReason
-    task: ChoiceResult | None = None  # the last --eval_task scores
 
 
 def train(
@@ -119,27 +86,7 @@ def train(
     ).run()
 
 
-def resolve_vocab_size(model_cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
-    """A copy of `model_cfg` whose tgt_vocab_size is the tokenizer's when unset; larger is allowed
-    (rounded-up embedding tables), smaller is an error."""
-    if model_cfg.tgt_vocab_size is None:
-        return model_cfg.model_copy(update={"tgt_vocab_size": tokenizer.vocab_size})
-    if model_cfg.tgt_vocab_size < tokenizer.vocab_size:
-        raise GptlabError(
-            f"tgt_vocab_size {model_cfg.tgt_vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}); use --tgt_vocab_size {tokenizer.vocab_size} or more, or leave it unset"
-        )
-    return model_cfg.model_copy()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator that weights, dropout or data order could draw from."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-class Trainer:
+class Trainer(RunReporting):
     """One training run. Construction does the setup (processes, device, seed, data, model,
     optimizer, resume); run() loops over epochs and returns a TrainResult."""
 
@@ -170,7 +117,7 @@ class Trainer:
         configure_backend(self.device)
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
-        self.progress = progress and self.world.is_main
+        self.show_progress = progress and self.world.is_main
         self.precision = Precision(train_cfg.dtype, self.device)
         check_divides(data_cfg.batch_size, self.world.world_size)
         self.grad_accum_steps = accumulation_steps(
@@ -187,8 +134,8 @@ class Trainer:
                 raise GptlabError("--eval_task scores a GPT's continuations, not an encoder-decoder's; drop it")
             self.choice_task = ChoiceTask.from_file(train_cfg.eval_task, tokenizer, self.model_cfg.seq_len)
         with distributed.main_first(self.world):  # rank 0 prepares the data cache, the others read it
-            self.train_set = self.task.load_dataset(train_data, self.progress)
-            self.eval_set = self.task.load_dataset(eval_data, self.progress) if eval_data else None
+            self.train_set = self.task.load_dataset(train_data, self.show_progress)
+            self.eval_set = self.task.load_dataset(eval_data, self.show_progress) if eval_data else None
         self.batches_per_epoch = num_batches(self.train_set, self.step_batch)
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
 
@@ -207,11 +154,8 @@ class Trainer:
 
         self.log_dir = Path(train_cfg.log_dir) / train_cfg.experiment_name
         self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
-        self.step = 0  # optimizer steps taken
-        self.epoch = 0  # epoch in progress (1-based) once the loop starts
-        self.epoch_batches_done = 0
+        self.progress = RunProgress(step_batch=self.step_batch, train_tokens=self.train_set.num_tokens)
         self.start_epoch, self.start_batch = 1, 0
-        self.tokens_seen = 0
         self.excluded_seconds = 0.0  # evaluating and saving: not training, so not spent from a time budget
         self.last_eval: EvalResult | None = None
         self.last_task: ChoiceResult | None = None
@@ -234,26 +178,24 @@ class Trainer:
         self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
         self.budget: BudgetPlan | None = None
         if train_cfg.time_budget is not None:  # counts from this invocation's first step
-            self.budget = BudgetPlan(train_cfg.time_budget, self.total_steps, first_step=self.step)
+            self.budget = BudgetPlan(train_cfg.time_budget, self.total_steps, first_step=self.progress.step)
 
     def _resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
         checkpoint = load_checkpoint(path)
+        saved = RunProgress.from_checkpoint(checkpoint, self.batches_per_epoch)
+        cfg, train_tokens = self.train_cfg, self.train_set.num_tokens
         check_resumable(
             checkpoint,
+            saved,
             path,
             self.model_cfg,
             self.data_cfg,
             self.tokenizer,
             self.step_batch,
-            seed=self.train_cfg.seed,
-            train_tokens=self.train_set.num_tokens,
+            seed=cfg.seed,
+            train_tokens=train_tokens,
         )
-        rng = checkpoint.raw.get("rng")
-        if not isinstance(rng, dict):
-            raise GptlabError(
-                f"{path} holds no random generator states, so it cannot be resumed exactly; train from scratch"
-            )
         if not self.world.fsdp:
             load_weights(self.plain_model, checkpoint.model_state, path)
         else:
@@ -263,31 +205,17 @@ class Trainer:
                 self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world
             )
         with restoring(path, "extra.grad_scaler"):
-            self.precision.load_state_dict(checkpoint.extra.get("grad_scaler"))
-        rank_rngs = checkpoint.extra.get("rank_rng")  # one per rank, saved by a run under torchrun
-        if isinstance(rank_rngs, list) and len(rank_rngs) == self.world.world_size:
-            with restoring(path, f"extra.rank_rng[{self.world.rank}]"):
-                restore_rng_state(rank_rngs[self.world.rank])
-        else:
-            with restoring(path, "rng"):
-                restore_rng_state(rng)
-            if self.world.distributed:  # another process count: not exact anyway, but masks differ per rank
-                torch.manual_seed(
-                    ((self.train_cfg.seed + checkpoint.step) * self.world.world_size + self.world.rank) % 2**63
-                )
-        self.step, self.epoch = checkpoint.step, checkpoint.epoch
-        self.tokens_seen = int(checkpoint.extra.get("tokens_seen", 0))
-        self.epoch_batches_done = int(checkpoint.extra.get("epoch_batches_done", self.batches_per_epoch))
-        if self.epoch_batches_done >= self.batches_per_epoch:
-            self.start_epoch, self.start_batch = self.epoch + 1, 0
-        else:
-            self.start_epoch, self.start_batch = self.epoch, self.epoch_batches_done
-        if self.step >= self.total_steps:
+            self.precision.load_state_dict(saved.grad_scaler)
+        saved.restore_rng(self.world, cfg.seed, path)
+        # This run's own batch and data (equal to the saved ones, or check_resumable refused them).
+        self.progress = replace(saved, step_batch=self.step_batch, train_tokens=train_tokens, rng=None, rank_rngs=None)
+        self.start_epoch, self.start_batch = saved.start(self.batches_per_epoch)
+        if saved.step >= self.total_steps:
             raise GptlabError(
-                f"{path} has already taken {self.step} of the {self.total_steps} steps this run allows; "
+                f"{path} has already taken {saved.step} of the {self.total_steps} steps this run allows; "
                 "raise epochs or max_steps to train further"
             )
-        self.notices.append(f"resuming {path} at step {self.step} (epoch {self.epoch})")
+        self.notices.append(f"resuming {path} at step {saved.step} (epoch {saved.epoch})")
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -313,7 +241,10 @@ class Trainer:
             if self.in_step or self.stop_request.requested:
                 self._close()
                 if self.world.is_main:
-                    print(f"stopped at once at step {self.step}: nothing saved; {self._kept('')}", file=sys.stderr)
+                    print(
+                        f"stopped at once at step {self.progress.step}: nothing saved; {self._kept('')}",
+                        file=sys.stderr,
+                    )
                 raise
             reason = "interrupted"
         except NonFiniteLoss as err:
@@ -321,25 +252,25 @@ class Trainer:
             kept = self._kept("good ")
             cfg = self.train_cfg
             raise GptlabError(
-                f"{err} at step {self.step + 1} (epoch {self.epoch}); training stopped and {kept}. Lower "
+                f"{err} at step {self.progress.step + 1} (epoch {self.progress.epoch}); training stopped and {kept}. Lower "
                 f"learning_rate (now {cfg.learning_rate:g}) or set grad_clip (now {cfg.grad_clip:g})"
             ) from None
         except BaseException:
             self._close()
             raise
         try:
-            if reason != "interrupted" and self.last_log_step != self.step:
+            if reason != "interrupted" and self.last_log_step != self.progress.step:
                 self._log_interval()  # a last line (and evaluation) for the model being saved
             final = self._save()
         finally:
             self._close()
         return TrainResult(
             final_checkpoint=final,
-            steps=self.step,
+            steps=self.progress.step,
             epochs_completed=self.epochs_completed,
             train_loss=float(np.mean(self.interval_losses)) if self.interval_losses else self.train_loss,
             eval=self.last_eval,
-            tokens_seen=self.tokens_seen,
+            tokens_seen=self.progress.tokens_seen,
             elapsed_s=time.perf_counter() - self.started,
             stopped_reason=reason,
             task=self.last_task,
@@ -358,27 +289,29 @@ class Trainer:
             self.train_set, self.data_cfg.batch_size, self.world.rank, self.world.world_size, self.task.num_targets
         )
         for epoch in range(self.start_epoch, cfg.epochs + 1):
-            self.epoch = epoch
-            self.epoch_batches_done = self.start_batch if self.epoch == self.start_epoch else 0
+            self.progress.epoch = epoch
+            self.progress.epoch_batches_done = self.start_batch if self.progress.epoch == self.start_epoch else 0
             for micro_batches in iterate_batches(
                 rows,
                 self.step_batch,
                 self.data_cfg.shuffle,
                 seed=cfg.seed,
                 epoch=epoch,
-                start_batch=self.epoch_batches_done,
+                start_batch=self.progress.epoch_batches_done,
             ):
                 self._train_step(micro_batches)
-                epoch_done = self.epoch_batches_done >= self.batches_per_epoch
-                if self.step % cfg.eval_interval == 0 or (epoch_done and self.last_log_step != self.step):
+                epoch_done = self.progress.epoch_batches_done >= self.batches_per_epoch
+                if self.progress.step % cfg.eval_interval == 0 or (
+                    epoch_done and self.last_log_step != self.progress.step
+                ):
                     self._log_interval()
-                if epoch_done and self.epoch % cfg.checkpoint_every == 0:
+                if epoch_done and self.progress.epoch % cfg.checkpoint_every == 0:
                     self._save()
-                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                if cfg.save_every_steps and self.progress.step % cfg.save_every_steps == 0:
                     self._save(every_steps=True)
-                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                if cfg.max_steps is not None and self.progress.step >= cfg.max_steps:
                     return "max_steps"
-                if self.budget is not None and self.budget.record(self.step, self._training_seconds()):
+                if self.budget is not None and self.budget.record(self.progress.step, self._training_seconds()):
                     return "time_budget"
                 if self._stop_requested():
                     return "interrupted"
@@ -395,7 +328,7 @@ class Trainer:
     def _train_step(self, micro_batches) -> None:
         self.in_step = True
         self.throughput.start()
-        lr = lr_at(self.step, self._schedule_total(), self.train_cfg)
+        lr = lr_at(self.progress.step, self._schedule_total(), self.train_cfg)
         set_lr(self.optimizer, lr)
         self.last_lr = lr
         result = optimizer_step(
@@ -409,57 +342,12 @@ class Trainer:
             self.train_cfg.grad_clip,
         )
         self.throughput.stop(result.tokens)
-        self.step += 1
-        self.epoch_batches_done += 1
-        self.tokens_seen += result.tokens
+        self.progress.step += 1
+        self.progress.epoch_batches_done += 1
+        self.progress.tokens_seen += result.tokens
         self.in_step = False  # the step's state is whole from here: logging it may be cut short
         self.interval_losses.append(result.loss)
         self._record_step(result.loss, result.grad_norm, lr, result.tokens)
-
-    # ---- evaluation, logging, checkpoints --------------------------------------------------------
-    def _open_logs(self) -> None:
-        if self.world.is_main:  # a run killed while writing left its temporary files behind
-            run_files.remove_stale_temporaries(self.checkpoint_dir, self.log_dir, self.train_cfg.experiment_name)
-        resume_step = self.step if self.resumed else None
-        self.log = RunLog(self.log_dir, self.world.is_main, self.progress, self.total_steps, self.step, resume_step)
-        self._announce()
-
-    def _record_step(self, loss: float, grad_norm: float, lr: float, tokens: int) -> None:
-        self.log.scalars(self.step, {"train/loss": loss, "grad_norm": grad_norm, "lr": lr})
-        rate = self.throughput.rate()
-        mfu = model_flops_utilization(self.flops_per_token, rate, self._total_peak())
-        self.log.step(
-            {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens},
-            {"epoch": self.epoch, "loss": f"{loss:.4f}", "tok_s": f"{rate:,.0f}", "mfu": format_mfu(mfu)},
-        )
-
-    def _total_peak(self) -> float | None:
-        return self.peak_flops * self.world.world_size if self.peak_flops else None
-
-    def _log_interval(self) -> None:
-        """A log line (and TensorBoard scalars) for the steps since the previous one, with an evaluation."""
-        tokens_per_s = self.throughput.rate()
-        mfu = model_flops_utilization(self.flops_per_token, tokens_per_s, self._total_peak())
-        self.throughput.reset()
-        self.train_loss = float(np.mean(self.interval_losses))
-        self.interval_losses = []
-        self.last_log_step = self.step
-        memory = peak_memory_bytes(self.device)
-        line = (
-            f"step {self.step}/{self.planned_steps} | epoch {self.epoch} | train loss {self.train_loss:.4f} | "
-            f"lr {self.last_lr:.2e} | {tokens_per_s:,.0f} tokens/s | MFU {format_mfu(mfu)} | "
-            f"peak mem {memory / 2**20:,.0f} MiB"
-        )
-        if self.eval_set is not None:
-            result = self._evaluate()  # on every rank: FSDP's forward needs them all
-            line += f" | val loss {result.loss:.4f} | ppl {result.perplexity:.2f} | bpb {result.bits_per_byte:.4f}"
-            if result.exact_match is not None:
-                line += f" | exact match {100 * result.exact_match:.1f}%"
-        if self.choice_task is not None:
-            task = self._evaluate_task()
-            line += f" | task acc {task.acc:.4f} | acc_norm {task.acc_norm:.4f}"
-        self.log.scalars(self.step, {"tokens_per_s": tokens_per_s, "peak_memory_mib": memory / 2**20, "mfu": mfu})
-        self.log.print(line)
 
     def _evaluate(self) -> EvalResult:
         started = time.perf_counter()
@@ -469,7 +357,7 @@ class Trainer:
         self.excluded_seconds += time.perf_counter() - started
         self.last_eval = result
         scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
-        self.log.scalars(self.step, scalars)
+        self.log.scalars(self.progress.step, scalars)
         return result
 
     def _evaluate_task(self) -> ChoiceResult:
@@ -481,7 +369,7 @@ class Trainer:
         )
         self.excluded_seconds += time.perf_counter() - started
         self.last_task = result
-        self.log.scalars(self.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
+        self.log.scalars(self.progress.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
         return result
 
     def _save(self, every_steps: bool = False) -> Path:
@@ -492,25 +380,21 @@ class Trainer:
         """
         cfg, directory = self.train_cfg, self.checkpoint_dir
         if every_steps:
-            path = run_files.step_checkpoint(directory, cfg.experiment_name, self.step)
+            path = run_files.step_checkpoint(directory, cfg.experiment_name, self.progress.step)
         else:
-            path = run_files.epoch_checkpoint(directory, cfg.experiment_name, max(self.epoch, 1))
-        if self.last_saved == (path, self.step):
+            path = run_files.epoch_checkpoint(directory, cfg.experiment_name, max(self.progress.epoch, 1))
+        if self.last_saved == (path, self.progress.step):
             return path
         started = time.perf_counter()
         model_state = distributed.full_model_state(self.model, self.plain_model, self.world)
         optimizer_state = distributed.full_optimizer_state(self.plain_model, self.optimizer, self.world)
         rank_rngs = distributed.gather_objects(capture_rng_state(), self.world)
         if self.world.is_main:
-            extra = {
-                "epoch_batches_done": self.epoch_batches_done,
-                "tokens_seen": self.tokens_seen,
-                "step_batch": self.step_batch,
-                "train_tokens": self.train_set.num_tokens,
-                "grad_scaler": self.precision.state_dict(),
-            }
-            if self.world.distributed:
-                extra["rank_rng"] = rank_rngs
+            progress = replace(
+                self.progress,
+                grad_scaler=self.precision.state_dict(),
+                rank_rngs=rank_rngs if self.world.distributed else None,
+            )
             save_checkpoint(
                 path,
                 self.plain_model,
@@ -518,24 +402,26 @@ class Trainer:
                 self.model_cfg,
                 self.data_cfg,
                 cfg,
-                step=self.step,
-                epoch=max(self.epoch, 1),
-                extra=extra,
+                step=self.progress.step,
+                epoch=max(self.progress.epoch, 1),
+                extra=progress.to_extra(),
                 model_state=model_state,
                 optimizer_state=optimizer_state,
             )
-            run_files.write_latest(directory, cfg.experiment_name, path, self.step, max(self.epoch, 1))
+            run_files.write_latest(
+                directory, cfg.experiment_name, path, self.progress.step, max(self.progress.epoch, 1)
+            )
             if every_steps and cfg.keep_last is not None:
                 run_files.prune_step_checkpoints(directory, cfg.experiment_name, cfg.keep_last)
             self.log.print(f"saved checkpoint {path}")
-        self.last_saved = (path, self.step)
+        self.last_saved = (path, self.progress.step)
         self.excluded_seconds += time.perf_counter() - started
         return path
 
     @property
     def epochs_completed(self) -> int:
-        finished = self.epoch_batches_done >= self.batches_per_epoch
-        return max(self.epoch if finished else self.epoch - 1, 0)
+        finished = self.progress.epoch_batches_done >= self.batches_per_epoch
+        return max(self.progress.epoch if finished else self.progress.epoch - 1, 0)
 
     # ---- the time budget ------------------------------------------------------------------------
     def _schedule_total(self) -> int:
@@ -555,34 +441,3 @@ class Trainer:
             summed = torch.tensor([seconds], dtype=torch.float64, device=self.device)
             seconds = distributed.all_reduce_sum(summed, self.world).item() / self.world.world_size
         return seconds
-
-    # ---- start and end ---------------------------------------------------------------------------
-    def _announce(self) -> None:
-        """Print the resolved configuration and write it to <log_dir>/<experiment>/config.json."""
-        if not self.world.is_main:
-            return
-        summary = {
-            "model": self.model_cfg.model_dump(),
-            "data": self.data_cfg.model_dump(),
-            "train": self.train_cfg.model_dump(),
-            "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
-            "device": str(self.device),
-            "dtype": self.precision.name,
-            "world_size": self.world.world_size,
-            "parallelism": "fsdp" if self.world.fsdp else "ddp" if self.world.distributed else "none",
-            "grad_accum_steps": self.grad_accum_steps,
-            "sequences_per_step": self.step_batch,
-            "num_params": self.plain_model.num_params(),
-            "train_tokens": self.train_set.num_tokens,
-            "batches_per_epoch": self.batches_per_epoch,
-            "total_steps": self.total_steps,
-        }
-        text = json.dumps(summary, indent=2)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.log_dir / "config.json", (text + "\n").encode())
-        self.log.print(f"training configuration (also in {self.log_dir / 'config.json'}):\n{text}")
-        for notice in self.notices:
-            self.log.print(notice)
-
-    def _close(self) -> None:
-        self.log.close()

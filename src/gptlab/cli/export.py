@@ -1,21 +1,15 @@
-"""`gptlab export`: a trained model as a Hugging Face directory, gptlab's safetensors directory or a GGUF file.
-
-cli.py registers it with one line in build_parser: `add_export_parser(subparsers)`.
-"""
+"""`gptlab export`: a trained model as a Hugging Face directory, gptlab's safetensors directory or a GGUF file."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from gptlab.config import DatasetConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.interop.gguf_export import OUTTYPES, check_gguf_out, export_gguf, require_gguf
 from gptlab.interop.hf_export import export_hf
-from gptlab.interop.safetensors_io import export_safetensors, is_safetensors_dir, load_safetensors_dir
+from gptlab.interop.safetensors_io import export_safetensors
 from gptlab.interop.staging import check_output_dir
-from gptlab.models import GPT
-from gptlab.tokenizers.base import Tokenizer
+from gptlab.loading import load
 
 FORMATS = ("hf", "safetensors", "gguf")
 
@@ -62,7 +56,8 @@ def _export(args: argparse.Namespace) -> None:
         require_gguf()
     else:
         check_output_dir(args.out, args.force)
-    model, tokenizer, data_cfg, train_cfg = load_for_export(args.model_path)
+    loaded = load(args.model_path, model_type="gpt")
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.format == "gguf":
         outtype = args.outtype or "f32"
         architecture = export_gguf(model, tokenizer, args.out, outtype, force=args.force)
@@ -73,19 +68,5 @@ def _export(args: argparse.Namespace) -> None:
         architecture = export_hf(model, tokenizer, args.out, force=args.force)
         print(f"wrote {args.out} ({architecture}, {model.num_params():,} parameters, {tokenizer.kind} tokenizer)")
     else:
-        export_safetensors(model, tokenizer, args.out, data_cfg, train_cfg, force=args.force)
+        export_safetensors(model, tokenizer, args.out, loaded.data_config, loaded.train_config, force=args.force)
         print(f"wrote {args.out} (gptlab safetensors, {model.num_params():,} parameters, {tokenizer.kind} tokenizer)")
-
-
-def load_for_export(
-    model_path: str | Path,
-) -> tuple[GPT, Tokenizer, DatasetConfig | None, TrainConfig | None]:
-    """Model, tokenizer and (for a checkpoint) its data and train configs, from a .pth
-    checkpoint or a gptlab safetensors directory."""
-    if is_safetensors_dir(model_path):
-        model, tokenizer, _ = load_safetensors_dir(model_path)
-        return model, tokenizer, None, None
-    from gptlab.training.checkpoint import load_model
-
-    model, tokenizer, checkpoint = load_model(model_path)
-    return model, tokenizer, checkpoint.data_config, checkpoint.train_config

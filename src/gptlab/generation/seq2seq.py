@@ -12,8 +12,8 @@ import torch
 
 from gptlab.data.pairs import pad, pad_mask
 from gptlab.errors import GptlabError
+from gptlab.generation.sampling import banned_ids
 from gptlab.models.transformer import Transformer
-from gptlab.sampling import banned_ids
 from gptlab.tokenizers.base import Tokenizer
 
 

@@ -1,7 +1,4 @@
-"""`gptlab serve` (the HTTP API and playground) and `gptlab generate --interactive` (a prompt loop).
-
-cli.py registers serve with one line in build_parser: `add_serve_parser(subparsers)`.
-"""
+"""`gptlab serve`: the HTTP API and playground (the app itself is gptlab.serve)."""
 
 from __future__ import annotations
 
@@ -10,20 +7,14 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
-from gptlab.cli_common import add_weights_dtype_flag, load_for_generation
-from gptlab.config import SampleConfig, validated
+from gptlab.cli.common import add_device_flag, add_weights_dtype_flag, load_for_generation
+from gptlab.config import validated
 from gptlab.errors import GptlabError
-from gptlab.generation import stream_text
-from gptlab.models import GPT
 from gptlab.serve.schemas import ServeAccess, ServeLimits
-from gptlab.tokenizers.base import Tokenizer
 
 API_KEY_VARIABLE = "GPTLAB_API_KEY"
-INTERACTIVE_HELP = "Type a prompt and press Enter. Ctrl-C stops an answer; an empty line or Ctrl-D quits."
 
 
 # ---- gptlab serve ----------------------------------------------------------------------------
@@ -47,7 +38,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)"
     )
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device_flag(parser)
     add_weights_dtype_flag(parser)
     limits = parser.add_argument_group("limits on requests (beyond them a request gets a 4xx saying why)")
     for name, field in ServeLimits.model_fields.items():
@@ -123,44 +114,3 @@ def listen(host: str, port: int) -> socket.socket:
         raise GptlabError(
             f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop the program using it"
         ) from None
-
-
-# ---- gptlab generate --interactive -------------------------------------------------------------
-def run_interactive(
-    model: GPT,
-    tokenizer: Tokenizer,
-    cfg: SampleConfig,
-    input_fn: Callable[[str], str] = input,
-    output: TextIO = sys.stdout,
-) -> None:
-    """Read prompts in a loop and stream each one's continuation (after the prompt) to `output`.
-
-    An empty line, end of input (Ctrl-D) or Ctrl-C at the prompt ends the loop; Ctrl-C during
-    an answer stops that answer only.
-    """
-    if input_fn is input:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-    output.write(INTERACTIVE_HELP + "\n")
-    while True:
-        try:
-            prompt = input_fn("> ")
-        except (EOFError, KeyboardInterrupt):
-            output.write("\n")
-            return
-        if not prompt.strip():
-            return
-        output.write(prompt)
-        answer = stream_text(model, tokenizer, prompt, cfg, notice=lambda note: output.write(f"\n[note: {note}]\n"))
-        try:
-            for piece in answer:
-                output.write(piece)
-                output.flush()
-        except KeyboardInterrupt:
-            output.write(" [stopped]")
-        finally:
-            answer.close()
-        output.write("\n\n")
-        output.flush()

@@ -1,6 +1,6 @@
 """`gptlab eval --task multiple_choice`: accuracy of a GPT on a multiple-choice JSONL file.
 
-cli.py owns the `eval` parser; it adds these flags with `add_multiple_choice_flags` and hands
+eval.py owns the `eval` parser; it adds these flags with `add_multiple_choice_flags` and hands
 --task multiple_choice to `run_multiple_choice`. The scoring itself is training/multiple_choice.py.
 """
 
@@ -55,10 +55,10 @@ def load_scoring_model(path: str, device) -> tuple[Any, Tokenizer, list[int], in
         model, tokenizer, _ = init_model_from_hf(path)
         added = [tokenizer.special_tokens[token] for token in SPECIAL_TOKENS]
         return model.to(device), tokenizer, added, tokenizer.special_tokens.get(GPT2_SEPARATOR, tokenizer.eos_id)
-    from gptlab.cli_common import load_trained_model
+    from gptlab.loading import load
 
-    model, tokenizer = load_trained_model(path, device)
-    return model, tokenizer, [], tokenizer.eos_id
+    loaded = load(path, device, model_type="gpt")
+    return loaded.model, loaded.tokenizer, [], loaded.tokenizer.eos_id
 
 
 def run_multiple_choice(args: argparse.Namespace) -> None:

@@ -18,10 +18,10 @@ from torch import nn
 
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
+from gptlab.generation.sampling import banned_ids, sample_next
+from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
 from gptlab.models.matvec import use_matvec_linears
-from gptlab.sampling import banned_ids, sample_next
-from gptlab.text_stream import TextStream
 from gptlab.tokenizers.base import Tokenizer
 
 Notice = Callable[[str], None]

@@ -1,18 +1,21 @@
 """`gptlab generate` for encoder-decoder Transformer checkpoints: decode --prompt as a source.
 
-cli.py owns the parser; it adds these flags with `add_seq2seq_generate_flags` and hands a
-checkpoint for which `is_seq2seq_checkpoint` holds to `run_generate_seq2seq` (and any other to
-its sampling loop, after `refuse_seq2seq_flags`).
+generate.py owns the parser; it adds these flags with `add_seq2seq_generate_flags`, loads the
+checkpoint (gptlab.load) and hands a Transformer to `run_generate_seq2seq` (and a GPT to its
+sampling loop, after `refuse_seq2seq_flags`).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from gptlab.cli_common import check_against_checkpoint
+import torch
+
+from gptlab.cli.common import check_against_checkpoint
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
+from gptlab.models.transformer import Transformer
+from gptlab.tokenizers.base import Tokenizer
 
 # SampleConfig fields that mean something to greedy / beam decoding; the others shape sampling.
 _DECODING_FIELDS = ("max_new_tokens", "greedy")
@@ -30,18 +33,8 @@ def add_seq2seq_generate_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def is_seq2seq_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a checkpoint file of an encoder-decoder Transformer."""
-    from gptlab.training import load_checkpoint
-
-    return Path(path).is_file() and load_checkpoint(path).model_type == "transformer"
-
-
 def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
-    """GptlabError when beam-search flags are given for a GPT checkpoint (or for no checkpoint:
-    the loader then says what is wrong with the path)."""
-    if not Path(args.model_path).exists():
-        return
+    """GptlabError when beam-search flags are given for a GPT checkpoint (called once it is loaded)."""
     for flag, default in (("beam_size", 1), ("length_penalty", 1.0)):
         if getattr(args, flag, default) != default:
             raise GptlabError(
@@ -50,12 +43,11 @@ def refuse_seq2seq_flags(args: argparse.Namespace) -> None:
             )
 
 
-def run_generate_seq2seq(args: argparse.Namespace) -> None:
-    """Print the target the Transformer checkpoint args.model_path writes for the source args.prompt."""
-    from gptlab.device import resolve_device, weights_dtype
-    from gptlab.generation import ready_for_generation
-    from gptlab.seq2seq.decoding import translate
-    from gptlab.training import load_transformer
+def run_generate_seq2seq(
+    args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype
+) -> None:
+    """Print the target that `model`, loaded from args.model_path, writes for the source args.prompt."""
+    from gptlab.generation import ready_for_generation, translate
 
     given = [name for name in SampleConfig.model_fields if name not in _DECODING_FIELDS and getattr(args, name, None)]
     given += ["interactive"] if getattr(args, "interactive", False) else []
@@ -68,9 +60,6 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     if args.beam_size < 1:
         raise GptlabError(f"--beam_size must be at least 1, got {args.beam_size}")
     max_len = _positive_int(args.max_new_tokens, "--max_new_tokens") if args.max_new_tokens is not None else None
-    device = resolve_device(args.device)
-    dtype = weights_dtype(args.dtype, device)
-    model, tokenizer, _ = load_transformer(args.model_path, device)
     model = ready_for_generation(model, dtype)
     check_against_checkpoint(args, model.config, tokenizer)
     [target] = translate(model, tokenizer, [args.prompt], args.beam_size, args.length_penalty, max_len)
