@@ -67,3 +67,34 @@ def test_a_tokenizer_without_markers_exports_no_template(corpus, tmp_path):
     export_hf(random_gpt(bpe.vocab_size, **GPT2_LAYOUT), bpe, tmp_path / "hf")
     assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert not (tmp_path / "hf" / "generation_config.json").exists()
+
+
+def test_chat_fine_tuning_of_a_gpt2_directory_exports_its_template(corpus, tmp_path, capsys):
+    """--init_from a Hugging Face GPT-2 with --task chat: the markers join GPT-2's tokenizer with
+    new rows, and the fine-tuned model exports with a template transformers applies as gptlab does."""
+    from gptlab.cli import main
+    from gptlab.training import load_model
+
+    from gpt2_dirs import save_random_gpt2
+
+    (tmp_path / "gpt2").mkdir()
+    save_random_gpt2(tmp_path / "gpt2", BPETokenizer.train([corpus], 400, pattern="gpt2", progress=False), 64, 4, 0.05)
+    chats = tmp_path / "chats.jsonl"
+    lines = [{"messages": [{"role": "user", "content": f"what is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+             for i in range(20)]  # fmt: skip
+    chats.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    argv = ["train", "--task", "chat", "--init_from", str(tmp_path / "gpt2"), "--train_data", str(chats),
+            "--seq_len", "32", "--batch_size", "4", "--max_steps", "1", "--experiment_name", "tuned",
+            "--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path / "runs"), "--no_progress"]  # fmt: skip
+    assert main(argv) == 0
+    model, tokenizer, _ = load_model(tmp_path / "tuned_e1.pth")
+    assert model.config.tgt_vocab_size == tokenizer.vocab_size == 396 + 1 + 4 + 4  # GPT-2's, ours, the markers
+    assert (
+        main(
+            ["export", "--model_path", str(tmp_path / "tuned_e1.pth"), "--format", "hf", "--out", str(tmp_path / "hf")]
+        )
+        == 0
+    )
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = lines[3]["messages"]
+    assert _chat_ids(hf_tokenizer, messages[:1], True) == encode_chat(tokenizer, messages[:1], True)
