@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_DIR := runs/demo
 SEQ2SEQ_DIR := runs/demo-seq2seq
+CHAT_DIR := runs/demo-chat
+CHAT_BUDGET ?= 5m
 
-.PHONY: demo demo-seq2seq speedrun ablation test test-gguf test-slow lint clean
+.PHONY: demo demo-seq2seq demo-chat speedrun ablation test test-gguf test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,22 @@ demo-seq2seq: $(VENV)/.installed
 	@for s in "the fourth of july, nineteen seventy-six" "december 31, 1999" "1 january two thousand and one" \
 		"february twenty-ninth, twenty twenty-four"; do printf '%s  ->  ' "$$s"; \
 		$(BIN)/gptlab generate --model_path $(SEQ2SEQ_DIR)/dates_e10.pth --prompt "$$s" --beam_size 4; done
+
+# A GPT learns to chat from scratch: sums, comparisons and words in capitals (toy_data/chat), then answers
+# held-out questions; "exact" = its text before <|end|> equals the reference answer character for character.
+demo-chat: $(VENV)/.installed
+	rm -rf $(CHAT_DIR)
+	$(BIN)/python toy_data/chat/make_conversations.py --out $(CHAT_DIR)/data
+	$(BIN)/gptlab tokenizer train $(CHAT_DIR)/data/train.jsonl --type char --out $(CHAT_DIR)/tokenizer
+	$(BIN)/gptlab train --task chat --tokenizer $(CHAT_DIR)/tokenizer \
+		--train_data $(CHAT_DIR)/data/train.jsonl --eval_data $(CHAT_DIR)/data/valid.jsonl \
+		--embed_dim 128 --n_heads 4 --num_layers 4 --seq_len 96 --dropout 0 --norm rmsnorm --activation relu2 \
+		--no-tie_embeddings --dtype bf16 --batch_size 32 --learning_rate 3e-3 --warmup_steps 50 --epochs 100 \
+		--time_budget $(CHAT_BUDGET) --eval_interval 500 --eval_batches 4 --checkpoint_every 100 \
+		--experiment_name chat --checkpoint_dir $(CHAT_DIR) --log_dir $(CHAT_DIR)/runs --no_progress
+	@echo "---- held-out questions ----"
+	$(BIN)/gptlab eval --task chat --model_path "$$(ls -t $(CHAT_DIR)/*.pth | head -n 1)" \
+		--data $(CHAT_DIR)/data/test.jsonl --show 6 --device cpu
 
 # The speedrun: nanogpt-cpu (nanoGPT's CPU recipe) against cpu-10min, 2 seeds each, BUDGET of training per run
 # (4 runs of 10 minutes by default), written to docs/speedrun.md, docs/speedrun.png and BENCHMARKS.md.

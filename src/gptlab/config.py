@@ -105,7 +105,8 @@ class DatasetConfig(_Config):
     )
     shuffle: bool = Field(True, description="Reorder the windows every epoch (seeded).")
     skip_bad_lines: bool = Field(
-        False, description="Paired data: skip malformed lines with a warning instead of refusing the file."
+        False,
+        description="Paired data and conversations: skip malformed lines with a warning instead of refusing the file.",
     )
 
 
@@ -125,6 +126,11 @@ class TrainConfig(_Config):
     )
     eval_interval: int = Field(500, gt=0, description="Evaluate every this many steps (and at each epoch end).")
     eval_batches: int = Field(20, gt=0, description="Batches per evaluation.")
+    task: Literal["lm", "chat"] = Field(
+        "lm",
+        description="lm: next-token loss on text; chat: supervised fine-tuning on JSONL conversations "
+        '({"messages": [...]}), the loss on assistant tokens only (GPT only).',
+    )
     eval_task: str | None = Field(
         None,
         description="A multiple-choice .jsonl file (HellaSwag's or {context, choices, answer}) scored in full "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from gptlab.cli.common import add_config_flags, add_tokenizer_flags, flag_values
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, build_configs
@@ -33,8 +34,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--init_from",
-        metavar="HF_DIR",
-        help="fine-tune a local Hugging Face GPT-2 directory (its weights and "
+        metavar="CHECKPOINT_OR_HF_DIR",
+        help="fine-tune a gptlab .pth checkpoint or a local Hugging Face GPT-2 directory (its weights and "
         "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes)",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
@@ -52,7 +53,10 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg, data_cfg, train_cfg = build_configs(values)
     init_weights = None
     if args.init_from:  # fine-tuning: the pretrained model's shapes, weights and tokenizer
-        from gptlab.interop.hf_import import fine_tuning_start
+        if Path(args.init_from).is_file():  # a gptlab checkpoint
+            from gptlab.training.chat_start import checkpoint_start as fine_tuning_start
+        else:
+            from gptlab.interop.hf_import import fine_tuning_start
 
         if args.tokenizer:
             raise GptlabError("--init_from brings the pretrained model's own tokenizer; drop --tokenizer")

@@ -2,7 +2,7 @@
 which data it reads, which model it builds, how a batch becomes a loss, and how it is evaluated.
 
 The loop itself (trainer.py) stays the same for every model type; `task_for` picks the task
-named by ModelConfig.model.
+named by ModelConfig.model, or by TrainConfig.task for a GPT fine-tuned on conversations.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import TokenDataset, resolve_data
+from gptlab.data.conversations import ChatDataset
 from gptlab.data.pairs import PairBatch, PairDataset
 from gptlab.models import GPT
 from gptlab.models.fused_loss import IGNORE_INDEX
@@ -99,6 +100,14 @@ class LanguageModelTask(Task):
         return evaluate(model, dataset, self.data_cfg.batch_size, max_batches, device, dtype)
 
 
+class ChatTask(LanguageModelTask):
+    """GPT on conversations (supervised fine-tuning): one padded row per conversation, the loss
+    on assistant tokens only (data/conversations.py); the same model, loss and evaluation."""
+
+    def load_dataset(self, path: str | Path, progress: bool) -> ChatDataset:
+        return ChatDataset.from_file(path, self.tokenizer, self.model_cfg.seq_len, self.data_cfg.skip_bad_lines)
+
+
 class Seq2SeqTask(Task):
     """Encoder-decoder Transformer: source/target pairs, loss on target tokens only."""
 
@@ -131,5 +140,7 @@ TASKS: dict[str, type[Task]] = {"gpt": LanguageModelTask, "transformer": Seq2Seq
 
 
 def task_for(model_cfg: ModelConfig, data_cfg: DatasetConfig, train_cfg: TrainConfig, tokenizer: Tokenizer) -> Task:
-    """The task of the model type model_cfg.model."""
+    """The task of the model type model_cfg.model (a GPT's task is train_cfg.task)."""
+    if model_cfg.model == "gpt" and train_cfg.task == "chat":
+        return ChatTask(model_cfg, data_cfg, train_cfg, tokenizer)
     return TASKS[model_cfg.model](model_cfg, data_cfg, train_cfg, tokenizer)

@@ -37,6 +37,7 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
+from gptlab.training.chat_start import chat_start
 from gptlab.training.checkpoint import capture_rng_state, load_checkpoint, load_weights, save_checkpoint
 from gptlab.training.checkpoint_fields import restoring
 from gptlab.training.metrics import (
@@ -115,6 +116,8 @@ class Trainer(RunReporting):
         self, model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
     ) -> None:
         configure_backend(self.device)
+        if train_cfg.task == "chat":  # the chat markers join the tokenizer, with rows in any given weights
+            model_cfg, tokenizer, init_weights = chat_start(model_cfg, tokenizer, init_weights)
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
         self.show_progress = progress and self.world.is_main
