@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gptlab.serve.cli_commands",
             "gptlab.interop.cli_commands",
             "gptlab.multiple_choice_cli",
+            "gptlab.chat_cli",
             "gptlab.plot",
         ),
     ),
@@ -36,6 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "serve, interop",
         (
             "gptlab.serve.app",
+            "gptlab.serve.chat_api",
+            "gptlab.serve.chat_schemas",
             "gptlab.serve.guard",
             "gptlab.serve.prompts",
             "gptlab.serve.runner",
