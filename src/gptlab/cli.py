@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from gptlab.chat_cli import add_chat_parser
 from gptlab.cli_common import (  # re-exported: other code imported them from here
     SHAPE_FLAGS,
     add_weights_dtype_flag,
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
     add_serve_parser(subparsers)
+    add_chat_parser(subparsers)
     add_plot_parser(subparsers)
     return parser
 
