@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +79,26 @@ class Tokenizer(ABC):
     def from_files(cls, files: dict[str, bytes]) -> Tokenizer:
         """Rebuild the tokenizer from what to_files() returned."""
 
+    # ---- added special tokens (the chat markers) -----------------------------------------
+    @property
+    def added_special_tokens(self) -> tuple[str, ...]:
+        """Special tokens added after the kind's own ids (with_special_tokens), in id order."""
+        return ()
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
+        """This tokenizer with `tokens` as extra special tokens on new ids after its last one;
+        every existing id is unchanged and tokens it already has are skipped (so it is
+        idempotent). The added tokens are part of to_files(), so they travel with the tokenizer."""
+        new = [token for token in dict.fromkeys(tokens) if token not in self.special_tokens]
+        if not new:
+            return self
+        return self._with_added(check_added_specials(self.added_special_tokens + tuple(new)))
+
+    def _with_added(self, added: tuple[str, ...]) -> Tokenizer:
+        """A copy of this tokenizer whose added special tokens are `added`; kinds that can take
+        added tokens override it."""
+        raise GptlabError(f"the {self.kind} tokenizer cannot take added special tokens; use another kind")
+
     # ---- shared behaviour -------------------------------------------------------------
     def encode_batch(
         self, texts: list[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
@@ -135,6 +155,16 @@ class Tokenizer(ABC):
         if bad is not None:
             raise GptlabError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         return ids
+
+
+def check_added_specials(tokens: Sequence[object], where: str = "the added special tokens") -> tuple[str, ...]:
+    """`tokens` as a tuple of distinct non-empty strings that are not <PAD> <UNK> <BOS> <EOS>;
+    GptlabError otherwise (a tokenizer file that was edited by hand, or a caller's mistake)."""
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and t for t in tokens):
+        raise GptlabError(f"{where} must be a list of non-empty strings; save the tokenizer again")
+    if len(set(tokens)) != len(tokens) or set(tokens) & set(SPECIAL_TOKENS):
+        raise GptlabError(f"{where} repeat a special token; save the tokenizer again")
+    return tuple(tokens)
 
 
 def allowed_set(allowed_special: AllowedSpecial, specials: Iterable[str]) -> set[str]:

@@ -1,7 +1,8 @@
 """gptlab's own tokenizer (kind "default"): byte-level BPE with a regex pre-split.
 
 Ids: 0..255 are the raw bytes; 256 + i is the token made by merge i (merges in rank order);
-the special tokens <PAD> <UNK> <BOS> <EOS> take the last four ids. vocab_size counts them all.
+the special tokens <PAD> <UNK> <BOS> <EOS> come next, then any added special tokens (the chat
+markers, tokenizers/chat.py). vocab_size counts them all.
 
 Text is first split into chunks by a regex (GPT-4's cl100k pattern by default, GPT-2's as an
 option); each chunk's UTF-8 bytes are then merged, always joining the adjacent pair whose
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,7 +31,14 @@ import tiktoken
 from gptlab.errors import GptlabError
 from gptlab.files import write_atomic
 from gptlab.tokenizers import byte_level
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, engine_errors
+from gptlab.tokenizers.base import (
+    SPECIAL_TOKENS,
+    AllowedSpecial,
+    Tokenizer,
+    allowed_set,
+    check_added_specials,
+    engine_errors,
+)
 from gptlab.tokenizers.bpe_train import count_chunks, learn_merges
 from gptlab.tokenizers.pattern_safety import check_pattern_safety
 
@@ -96,7 +104,7 @@ class BPETokenizer(Tokenizer):
 
     kind = "default"
 
-    def __init__(self, merges: list[tuple[int, int]], pattern: str = "gpt4"):
+    def __init__(self, merges: list[tuple[int, int]], pattern: str = "gpt4", added_special: Sequence[str] = ()):
         self.pattern = resolve_pattern(pattern)
         self._split = regex.compile(self.pattern)
         self._merges = [(int(a), int(b)) for a, b in merges]
@@ -112,10 +120,14 @@ class BPETokenizer(Tokenizer):
         self._ranks = {token: i for i, token in enumerate(self._token_bytes)}
         if len(self._ranks) != len(self._token_bytes):
             raise GptlabError("two merges make the same token; re-train the tokenizer")
+        self._added = check_added_specials(tuple(added_special))
+        specials = SPECIAL_TOKENS + self._added
         first_special = len(self._token_bytes)
-        self._special_tokens = {token: first_special + i for i, token in enumerate(SPECIAL_TOKENS)}
-        self._id_bytes = self._token_bytes + [token.encode("utf-8") for token in SPECIAL_TOKENS]
-        self._special_split = regex.compile("|".join(regex.escape(token) for token in SPECIAL_TOKENS))
+        self._special_tokens = {token: first_special + i for i, token in enumerate(specials)}
+        self._id_bytes = self._token_bytes + [token.encode("utf-8") for token in specials]
+        # Longest first, so that a special token that prefixes another never wins over it.
+        by_length = sorted(specials, key=len, reverse=True)
+        self._special_split = regex.compile("|".join(regex.escape(token) for token in by_length))
         self._encode_chunk = lru_cache(maxsize=CHUNK_CACHE_SIZE)(self._bpe_chunk)
         self._engine: tiktoken.Encoding | None = None
 
@@ -156,6 +168,13 @@ class BPETokenizer(Tokenizer):
         return dict(self._special_tokens)
 
     @property
+    def added_special_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def _with_added(self, added: tuple[str, ...]) -> BPETokenizer:
+        return BPETokenizer(self._merges, self.pattern, added)
+
+    @property
     def merges(self) -> list[tuple[int, int]]:
         """The merges (a, b) in rank order; merge i makes id 256 + i."""
         return list(self._merges)
@@ -171,7 +190,7 @@ class BPETokenizer(Tokenizer):
     # ---- encoding and decoding ------------------------------------------------------------
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Ids of `text` through tiktoken's engine; identical to encode_reference()."""
-        allowed = allowed_set(allowed_special, SPECIAL_TOKENS)
+        allowed = allowed_set(allowed_special, self._special_tokens)
         engine = self._tiktoken()
         with engine_errors(self.kind):
             if not allowed:
@@ -182,7 +201,7 @@ class BPETokenizer(Tokenizer):
         self, texts: list[str], allowed_special: AllowedSpecial = (), num_threads: int = 8
     ) -> list[list[int]]:
         """encode() for many texts, run in tiktoken's threads."""
-        allowed = allowed_set(allowed_special, SPECIAL_TOKENS)
+        allowed = allowed_set(allowed_special, self._special_tokens)
         engine = self._tiktoken()
         with engine_errors(self.kind):
             if not allowed:
@@ -191,7 +210,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_reference(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         """Ids of `text` in pure Python: split, then merge each chunk by lowest rank first."""
-        allowed = allowed_set(allowed_special, SPECIAL_TOKENS)
+        allowed = allowed_set(allowed_special, self._special_tokens)
         text = byte_level.without_surrogates(text)
         ids: list[int] = []
         start = 0
@@ -257,6 +276,8 @@ class BPETokenizer(Tokenizer):
             "pattern": self.pattern,
             "special_tokens": self._special_tokens,
         }
+        if self._added:  # only then, so that older tokenizers' files (and fingerprints) stay the same
+            config["added_special_tokens"] = list(self._added)
         return {
             CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode("utf-8"),
             VOCAB_FILE: byte_level.write_vocab_json(self._token_bytes, self._special_tokens),
@@ -270,7 +291,8 @@ class BPETokenizer(Tokenizer):
             if name not in files:
                 raise GptlabError(f"tokenizer file {name} is missing; save the tokenizer again")
         config = _read_config(files[CONFIG_FILE])
-        vocab = byte_level.read_vocab_json(files[VOCAB_FILE], set(SPECIAL_TOKENS))
+        added = check_added_specials(config.get("added_special_tokens", []), f"{CONFIG_FILE}'s added_special_tokens")
+        vocab = byte_level.read_vocab_json(files[VOCAB_FILE], set(SPECIAL_TOKENS + added))
         merges = []
         for rank, (left, right) in enumerate(byte_level.read_merges_txt(files[MERGES_FILE])):
             if vocab.get(left + right) != 256 + rank or left not in vocab or right not in vocab:
@@ -280,7 +302,7 @@ class BPETokenizer(Tokenizer):
             raise GptlabError(
                 "vocab.json does not hold exactly the 256 bytes and one token per merge; save the tokenizer again"
             )
-        tokenizer = cls(merges, config["pattern"])
+        tokenizer = cls(merges, config["pattern"], added)
         if config["special_tokens"] != tokenizer._special_tokens:
             raise GptlabError(f"{CONFIG_FILE}: special token ids do not follow the merges; save the tokenizer again")
         return tokenizer

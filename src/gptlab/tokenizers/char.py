@@ -1,7 +1,8 @@
 """The character tokenizer: one id per character seen in the training text.
 
 Ids 0..3 are <PAD> <UNK> <BOS> <EOS> (the same layout as our sentencepiece models); the
-corpus's characters follow in sorted order. A character the corpus never showed encodes as
+corpus's characters follow in sorted order, then any added special tokens (the chat markers,
+tokenizers/chat.py). A character the corpus never showed encodes as
 <UNK>, so `decode(encode(s)) == s` holds only for text made of known characters.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set
+from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, check_added_specials
 
 VOCAB_FILE = "char_vocab.json"
 FORMAT_VERSION = 1
@@ -33,13 +34,16 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str]):
+    def __init__(self, chars: Iterable[str], added_special: Sequence[str] = ()):
         chars = sorted(set(chars))
         if any(len(c) != 1 for c in chars):
             raise GptlabError("a character vocabulary holds single characters only; retrain the char tokenizer")
-        self._tokens = list(SPECIAL_TOKENS) + chars  # id -> string
+        self._chars = chars
+        self._added = check_added_specials(tuple(added_special))
+        self._tokens = list(SPECIAL_TOKENS) + chars + list(self._added)  # id -> string
         self._special = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        self._char_ids = {c: i for i, c in enumerate(self._tokens) if i >= len(SPECIAL_TOKENS)}
+        self._special |= {token: len(SPECIAL_TOKENS) + len(chars) + i for i, token in enumerate(self._added)}
+        self._char_ids = {c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)}
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -59,6 +63,13 @@ class CharTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self._special)
 
+    @property
+    def added_special_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def _with_added(self, added: tuple[str, ...]) -> CharTokenizer:
+        return CharTokenizer(self._chars, added)
+
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         ids: list[int] = []
         unk = self.unk_id
@@ -77,8 +88,10 @@ class CharTokenizer(Tokenizer):
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "special_tokens": self._special,
-            "chars": self._tokens[len(SPECIAL_TOKENS) :],
+            "chars": self._chars,
         }
+        if self._added:  # only then, so that older tokenizers' files (and fingerprints) stay the same
+            vocab["added_special_tokens"] = list(self._added)
         return {VOCAB_FILE: json.dumps(vocab, indent=1).encode()}
 
     @classmethod
@@ -89,9 +102,10 @@ class CharTokenizer(Tokenizer):
             vocab = json.loads(files[VOCAB_FILE])
             chars = vocab["chars"]
             specials = vocab["special_tokens"]
-            tokenizer = cls(chars)
-        except (ValueError, KeyError, TypeError):
+            added = vocab.get("added_special_tokens", [])
+            tokenizer = cls(chars, check_added_specials(added, f"{VOCAB_FILE}'s added_special_tokens"))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise GptlabError(f"{VOCAB_FILE} is corrupt; retrain the char tokenizer") from None
-        if specials != tokenizer._special or tokenizer._tokens[len(SPECIAL_TOKENS) :] != chars:
+        if specials != tokenizer._special or tokenizer._chars != chars:
             raise GptlabError(f"{VOCAB_FILE} is corrupt (ids out of order); retrain the char tokenizer")
         return tokenizer

@@ -7,24 +7,27 @@ U+2581 ("▁", which SentencePiece uses to mark spaces and so decodes as a space
 
 A foreign model keeps its ids: our special tokens map onto its pad/unk/bos/eos ids, and any of
 the four it lacks (many have no pad) gets a new id after the model's last piece, in the order
-<PAD> <UNK> <BOS> <EOS>. Every special id decodes to its token string (`<EOS>`), in every kind.
+<PAD> <UNK> <BOS> <EOS>. Added special tokens (the chat markers, tokenizers/chat.py) take the
+ids after those and are kept in `added_tokens.json` beside the model. Every special id decodes to its token string (`<EOS>`), in every kind.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set
+from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, check_added_specials
 from gptlab.tokenizers.char import split_on_specials
 
 MODEL_FILE = "sentencepiece.model"
+ADDED_FILE = "added_tokens.json"  # written only when there are added special tokens
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 # Lines longer than this are dropped by the trainer; the default (4192 bytes) would silently
 # skip whole paragraphs of corpora that keep one paragraph per line.
@@ -61,7 +64,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, added_special: Sequence[str] = ()):
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -75,6 +78,9 @@ class SentencePieceTokenizer(Tokenizer):
             if own_id < 0:  # the model lacks this one: give it a new id after its pieces
                 own_id, next_id = next_id, next_id + 1
             self._special[token] = own_id
+        self._added = check_added_specials(tuple(added_special))
+        for token in self._added:
+            self._special[token], next_id = next_id, next_id + 1
         self._vocab_size = next_id
         self._token_of_id = {i: token for token, i in self._special.items()}
 
@@ -117,7 +123,9 @@ class SentencePieceTokenizer(Tokenizer):
             path = models[0]
         if not path.is_file():
             raise GptlabError(f"sentencepiece model {path} not found; pass a .model file or its directory")
-        return cls(path.read_bytes())
+        added_file = path.parent / ADDED_FILE
+        added = _read_added(added_file.read_bytes()) if added_file.is_file() else ()
+        return cls(path.read_bytes(), added)
 
     # ---- the Tokenizer protocol --------------------------------------------------------------
     @property
@@ -127,6 +135,13 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self._special)
+
+    @property
+    def added_special_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def _with_added(self, added: tuple[str, ...]) -> SentencePieceTokenizer:
+        return SentencePieceTokenizer(self._proto, added)
 
     def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
         ids: list[int] = []
@@ -151,13 +166,26 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(parts)
 
     def to_files(self) -> dict[str, bytes]:
-        return {MODEL_FILE: self._proto}
+        files = {MODEL_FILE: self._proto}
+        if self._added:
+            files[ADDED_FILE] = json.dumps({"added_special_tokens": list(self._added)}, indent=1).encode()
+        return files
 
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> SentencePieceTokenizer:
         models = [name for name in files if name.endswith(".model")]
+        added = _read_added(files[ADDED_FILE]) if ADDED_FILE in files else ()
         if MODEL_FILE in files:
-            return cls(files[MODEL_FILE])
+            return cls(files[MODEL_FILE], added)
         if len(models) == 1:
-            return cls(files[models[0]])
+            return cls(files[models[0]], added)
         raise GptlabError(f"expected one sentencepiece .model file, found {len(models)}; retrain the tokenizer")
+
+
+def _read_added(data: bytes) -> tuple[str, ...]:
+    """The added special tokens listed in added_tokens.json."""
+    try:
+        added = json.loads(data)["added_special_tokens"]
+    except (ValueError, KeyError, TypeError):
+        raise GptlabError(f"{ADDED_FILE} is corrupt; save the sentencepiece tokenizer again") from None
+    return check_added_specials(added, f"{ADDED_FILE}'s added_special_tokens")

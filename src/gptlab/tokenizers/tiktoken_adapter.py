@@ -1,7 +1,8 @@
 """OpenAI's published encodings (cl100k_base, o200k_base, gpt2 ...) as gptlab tokenizers.
 
 The encoding's ids are kept as they are; our <PAD> <UNK> <BOS> <EOS> take the four ids right
-after the encoding's highest id, and the encoding's own special tokens (`<|endoftext|>` ...)
+after the encoding's highest id (then any added special tokens: the chat markers, tokenizers/chat.py),
+and the encoding's own special tokens (`<|endoftext|>` ...)
 stay usable through `allowed_special`. The rank file is embedded in `to_files()`, so a
 checkpoint carries the whole encoding and never needs the network.
 """
@@ -9,13 +10,20 @@ checkpoint carries the whole encoding and never needs the network.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tiktoken
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizers.base import SPECIAL_TOKENS, AllowedSpecial, Tokenizer, allowed_set, engine_errors
+from gptlab.tokenizers.base import (
+    SPECIAL_TOKENS,
+    AllowedSpecial,
+    Tokenizer,
+    allowed_set,
+    check_added_specials,
+    engine_errors,
+)
 from gptlab.tokenizers.bpe import GPT4_PATTERN, resolve_pattern
 from gptlab.tokenizers.byte_level import read_tiktoken, write_tiktoken
 from gptlab.tokenizers.pattern_safety import check_pattern_safety
@@ -59,14 +67,24 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
 
-    def __init__(self, name: str, ranks: dict[bytes, int], pattern: str, encoding_specials: dict[str, int]):
+    def __init__(
+        self,
+        name: str,
+        ranks: dict[bytes, int],
+        pattern: str,
+        encoding_specials: dict[str, int],
+        added_special: Sequence[str] = (),
+    ):
         self.name = name
         self._ranks = ranks
         self._pattern = pattern
         self._encoding_specials = dict(encoding_specials)
         check_pattern_safety(pattern)  # also a pattern read from a tokenizer file or checkpoint
         first_free = max(max(ranks.values()), max(encoding_specials.values(), default=-1)) + 1
-        self._special = {token: first_free + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._added = check_added_specials(tuple(added_special))
+        if set(self._added) & set(self._encoding_specials):
+            raise GptlabError(f"an added special token of {name!r} is one of its own; save the tokenizer again")
+        self._special = {token: first_free + i for i, token in enumerate(SPECIAL_TOKENS + self._added)}
         try:
             self._encoding = tiktoken.Encoding(
                 name=f"gptlab-{name}",
@@ -125,7 +143,14 @@ class TiktokenTokenizer(Tokenizer):
     # ---- the Tokenizer protocol --------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return self._special[SPECIAL_TOKENS[-1]] + 1
+        return max(self._special.values()) + 1
+
+    @property
+    def added_special_tokens(self) -> tuple[str, ...]:
+        return self._added
+
+    def _with_added(self, added: tuple[str, ...]) -> TiktokenTokenizer:
+        return TiktokenTokenizer(self.name, self._ranks, self._pattern, self._encoding_specials, added)
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -164,6 +189,8 @@ class TiktokenTokenizer(Tokenizer):
             "encoding_special_tokens": self._encoding_specials,
             "special_tokens": self._special,
         }
+        if self._added:  # only then, so that older tokenizers' files (and fingerprints) stay the same
+            config["added_special_tokens"] = list(self._added)
         return {CONFIG_FILE: json.dumps(config, indent=1).encode(), RANKS_FILE: write_tiktoken(self._ranks)}
 
     @classmethod
@@ -174,9 +201,11 @@ class TiktokenTokenizer(Tokenizer):
         try:
             config = json.loads(files[CONFIG_FILE])
             name, pattern, specials = config["name"], config["pattern"], config["encoding_special_tokens"]
-        except (ValueError, KeyError, TypeError):
+            added = config.get("added_special_tokens", [])
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise GptlabError(f"{CONFIG_FILE} is corrupt; save the tiktoken tokenizer again") from None
-        tokenizer = cls(name, read_tiktoken(files[RANKS_FILE], RANKS_FILE), pattern, specials)
+        added = check_added_specials(added, f"{CONFIG_FILE}'s added_special_tokens")
+        tokenizer = cls(name, read_tiktoken(files[RANKS_FILE], RANKS_FILE), pattern, specials, added)
         if config.get("special_tokens") != tokenizer._special:
             raise GptlabError(f"{CONFIG_FILE} does not match {RANKS_FILE}; save the tiktoken tokenizer again")
         return tokenizer
