@@ -24,6 +24,7 @@ from gptlab.interop.staging import check_output_dir, staged_directory
 from gptlab.models import GPT
 from gptlab.models.blocks import swiglu_hidden_dim
 from gptlab.tokenizers.base import Tokenizer
+from gptlab.tokenizers.chat import end_of_turn_id, has_chat_template
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 # The fields that decide the architecture, and the values each one needs.
@@ -84,6 +85,10 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, force: bool = F
         safetensors_torch.save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
         for name, data in tokenizer_files.items():
             (staging / name).write_bytes(data)
+        if has_chat_template(tokenizer):  # so that generate() ends an assistant turn at <|end|>
+            generation = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id}
+            generation["eos_token_id"] = [tokenizer.eos_id, end_of_turn_id(tokenizer)]
+            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return architecture
 
 

@@ -12,6 +12,11 @@ which ids are <BOS>, <EOS>, <PAD>, <UNK>). `AutoTokenizer` loads `tokenizer.json
   whole token as that token without running the merges.
 
 HF always reads special tokens in the text as special, like our `allowed_special="all"`.
+
+A tokenizer with the chat markers (tokenizers/chat.py) also gets `chat_template`, the same
+template in Jinja, so `apply_chat_template(messages, tokenize=True, add_generation_prompt=...)`
+gives exactly `encode_chat`'s ids (for content without marker strings, which HF would read
+as markers).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from gptlab.tokenizers.byte_level import (
     read_vocab_json,
     token_to_text,
 )
+from gptlab.tokenizers.chat import CHAT_TEMPLATE_JINJA, has_chat_template
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         },
         "special_tokens_map.json": special_tokens_map,
     }
+    if has_chat_template(tokenizer):
+        files["tokenizer_config.json"]["chat_template"] = CHAT_TEMPLATE_JINJA
     encoded = {name: json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8") for name, value in files.items()}
     encoded["merges.txt"] = ("\n".join(["#version: 0.2", *merges]) + "\n").encode("utf-8")
     return encoded
