@@ -1,5 +1,5 @@
 """The `gptlab` command line: one module per subcommand (tokenizer, prepare, train, generate,
-eval, export, serve, plot), each with its `add_<name>_parser` and handlers; common.py holds the
+eval, export, serve, chat, plot), each with its `add_<name>_parser` and handlers; common.py holds the
 flags and helpers several share. Subcommand modules import common.py and the library, never this
 package's __init__.
 
@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from gptlab.cli.chat import add_chat_parser
 from gptlab.cli.eval import add_eval_parser
 from gptlab.cli.export import add_export_parser
 from gptlab.cli.generate import add_generate_parser
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
     add_serve_parser(subparsers)
+    add_chat_parser(subparsers)
     add_plot_parser(subparsers)
     return parser
 

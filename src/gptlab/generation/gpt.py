@@ -9,7 +9,7 @@ strings and whole characters only (text_stream.py), and says how and when each s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +23,7 @@ from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
 from gptlab.models.matvec import use_matvec_linears
 from gptlab.tokenizers.base import Tokenizer
+from gptlab.tokenizers.chat import CHAT_TOKENS, has_chat_template
 
 Notice = Callable[[str], None]
 FinishReason = Literal["stop", "length"]
@@ -128,12 +129,16 @@ def sample_events(
     prompt_ids: Sequence[Sequence[int]],
     cfg: SampleConfig,
     cancelled: Callable[[], bool] = lambda: False,
+    end_ids: Collection[int] = (),
 ) -> Iterator[Piece | SampleEnd]:
     """Continue each prompt (1 to seq_len token ids) cfg.num_samples times, all rows in one batch.
 
     Yields each row's text pieces as they become certain, then its SampleEnd; every row ends
     exactly once, unless `cancelled()` turns true (a client hung up), which stops at the next step.
+    A row ends with "stop" at <EOS> or at any of `end_ids` (a chat's end-of-turn marker), which
+    is not part of its text.
     """
+    ends = {tokenizer.eos_id, *end_ids}
     rows = [list(ids) for ids in prompt_ids for _ in range(cfg.num_samples)]
     streams = [TextStream(tokenizer, ids, cfg.stop) for ids in rows]
     produced = [0] * len(rows)
@@ -149,7 +154,7 @@ def sample_events(
                 if ended[row] is not None:
                     continue
                 produced[row] += 1
-                if token == tokenizer.eos_id:
+                if token in ends:
                     piece, ended[row] = streams[row].finish(), "stop"
                 else:
                     piece = streams[row].push(token)
@@ -168,6 +173,15 @@ def sample_events(
             if piece:
                 yield Piece(row, piece)
             yield SampleEnd(row, "length", produced[row])
+
+
+def answer_end_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a chat answer (sample_events' end_ids): the end-of-turn marker, and the
+    role markers, with which the model would start another turn by itself. Empty without a chat template."""
+    if not has_chat_template(tokenizer):
+        return []
+    specials = tokenizer.special_tokens
+    return sorted(specials[token] for token in CHAT_TOKENS)
 
 
 def stream_batch(

@@ -1,9 +1,10 @@
 """The HTTP API and the playground page around one loaded model.
 
-    POST /v1/completions   OpenAI's completions request and response, whole or streamed (SSE)
-    GET  /v1/models        the one model served, as OpenAI's model list
-    GET  /health           liveness, load and limits
-    GET  /                 a page to type a prompt and watch the answer stream in
+    POST /v1/completions         OpenAI's completions request and response, whole or streamed (SSE)
+    POST /v1/chat/completions    OpenAI's chat request and response, for a model with a chat template
+    GET  /v1/models              the one model served, as OpenAI's model list
+    GET  /health                 liveness, load, limits and whether the model can chat
+    GET  /                       a page to chat, or type a prompt, and watch the answer stream in
 
 Every request first passes guard.py (Host, API key, body size and time); every error is
 OpenAI's error object, whatever raised it.
@@ -21,12 +22,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from gptlab.generation import Piece, SampleEnd
+from gptlab.generation import Piece, SampleEnd, answer_end_ids
 from gptlab.models import GPT
+from gptlab.serve.chat_api import NO_TEMPLATE, chat_stream_events, chat_whole_response, encode_conversation
+from gptlab.serve.chat_schemas import CHAT_UNSUPPORTED_OFF_VALUES, ChatCompletionRequest, ChatMeta
 from gptlab.serve.guard import RequestGuard
 from gptlab.serve.prompts import check_prompt_bytes, encode_prompts, max_bytes_per_token
 from gptlab.serve.runner import Failed, Job, ModelRunner
@@ -39,13 +42,20 @@ from gptlab.serve.schemas import (
     ServeLimits,
     choice,
     error_body,
+    error_kind,
     sse_event,
     usage,
 )
 from gptlab.tokenizers.base import Tokenizer
 
-REQUEST_FIELDS = ", ".join(name for name in CompletionRequest.model_fields if name not in UNSUPPORTED_FIELDS)
+READ_FIELDS = {  # what an unknown field's error lists, per request schema
+    CompletionRequest: ", ".join(name for name in CompletionRequest.model_fields if name not in UNSUPPORTED_FIELDS),
+    ChatCompletionRequest: ", ".join(
+        name for name in ChatCompletionRequest.model_fields if name not in CHAT_UNSUPPORTED_OFF_VALUES
+    ),
+}
 JSON_EXAMPLE = 'a JSON object like {"prompt": "Once upon a time", "max_tokens": 50}'
+CHAT_JSON_EXAMPLE = 'a JSON object like {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50}'
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold chunks back
 
 
@@ -63,6 +73,7 @@ def create_app(
     max_prompt_tokens = limits.max_prompt_tokens or seq_len
     bytes_per_token = max_bytes_per_token(tokenizer)
     runner = ModelRunner(model, tokenizer, limits.max_concurrent)
+    chat_end_ids = answer_end_ids(tokenizer)  # empty: the model has no chat template
     parse_turn = asyncio.Lock()
     page = resources.files("gptlab.serve").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -104,26 +115,30 @@ def create_app(
         return {
             "status": "ok", "model": model_name, "context_tokens": seq_len, "in_flight": runner.in_flight,
             "limits": {**limits.model_dump(), "max_prompt_tokens": max_prompt_tokens},
-            "api_key_required": access.api_key is not None,
+            "api_key_required": access.api_key is not None, "chat": bool(chat_end_ids),
         }  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "gptlab"}]}
 
+    async def encode_in_slot(encode: Any, *args: Any) -> tuple[Job, Any]:
+        """A reserved job and encode(*args), run off the event loop (a long prompt takes a while)."""
+        job = runner.reserve()
+        try:
+            return job, await run_in_threadpool(encode, *args)
+        except BaseException:
+            runner.release(job)
+            raise
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await read_completion_request(request, parse_turn)
+        body = await read_request(request, parse_turn, CompletionRequest, JSON_EXAMPLE)
         cfg = body.sample_config()
         prompts = body.prompts
         check_request_size(len(prompts), body.n, body.max_tokens, limits)
         check_prompt_bytes(prompts, max_prompt_tokens, bytes_per_token)
-        job = runner.reserve()
-        try:  # encoding a long prompt takes a while: not on the event loop
-            prompt_ids = await run_in_threadpool(encode_prompts, tokenizer, prompts, max_prompt_tokens, seq_len)
-        except BaseException:
-            runner.release(job)
-            raise
+        job, prompt_ids = await encode_in_slot(encode_prompts, tokenizer, prompts, max_prompt_tokens, seq_len)
         runner.start(job, prompt_ids, cfg)
         meta = CompletionMeta(model=model_name)
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
@@ -134,6 +149,29 @@ def create_app(
         watcher = asyncio.create_task(cancel_when_gone(request, job))
         try:
             return await whole_response(job, meta, len(prompts) * body.n, prompt_tokens)
+        finally:
+            watcher.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        if not chat_end_ids:
+            raise ApiError(400, NO_TEMPLATE, code="model_not_chat")
+        body = await read_request(request, parse_turn, ChatCompletionRequest, CHAT_JSON_EXAMPLE)
+        messages = body.conversation()
+        cfg = body.sample_config(default_max_tokens=min(seq_len, limits.max_tokens_limit))
+        check_request_size(1, body.n, cfg.max_new_tokens, limits)
+        # The markers add ids, never bytes: content that is too long in bytes is too long in ids.
+        check_prompt_bytes(["".join(m["content"] for m in messages)], max_prompt_tokens, bytes_per_token, "messages")
+        job, prompt_ids = await encode_in_slot(encode_conversation, tokenizer, messages, max_prompt_tokens, seq_len)
+        runner.start(job, [prompt_ids], cfg, chat_end_ids)
+        meta = ChatMeta(model=model_name)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = chat_stream_events(job, meta, body.n, len(prompt_ids), include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        watcher = asyncio.create_task(cancel_when_gone(request, job))
+        try:
+            return await chat_whole_response(job, meta, body.n, len(prompt_ids))
         finally:
             watcher.cancel()
 
@@ -203,12 +241,9 @@ async def whole_response(job: Job, meta: CompletionMeta, n_choices: int, prompt_
     return {**meta.envelope(choices), "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def error_kind(status: int) -> str:
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
-async def read_completion_request(request: Request, turn: asyncio.Lock) -> CompletionRequest:
-    """The body as a CompletionRequest; ApiError 400 when it is not JSON, 422 when it is not one.
+async def read_request(request: Request, turn: asyncio.Lock, schema: type[BaseModel], example: str) -> Any:
+    """The body as a `schema` (described by `example` in errors); ApiError 400 when it is not
+    JSON, 422 when it is not one.
 
     Parsing holds the GIL throughout (json's C scanner): the densest body (1 MiB of empty lists,
     25 MB of Python objects) takes ~0.1 s. Bodies that arrive together take turns, each handing the event loop on before
@@ -217,22 +252,22 @@ async def read_completion_request(request: Request, turn: asyncio.Lock) -> Compl
     raw = await request.body()
     content_type = request.headers.get("content-type", "application/json").partition(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
-        raise ApiError(422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json")
+        raise ApiError(422, f"the request body must be {example}, sent as Content-Type: application/json")
     async with turn:
         try:
             data = json.loads(raw)
         except UnicodeDecodeError:
-            raise ApiError(400, f"the request body is not valid UTF-8; send {JSON_EXAMPLE}, encoded as UTF-8") from None
+            raise ApiError(400, f"the request body is not valid UTF-8; send {example}, encoded as UTF-8") from None
         except RecursionError:
-            raise ApiError(400, f"the request body's JSON is nested too deeply to read; send {JSON_EXAMPLE}") from None
+            raise ApiError(400, f"the request body's JSON is nested too deeply to read; send {example}") from None
         except ValueError:
-            raise ApiError(400, f"the request body is not valid JSON; send {JSON_EXAMPLE}") from None
+            raise ApiError(400, f"the request body is not valid JSON; send {example}") from None
         finally:
             await asyncio.sleep(0)  # the others' turn comes after what is waiting on the loop
     try:
-        return CompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
-        status, message, param = describe_validation_error(err.errors())
+        status, message, param = describe_validation_error(err.errors(), schema, example)
         raise ApiError(status, message, param=param) from None
 
 
@@ -241,7 +276,7 @@ def describe_http_error(request: Request, err: HTTPException) -> str:
     if err.status_code == 404:
         return (
             f"no such endpoint: {request.method} {request.url.path}; this server answers POST /v1/completions, "
-            "GET /v1/models, GET /health and GET /"
+            "POST /v1/chat/completions, GET /v1/models, GET /health and GET /"
         )
     if err.status_code == 405:
         allowed = (err.headers or {}).get("Allow", "another method")
@@ -249,17 +284,27 @@ def describe_http_error(request: Request, err: HTTPException) -> str:
     return str(err.detail)
 
 
-def describe_validation_error(errors: Sequence[dict[str, Any]]) -> tuple[int, str, str | None]:
-    """(status, one-line message, field) for a problem FastAPI found in a request body."""
+def describe_validation_error(
+    errors: Sequence[dict[str, Any]], schema: type[BaseModel] = CompletionRequest, example: str = JSON_EXAMPLE
+) -> tuple[int, str, str | None]:
+    """(status, one-line message, field) for a problem found in a request body read as `schema`."""
     # A value that fits one type of a union (stop: str | list[str]) fails the others on its
     # type; the error that says what is wrong is the one about the type that fits.
     first = next((error for error in errors if not error.get("type", "").endswith("_type")), errors[0])
     location = [part for part in first.get("loc", ()) if part != "body"]
     field = str(location[0]) if location else None
     if field is None:
-        return 422, f"the request body must be {JSON_EXAMPLE}, sent as Content-Type: application/json", None
+        return 422, f"the request body must be {example}, sent as Content-Type: application/json", None
     if first.get("type") == "extra_forbidden" and len(location) > 1:  # inside an object, e.g. stream_options
-        return 422, f"unknown field {'.'.join(map(str, location))!r}", field
+        return 422, f"unknown field {item_path(location)!r}", field
     if first.get("type") == "extra_forbidden":
-        return 422, f"unknown field {field!r}; the fields this server reads are {REQUEST_FIELDS}", field
-    return 422, f"{field}: {first.get('msg', 'invalid value')}", field
+        return 422, f"unknown field {field!r}; the fields this server reads are {READ_FIELDS[schema]}", field
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if len(location) > 1 and isinstance(location[1], int):  # an item of a list of objects: messages[2].role
+        field = item_path(location[:3])
+    return 422, f"{field}: {message}", field
+
+
+def item_path(location: Sequence[str | int]) -> str:
+    """Example: ("messages", 2, "content") -> "messages[2].content"."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).lstrip(".")

@@ -38,8 +38,11 @@ def max_bytes_per_token(tokenizer: Tokenizer) -> int | None:
     return longest
 
 
-def check_prompt_bytes(prompts: Sequence[str], max_prompt_tokens: int, bytes_per_token: int | None) -> None:
-    """ApiError 400 for a prompt with more bytes than `max_prompt_tokens` ids could ever stand for."""
+def check_prompt_bytes(
+    prompts: Sequence[str], max_prompt_tokens: int, bytes_per_token: int | None, param: str = "prompt"
+) -> None:
+    """ApiError 400 for a prompt with more bytes than `max_prompt_tokens` ids could ever stand for
+    (`param`: the request's field the prompts come from)."""
     if bytes_per_token is None:
         return
     limit = max_prompt_tokens * bytes_per_token
@@ -48,9 +51,9 @@ def check_prompt_bytes(prompts: Sequence[str], max_prompt_tokens: int, bytes_per
         if len(prompt) * 4 > limit and (size := len(utf8_bytes(prompt))) > limit:
             raise ApiError(
                 400,
-                f"{prompt_name(i, len(prompts))} is {size:,} bytes, more than {max_prompt_tokens} tokens can hold "
-                f"(this tokenizer's longest token is {bytes_per_token} bytes; --max_prompt_tokens); shorten it",
-                param="prompt",
+                f"{prompt_name(i, len(prompts), param)} is {size:,} bytes, more than {max_prompt_tokens} tokens can "
+                f"hold (this tokenizer's longest token is {bytes_per_token} bytes; --max_prompt_tokens); shorten it",
+                param=param,
             )
 
 
@@ -78,5 +81,7 @@ def encode_prompts(
     return encoded
 
 
-def prompt_name(index: int, count: int) -> str:
+def prompt_name(index: int, count: int, param: str = "prompt") -> str:
+    if param == "messages":
+        return "the messages' content"
     return "prompt" if count == 1 else f"prompt {index}"

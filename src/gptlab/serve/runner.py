@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,10 +93,13 @@ class ModelRunner:
             self._jobs.add(job)
         return job
 
-    def start(self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> None:
-        """Queue the completions of a reserved job; ApiError 503 (and the slot freed) when shutting down."""
+    def start(
+        self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig, end_ids: Collection[int] = ()
+    ) -> None:
+        """Queue the completions of a reserved job, each ending at <EOS> or one of `end_ids`;
+        ApiError 503 (and the slot freed) when shutting down."""
         try:
-            self._executor.submit(self._run, job, prompt_ids, cfg)
+            self._executor.submit(self._run, job, prompt_ids, cfg, end_ids)
         except RuntimeError:  # the executor is shut down
             self.release(job)
             raise ApiError(503, "the server is shutting down; retry on a running server", kind="server_error") from None
@@ -122,10 +125,11 @@ class ModelRunner:
                 job.cancelled.set()
         self._executor.shutdown(wait=True)
 
-    def _run(self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig) -> None:
+    def _run(self, job: Job, prompt_ids: Sequence[Sequence[int]], cfg: SampleConfig, end_ids: Collection[int]) -> None:
         try:
             if not job.cancelled.is_set():  # skip a job whose client left while it was queued
-                for event in sample_events(self.model, self.tokenizer, prompt_ids, cfg, job.cancelled.is_set):
+                events = sample_events(self.model, self.tokenizer, prompt_ids, cfg, job.cancelled.is_set, end_ids)
+                for event in events:
                     job.emit(event)
             if self._closing:
                 job.emit(Failed(503, "the server shut down before this answer was complete; retry on a running server"))

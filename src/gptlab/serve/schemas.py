@@ -144,10 +144,7 @@ class CompletionRequest(StrictObject):
 
     def sample_config(self) -> SampleConfig:
         """The SampleConfig this request asks for; ApiError 400 naming the request's field."""
-        for name, off_values in UNSUPPORTED_OFF_VALUES.items():
-            if getattr(self, name) not in off_values:
-                hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
-                raise ApiError(400, f"{name} is not supported by this server (leave it out){hint}", param=name)
+        refuse_unsupported(self, UNSUPPORTED_OFF_VALUES)
         if self.best_of not in (None, self.n):
             raise ApiError(
                 400, "best_of is not supported by this server (leave it out, or equal to n)", param="best_of"
@@ -157,14 +154,29 @@ class CompletionRequest(StrictObject):
             "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "stop": self.stop or [], "n": self.n, "seed": self.seed,
         }  # fmt: skip
-        try:
-            return SampleConfig(**{SAMPLE_FIELD_NAMES.get(name, name): value for name, value in values.items()})
-        except ValidationError as err:
-            first = err.errors()[0]
-            sample_name = str(first["loc"][0]) if first["loc"] else ""
-            request_name = {v: k for k, v in SAMPLE_FIELD_NAMES.items()}.get(sample_name, sample_name)
-            message = first["msg"].removeprefix("Value error, ")
-            raise ApiError(400, f"invalid value: {request_name}: {message}", param=request_name) from None
+        return to_sample_config(values)
+
+
+def refuse_unsupported(request: BaseModel, off_values: dict[str, tuple[Any, ...]]) -> None:
+    """ApiError 400 naming the first field gptlab does not implement that is sent at another
+    value than one of its "off" values."""
+    for name, accepted in off_values.items():
+        if getattr(request, name) not in accepted:
+            hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
+            raise ApiError(400, f"{name} is not supported by this server (leave it out){hint}", param=name)
+
+
+def to_sample_config(values: dict[str, Any]) -> SampleConfig:
+    """A SampleConfig from a request's values, named as in the request (max_tokens, n);
+    ApiError 400 naming the request's field when one is out of range."""
+    try:
+        return SampleConfig(**{SAMPLE_FIELD_NAMES.get(name, name): value for name, value in values.items()})
+    except ValidationError as err:
+        first = err.errors()[0]
+        sample_name = str(first["loc"][0]) if first["loc"] else ""
+        request_name = {v: k for k, v in SAMPLE_FIELD_NAMES.items()}.get(sample_name, sample_name)
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"invalid value: {request_name}: {message}", param=request_name) from None
 
 
 UNSUPPORTED_OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -199,6 +211,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def error_kind(status: int) -> str:
+    """OpenAI's error type for an HTTP status: the client's fault below 500, the server's from it."""
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
