@@ -1,50 +1,58 @@
 """Generation benchmark: gptlab's KV-cache decoding beside Hugging Face's, same weights, one run.
 
-    python benchmarks/generate_bench.py [--tokens 500] [--threads N] [--repeats 5] [--device cpu]
+    python benchmarks/generate_bench.py [--tokens 500] [--gpt2_tokens 200] [--threads N] [--repeats 5]
+        [--dtypes fp32 int8] [--checkpoint RUN.pth --val_data data/shakespeare/val.txt]
 
-For each model size, a random Hugging Face `GPT2LMHeadModel` (vocab 8192, 1024 positions) is
-loaded into gptlab with `GPT.from_hf_gpt2`, so both decode with identical weights. Batch 1,
-a 1-token prompt, greedy, exactly --tokens new tokens, with the weights in each of --dtypes
-(fp32, and bf16 for both sides: rounded from the same fp32 weights). Timed:
+For each model size (4 x 128 and 6 x 384 with vocabulary 8192, and GPT-2-124M's shape: 12 x 768,
+vocabulary 50,257), a random Hugging Face `GPT2LMHeadModel` (1024 positions) is loaded into gptlab
+with `GPT.from_hf_gpt2`, so both decode with identical weights. Batch 1, a 1-token prompt, greedy,
+exactly --tokens new tokens (--gpt2_tokens for GPT-2's shape), with gptlab's weights in each of
+--dtypes. Timed:
   - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device) on the model
-    made `ready_for_generation`, as `gptlab generate --dtype D` does;
-  - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)`;
-  - gptlab without cache: every step a forward pass over the whole text (the naive loop);
+    made `ready_for_generation`, as `gptlab generate --dtype D` does (fp32: each matrix shape in
+    the layout measured fastest; int8: int8 weights, gptlab.models.int8);
+  - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)` in
+    fp32 (and in bf16 when --dtypes asks for bf16); the int8 rows compare with HF's fp32 run;
+  - optionally (--no_cache_repeats) gptlab without cache: a forward pass over the whole text per step;
 and gptlab's linear-layer floor: the speed of a step that did nothing but gptlab's products of
 one token's vector by every weight matrix, which at batch 1 read all the weights every token.
-On CPU, a second table times that product for each kind of matrix of the larger model: as
-nn.Linear, stored (in, out), and as gptlab's MatVecLinear.
-Prints a Markdown table of tokens/s with ratios. Each time is the best of --repeats runs (the
-machine may be shared; the best run is the least disturbed). Both sides get the same number of
-threads: all cores by default, as torch sets it.
+"same as HF" counts the greedy tokens equal to HF's in the same dtype. For int8 that column gives
+instead the change in validation bits per byte on a trained --checkpoint (fp32 -> int8), when one
+is given. After each size, the layout chosen for each matrix shape, with every candidate's time.
+Each time is the best of --repeats runs (the machine may be shared; the best run is the least
+disturbed). Both sides get the same number of threads: all cores by default, as torch sets it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, SampleConfig
-from gptlab.device import DTYPES
+from gptlab.device import weights_dtype
 from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import GPT
-from gptlab.models.matvec import MatVecLinear
+from gptlab.models.int8 import Int8Linear
+from gptlab.models.layout_choice import choose_layouts
+from gptlab.models.matvec import LAYOUTS
 
-VOCAB, POSITIONS = 8192, 1024
-SIZES = [(4, 128, 4), (6, 384, 6)]  # (layers, width, heads)
+POSITIONS = 1024
+GPT2_VOCAB = 50257
+SIZES = [(4, 128, 4, 8192), (6, 384, 6, 8192), (12, 768, 12, GPT2_VOCAB)]  # (layers, width, heads, vocab)
 
 
-def make_models(layers: int, width: int, heads: int, device: torch.device):
+def make_models(layers: int, width: int, heads: int, vocab: int, device: torch.device):
     """A random HF GPT-2 and the gptlab GPT holding the same weights, both in eval mode."""
     import transformers
 
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         n_positions=POSITIONS,
         n_embd=width,
         n_layer=layers,
@@ -63,7 +71,7 @@ def make_models(layers: int, width: int, heads: int, device: torch.device):
         n_heads=heads,
         num_layers=layers,
         seq_len=POSITIONS,
-        tgt_vocab_size=VOCAB,
+        tgt_vocab_size=vocab,
         dropout=0.0,
         bias=True,
         pos_encoding="learned",
@@ -110,8 +118,9 @@ def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> floa
     layer's weights (and add its bias), as the model computes them: no attention, norms or
     sampling. At batch 1 these products read every weight once per token; they bound this model's
     decoding speed."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.zeros(1, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    device, dtype = model.wte.weight.device, model.wte.weight.dtype
+    inputs = [torch.zeros(1, 1, m.in_features, dtype=dtype, device=device) for m in linears]
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
@@ -119,33 +128,6 @@ def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> floa
             linear(x)
         best = min(best, time.perf_counter() - started)
     return 1 / best
-
-
-@torch.inference_mode()
-def matrix_timings(width: int, vocab: int = VOCAB, copies_bytes: float = 60e6) -> None:
-    """Time one row's product with each kind of weight matrix of a `width`-wide GPT-2 block, three
-    ways: nn.Linear, nn.Linear with the weight stored (in, out), and MatVecLinear. Each is timed
-    over enough distinct copies (about 60 MB) that the weights come from memory, as in decoding."""
-    shapes = {"q, k, v": (width, 3 * width), "attention out": (width, width), "MLP up": (width, 4 * width),
-              "MLP down": (4 * width, width), "output head": (width, vocab)}  # fmt: skip
-    print("\n| matrix (in x out) | nn.Linear us | (in, out) layout us | MatVecLinear us |\n|---|---|---|---|")
-    for name, (n_in, n_out) in shapes.items():
-        linears = [nn.Linear(n_in, n_out) for _ in range(max(4, int(copies_bytes / (4 * n_in * n_out))))]
-        transposed = [copy.deepcopy(linear) for linear in linears]
-        for linear in transposed:
-            linear.weight.data = linear.weight.data.t().contiguous().t()
-        fast = [MatVecLinear.from_linear(copy.deepcopy(linear)) for linear in linears]
-        x = torch.randn(1, 1, n_in)
-        cells = []
-        for layers in (linears, transposed, fast):
-            best = float("inf")
-            for _ in range(30):
-                started = time.perf_counter()
-                for layer in layers:
-                    layer(x)
-                best = min(best, (time.perf_counter() - started) / len(layers))
-            cells.append(f"{best * 1e6:,.0f}")
-        print(f"| {name}: {n_in} x {n_out} | " + " | ".join(cells) + " |", flush=True)
 
 
 def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tuple[float, list[int]]]:
@@ -164,69 +146,131 @@ def best_times(repeats: int, runs: dict, device: torch.device) -> dict[str, tupl
     return best
 
 
+@torch.inference_mode()
+def bits_per_byte(model: GPT, dataset, batches: int, batch_size: int = 8) -> float:
+    """Validation bits per byte over the first `batches` batches of `dataset`, from the logits
+    (the path generation uses, so an int8 head is the one measured)."""
+    from gptlab.data import iterate_batches
+
+    nats, tokens = 0.0, 0
+    for i, (x, y) in enumerate(iterate_batches(dataset, batch_size, shuffle=False, seed=0, epoch=0)):
+        if i >= batches:
+            break
+        logits, _ = model(x)  # (B, T, V)
+        nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        tokens += y.numel()
+    return nats / tokens / math.log(2) / dataset.bytes_per_token
+
+
+def int8_quality(checkpoint: str, val_data: str, batches: int) -> tuple[float, float]:
+    """Validation bits per byte of a trained GPT checkpoint in fp32 and with int8 weights."""
+    from gptlab.data import TokenDataset, resolve_data
+    from gptlab.training import load_model
+
+    model, tokenizer, _ = load_model(checkpoint, "cpu")
+    dataset = TokenDataset(resolve_data(val_data, tokenizer, progress=False), model.config.seq_len)
+    fp32 = bits_per_byte(model, dataset, batches)
+    int8 = bits_per_byte(ready_for_generation(model, torch.qint8), dataset, batches)
+    return fp32, int8
+
+
+def layout_table(model: GPT) -> str:
+    """The layout chosen for each matrix shape of a model made ready in fp32, with every candidate's time."""
+    names = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "layout"):
+            names.setdefault((module.in_features, module.out_features), ".".join(name.split(".")[-2:]))
+    lines = ["| matrix (in x out) | count | " + " | ".join(f"{c} us" for c in LAYOUTS) + " | chosen |"]
+    lines.append("|---|---" + "|---" * len(LAYOUTS) + "|---|")
+    for choice in choose_layouts(model):  # the cached choices: nothing is measured again
+        cells = [f"{choice.seconds[c] * 1e6:,.0f}" if c in choice.seconds else "-" for c in LAYOUTS]
+        name = names[(choice.n_in, choice.n_out)]
+        lines.append(
+            f"| {name}: {choice.n_in} x {choice.n_out} | {choice.count} | {' | '.join(cells)} | {choice.layout} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=500, help="new tokens per run (default: %(default)s)")
+    parser.add_argument("--gpt2_tokens", type=int, default=200, help="new tokens per run at GPT-2's shape")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: %(default)s)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the best counts")
+    parser.add_argument("--gpt2_repeats", type=int, default=3, help="runs per measurement at GPT-2's shape")
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[0, 1, 2], help="which sizes (0: 4x128, 1: 6x384, 2: GPT-2)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES), help="weight dtypes")
-    parser.add_argument("--no_cache_repeats", type=int, default=1, help="runs of the slow no-cache loop (0 skips it)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "int8"], choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--no_cache_repeats", type=int, default=0, help="runs of the slow no-cache loop (fp32)")
+    parser.add_argument("--checkpoint", help="a trained GPT .pth: int8's change in validation bits per byte")
+    parser.add_argument("--val_data", default="data/shakespeare/val.txt", help="validation text for --checkpoint")
+    parser.add_argument("--val_batches", type=int, default=40, help="batches of 8 windows for the bits per byte")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device, n, prompt = torch.device(args.device), args.tokens, [1]
+    device = torch.device(args.device)
 
     import transformers
 
+    quality = "-"
+    if args.checkpoint and "int8" in args.dtypes:
+        fp32_bpb, int8_bpb = int8_quality(args.checkpoint, args.val_data, args.val_batches)
+        quality = f"bpb {fp32_bpb:.4f} -> {int8_bpb:.4f} ({(int8_bpb / fp32_bpb - 1) * 100:+.2f}%)"
+        print(f"int8 quality on {args.checkpoint}, {args.val_data}: {quality}\n")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
-        f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, {n} new tokens, greedy, "
-        f"vocab {VOCAB}, n_positions {POSITIONS}\n"
+        f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, greedy, n_positions {POSITIONS}\n"
     )
-    print(
-        "| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
-        "| gptlab / floor | no-cache tok/s | cache / no-cache | same tokens |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for layers, width, heads in SIZES:
-        hf_fp32, ours_fp32 = make_models(layers, width, heads, device)
+    header = "| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
+    header += "| gptlab / floor | no-cache tok/s | same as HF (int8: bpb change) |"
+    print(header + "\n" + "|---" * 10 + "|")
+    layout_tables = []
+    for size in args.sizes:
+        layers, width, heads, vocab = SIZES[size]
+        gpt2 = vocab == GPT2_VOCAB
+        n, repeats, prompt = (args.gpt2_tokens, args.gpt2_repeats, [1]) if gpt2 else (args.tokens, args.repeats, [1])
+        hf_fp32, ours_fp32 = make_models(layers, width, heads, vocab, device)
+        label = f"{layers} x {width}, vocab {vocab:,}" + (" (GPT-2-124M)" if gpt2 else "")
         hf_fp32_tok_s = None
+        ready_fp32 = None
         for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
             # What `gptlab generate --dtype` does to a loaded model; HF's generate takes the model as it is.
-            ours = ready_for_generation(copy.deepcopy(ours_fp32), dtype)
-            hf = copy.deepcopy(hf_fp32).to(dtype)
-            run_ours(ours, prompt, 20), run_hf(hf, prompt, 20)  # warm up both
-            timed = best_times(
-                args.repeats,
-                {
-                    "ours": lambda: run_ours(ours, prompt, n),
-                    "hf": lambda: run_hf(hf, prompt, n),
-                },
-                device,
-            )
-            (ours_s, ours_tokens), (hf_s, hf_tokens) = timed["ours"], timed["hf"]
-            hf_fp32_tok_s = hf_fp32_tok_s or (n / hf_s if dtype_name == "fp32" else None)
+            ours = ready_for_generation(copy.deepcopy(ours_fp32), weights_dtype(dtype_name, device))
+            runs = {"ours": lambda ours=ours: run_ours(ours, prompt, n)}
+            hf = None
+            if dtype_name != "int8":  # HF has no int8 path of its own here: int8 rows compare with HF fp32
+                hf = copy.deepcopy(hf_fp32).to(weights_dtype(dtype_name, device))
+                runs["hf"] = lambda hf=hf: run_hf(hf, prompt, n)
+            run_ours(ours, prompt, 20), hf is not None and run_hf(hf, prompt, 20)  # warm up
+            timed = best_times(repeats, runs, device)
+            ours_s, ours_tokens = timed["ours"]
+            if dtype_name == "fp32":
+                hf_fp32_tok_s, ready_fp32 = n / timed["hf"][0], ours
+            hf_tok_s = n / timed["hf"][0] if hf is not None else hf_fp32_tok_s
             vs_fp32 = f"{n / ours_s / hf_fp32_tok_s:.2f}x" if hf_fp32_tok_s else "-"
-            no_cache = "-", "-"
+            no_cache = "-"
             if args.no_cache_repeats and dtype_name == "fp32":
                 slow = {"slow": lambda: run_ours_without_cache(ours, prompt, n)}
                 slow_s, slow_tokens = best_times(args.no_cache_repeats, slow, device)["slow"]
                 assert slow_tokens == ours_tokens, "the KV cache changed the greedy tokens"
-                no_cache = f"{n / slow_s:,.0f}", f"{slow_s / ours_s:.1f}x"
+                no_cache = f"{n / slow_s:,.0f}"
             # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
-            same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+            same = quality if hf is None else f"{sum(a == b for a, b in zip(ours_tokens, timed['hf'][1]))}/{n}"
             floor = linear_floor_tokens_per_s(ours)
+            hf_cell = f"{hf_tok_s:,.0f}" if hf_tok_s else "-"
+            ratio = f"{hf_tok_s and n / ours_s / hf_tok_s:.2f}x" if hf_tok_s else "-"
             print(
-                f"| {layers} layers x {width} | {dtype_name} | {n / ours_s:,.0f} | {n / hf_s:,.0f} "
-                f"| {hf_s / ours_s:.2f}x | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} "
-                f"| {no_cache[0]} | {no_cache[1]} | {same}/{n} |",
+                f"| {label} | {dtype_name} | {n / ours_s:,.0f} | {hf_cell}{' (fp32)' if hf is None else ''} "
+                f"| {ratio} | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} | {no_cache} | {same} |",
                 flush=True,
             )
-    if device.type == "cpu":
-        matrix_timings(width=SIZES[-1][1])
+        if ready_fp32 is not None and device.type == "cpu":
+            layout_tables.append((label, layout_table(ready_fp32)))
+    for label, table in layout_tables:
+        print(f"\nLayouts chosen for {label} (fp32, one row's product, best time per matrix):\n{table}")
 
 
 if __name__ == "__main__":

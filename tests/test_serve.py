@@ -432,6 +432,17 @@ def test_serve_command_answers_over_http(tmp_path: Path):
     assert server.process.returncode is not None
 
 
+def test_serve_command_accepts_int8_weights(tmp_path: Path):
+    server = ServerProcess(save_tiny_checkpoint(tmp_path / "tiny.pth"), "--dtype", "int8")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+            answer = http.post("/v1/completions", json=body).json()
+    finally:
+        server.stop()
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 6
+
+
 def test_taken_port_bad_port_and_bad_limit_are_clear_errors(tmp_path: Path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

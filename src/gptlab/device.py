@@ -82,14 +82,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype to hold a model's weights in for generation: "fp32" (exact), "bf16" or "fp16".
+    """The dtype to hold a model's weights in for generation: "fp32" (exact), "bf16", "fp16" or
+    "int8" (torch.qint8: int8 weights for CPU kernels, gptlab.models.int8).
 
     Unlike training under autocast there is no float32 copy: the weights themselves are rounded,
-    which halves the memory that every decoding step reads; whether that is faster depends on the
-    model's size and the processor's bf16 kernels. Raises GptlabError for a dtype `device` lacks.
+    which halves (quarters, for int8) the memory that every decoding step reads; whether that is
+    faster depends on the model's size and the processor's kernels. Raises GptlabError for a dtype
+    `device` lacks.
     """
+    if name == "int8":
+        if device.type != "cpu":
+            raise GptlabError(
+                f"--dtype int8 runs on CPUs only (fbgemm kernels), not {device.type}; use bf16 or fp16 there"
+            )
+        return torch.qint8
     if name not in DTYPES:
-        raise GptlabError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
+        raise GptlabError(f"unknown dtype {name!r}; use fp32, bf16, fp16 or int8")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise GptlabError("--dtype fp16 is for GPUs; on CPU use --dtype bf16 (or fp32)")

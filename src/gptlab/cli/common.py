@@ -35,10 +35,10 @@ def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=["fp32", "bf16", "fp16", "int8"],
         help="precision of the weights while generating: bf16 reads half the memory per token (faster for larger "
-        "models on GPUs; on CPUs usually slower than fp32), with slightly different logits; fp16 on GPUs only "
-        "(default: fp32)",
+        "models on GPUs; on CPUs usually slower than fp32), with slightly different logits; fp16 on GPUs only; "
+        "int8 (CPU, GPT checkpoints) reads a quarter, fastest for larger models on CPUs (default: fp32)",
     )
 
 

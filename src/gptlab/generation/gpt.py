@@ -21,6 +21,8 @@ from gptlab.errors import GptlabError
 from gptlab.generation.sampling import banned_ids, sample_next
 from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
+from gptlab.models.int8 import use_int8_linears
+from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import use_matvec_linears
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.chat import CHAT_TOKENS, has_chat_template
@@ -234,14 +236,31 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
     """`model` in eval mode with its weights in `dtype`, laid out for decoding one token at a time.
 
     On CPU in float32, each nn.Linear becomes a MatVecLinear (gptlab.models.matvec) on the same
-    parameters: its weight is stored in the memory layout that the one-row product reads fastest,
-    with its shape and values unchanged, and that product uses every thread. Together about 1.5x
-    faster decoding with 2 threads (generate_bench.py). bf16 kernels prefer the usual layout.
-    The model is changed in place; it still trains and saves as before.
+    parameters, and each matrix shape gets the way of computing one row's product that measured
+    fastest on this machine (gptlab.models.layout_choice; a few milliseconds per shape, once per
+    process). The results equal nn.Linear's up to float rounding. bf16 kernels prefer the usual
+    layout. torch.qint8 (`--dtype int8`, a GPT on CPU) replaces each nn.Linear by an Int8Linear
+    (gptlab.models.int8): int8 weights, inputs quantized per row; that model is for generation
+    only. Dropout layers with p = 0 are removed (one call less each per layer and token).
+    The model is changed in place; in float types it still trains and saves as before.
     """
-    model = model.to(dtype).eval()
-    if dtype == torch.float32 and next(model.parameters()).device.type == "cpu":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == torch.qint8:
+        if not isinstance(model, GPT):
+            raise GptlabError("--dtype int8 is for GPT checkpoints; decode this Transformer in fp32 (or bf16)")
+        if not on_cpu:
+            raise GptlabError("--dtype int8 runs on CPUs only; load the model with --device cpu")
+        model = model.float().eval()
+        use_int8_linears(model)
+    else:
+        model = model.to(dtype).eval()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout and child.p == 0:
+                setattr(parent, name, nn.Identity())
+    if dtype == torch.float32 and on_cpu:
         use_matvec_linears(model)
+        choose_layouts(model)
     return model
 
 
