@@ -50,7 +50,7 @@ demo-chat: $(VENV)/.installed
 	$(BIN)/gptlab tokenizer train $(CHAT_DIR)/data/train.jsonl --type char --out $(CHAT_DIR)/tokenizer
 	$(BIN)/gptlab train --task chat --tokenizer $(CHAT_DIR)/tokenizer \
 		--train_data $(CHAT_DIR)/data/train.jsonl --eval_data $(CHAT_DIR)/data/valid.jsonl \
-		--embed_dim 128 --n_heads 4 --num_layers 4 --seq_len 96 --dropout 0 --norm rmsnorm --activation relu2 \
+		--embed_dim 128 --n_heads 4 --num_layers 4 --seq_len 160 --dropout 0 --norm rmsnorm --activation relu2 \
 		--no-tie_embeddings --dtype bf16 --batch_size 32 --learning_rate 3e-3 --warmup_steps 50 --epochs 100 \
 		--time_budget $(CHAT_BUDGET) --eval_interval 500 --eval_batches 4 --checkpoint_every 100 \
 		--experiment_name chat --checkpoint_dir $(CHAT_DIR) --log_dir $(CHAT_DIR)/runs --no_progress

@@ -82,3 +82,25 @@ def test_eval_task_chat_prints_a_transcript_and_the_rate(tokenizer, tmp_path, ca
     assert "held.jsonl line 1: the conversation ends with a user message" in capsys.readouterr().err
     assert main([*argv, "--show", "-1"]) == 1
     assert "--show must be 0 or more" in capsys.readouterr().err
+
+
+def test_the_demo_conversations_hold_out_their_questions(tmp_path):
+    """make demo-chat's data: valid, every held-out question is one that training never asks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gptlab.data.conversations import read_conversations
+
+    script = Path(__file__).resolve().parents[1] / "toy_data" / "chat" / "make_conversations.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    train = read_conversations(tmp_path / "train.jsonl")
+
+    def questions(conversations) -> set[str]:  # numbers in either order count as the same question
+        texts = {m["content"] for messages in conversations for m in messages if m["role"] == "user"}
+        return {" ".join(sorted(text.replace("?", "").replace(",", "").split())) for text in texts}
+
+    asked = questions(train)
+    for name in ("valid", "test"):
+        assert not asked & questions(read_conversations(tmp_path / f"{name}.jsonl"))
+    assert len(train) == 12_000
