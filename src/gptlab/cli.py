@@ -211,9 +211,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--init_from",
-        metavar="HF_DIR",
+        metavar="HF_DIR_OR_CHECKPOINT",
         help="fine-tune a local Hugging Face GPT-2 directory (its weights and "
-        "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes)",
+        "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes) or a gptlab checkpoint "
+        "(only --dropout may differ); with --lora_rank, train LoRA adapters of it",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     add_config_flags(parser, ModelConfig, DatasetConfig, TrainConfig)
@@ -230,12 +231,12 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg, data_cfg, train_cfg = build_configs(values)
     init_weights = None
     if args.init_from:  # fine-tuning: the pretrained model's shapes, weights and tokenizer
-        from gptlab.interop.hf_import import fine_tuning_start
+        from gptlab.interop.base_models import fine_tuning_base
 
         if args.tokenizer:
             raise GptlabError("--init_from brings the pretrained model's own tokenizer; drop --tokenizer")
         chosen = {name: getattr(model_cfg, name) for name in values if name in ModelConfig.model_fields}
-        model_cfg, tokenizer, init_weights = fine_tuning_start(args.init_from, chosen)
+        model_cfg, tokenizer, init_weights = fine_tuning_base(args.init_from, chosen)
     elif args.tokenizer is None:
         recipe = preset.tokenizer if preset else None
         if recipe is None:
@@ -257,6 +258,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         resume=args.resume,
         init_weights=init_weights,
+        init_from=args.init_from,
     )
     if is_main_process():  # under torchrun every rank returns here
         print_train_result(result)

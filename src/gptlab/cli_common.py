@@ -37,13 +37,13 @@ def add_weights_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 def load_trained_model(path: str, device) -> tuple[Any, Tokenizer]:
     """The model and tokenizer of a .pth checkpoint or of a directory written by `gptlab export --format safetensors`."""
+    from gptlab.interop.base_models import load_adapted
     from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
-    from gptlab.training import load_model
 
     if is_safetensors_dir(path):
         model, tokenizer, _ = load_safetensors_dir(path, device)
-    else:
-        model, tokenizer, _ = load_model(path, device)
+    else:  # a LoRA adapter checkpoint comes back merged with its base
+        model, tokenizer, _ = load_adapted(path, device)
     return model, tokenizer
 
 

@@ -5,7 +5,10 @@
 - `export_safetensors` / `load_safetensors_dir`: gptlab's own directory, for any GPT.
 - `init_model_from_hf`: a local Hugging Face GPT-2 directory as our GPT and tokenizer.
 - `export_gguf`: a GPT (GPT-2 or Llama layout) and its tokenizer as one GGUF file for llama.cpp.
+- `load_adapted`: the model of any checkpoint, a LoRA adapter checkpoint merged with its base.
 """
+
+from gptlab.interop.base_models import load_adapted
 
 from gptlab.interop.gguf_export import export_gguf
 from gptlab.interop.hf_export import export_hf, hf_architecture
@@ -21,5 +24,6 @@ __all__ = [
     "hf_tokenizer_files",
     "init_model_from_hf",
     "is_safetensors_dir",
+    "load_adapted",
     "load_safetensors_dir",
 ]

@@ -85,7 +85,7 @@ def load_for_export(
     if is_safetensors_dir(model_path):
         model, tokenizer, _ = load_safetensors_dir(model_path)
         return model, tokenizer, None, None
-    from gptlab.training.checkpoint import load_model
+    from gptlab.interop.base_models import load_adapted
 
-    model, tokenizer, checkpoint = load_model(model_path)
+    model, tokenizer, checkpoint = load_adapted(model_path)  # LoRA adapters merged into their base
     return model, tokenizer, checkpoint.data_config, checkpoint.train_config

@@ -55,7 +55,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     from gptlab.device import resolve_device, weights_dtype
     from gptlab.generation import ready_for_generation
     from gptlab.seq2seq.decoding import translate
-    from gptlab.training import load_transformer
+    from gptlab.interop.base_models import load_adapted
 
     given = [name for name in SampleConfig.model_fields if name not in _DECODING_FIELDS and getattr(args, name, None)]
     given += ["interactive"] if getattr(args, "interactive", False) else []
@@ -70,7 +70,7 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     max_len = _positive_int(args.max_new_tokens, "--max_new_tokens") if args.max_new_tokens is not None else None
     device = resolve_device(args.device)
     dtype = weights_dtype(args.dtype, device)
-    model, tokenizer, _ = load_transformer(args.model_path, device)
+    model, tokenizer, _ = load_adapted(args.model_path, device, "transformer")
     model = ready_for_generation(model, dtype)
     check_against_checkpoint(args, model.config, tokenizer)
     [target] = translate(model, tokenizer, [args.prompt], args.beam_size, args.length_penalty, max_len)

@@ -27,10 +27,12 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated_fro
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_path
 from gptlab.models import GPT
+from gptlab.models.lora import is_adapter_key
 from gptlab.models.transformer import Transformer
 from gptlab.tokenizers import tokenizer_from_files
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.checkpoint_fields import check_fields
+from gptlab.training.lora import read_settings
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1  # bump when the layout changes; loaders refuse versions newer than theirs
@@ -150,27 +152,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
     """The GPT stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "gpt":
-        raise GptlabError(
-            f"{path} holds an encoder-decoder Transformer, not a GPT; pass a GPT checkpoint "
-            "(`gptlab generate` decodes Transformer checkpoints too)"
-        )
-    return _built(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+    check_model_type(checkpoint, path, "gpt")
+    return model_from_checkpoint(GPT, checkpoint, path, device), checkpoint.tokenizer, checkpoint
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, Checkpoint]:
     """The encoder-decoder Transformer stored in a checkpoint, on `device` and in eval mode, with its tokenizer."""
     checkpoint = load_checkpoint(path, map_location="cpu")
-    if checkpoint.model_type != "transformer":
+    check_model_type(checkpoint, path, "transformer")
+    return model_from_checkpoint(Transformer, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt": GPT, "transformer": Transformer}
+
+
+def check_model_type(checkpoint: Checkpoint, path: str | Path, wanted: str) -> None:
+    """GptlabError unless the checkpoint holds a model of type `wanted` (gpt or transformer)."""
+    if checkpoint.model_type == wanted:
+        return
+    if wanted == "gpt":
         raise GptlabError(
-            f"{path} holds a GPT, not an encoder-decoder Transformer; pass a checkpoint trained with "
-            "--model transformer"
+            f"{path} holds an encoder-decoder Transformer, not a GPT; pass a GPT checkpoint "
+            "(`gptlab generate` decodes Transformer checkpoints too)"
         )
-    return _built(Transformer, checkpoint, path, device), checkpoint.tokenizer, checkpoint
+    raise GptlabError(
+        f"{path} holds a GPT, not an encoder-decoder Transformer; pass a checkpoint trained with --model transformer"
+    )
 
 
-def _built(cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, device: str | torch.device) -> nn.Module:
+def model_from_checkpoint(
+    cls: type[nn.Module], checkpoint: Checkpoint, path: str | Path, device: str | torch.device
+) -> nn.Module:
     """A `cls` model of the checkpoint's config holding its weights, on `device`, in eval mode."""
+    lora = read_settings(checkpoint.extra, path)
+    if lora is not None and not lora.merged and any(map(is_adapter_key, checkpoint.model_state)):
+        raise GptlabError(
+            f"{path} holds LoRA adapters for the base {lora.base}, not a whole model; load it with "
+            "gptlab.interop.load_adapted (the gptlab commands do), or train with --lora_save merged"
+        )
     vocab = checkpoint.model_config.tgt_vocab_size
     if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
         raise GptlabError(

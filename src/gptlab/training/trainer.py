@@ -50,6 +50,7 @@ from gptlab.training.checkpoint import (
     save_checkpoint,
 )
 from gptlab.training.checkpoint_fields import restoring
+from gptlab.training.lora import lora_run, refuse_without_lora
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
@@ -99,6 +100,7 @@ def train(
     progress: bool = True,
     resume: str | Path | None = None,
     init_weights: Mapping[str, torch.Tensor] | None = None,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train the model that model_cfg.model names and save checkpoints: a GPT on `train_data`
     as raw text or prepared data, or an encoder-decoder Transformer on TSV/JSONL pairs.
@@ -107,7 +109,8 @@ def train(
     exactly as if it had never stopped; resume="auto" continues the checkpoint that
     <checkpoint_dir>/<experiment_name>_latest.json names, or starts fresh when there is none.
     `init_weights` (a state dict of model_cfg's shapes, e.g. pretrained GPT-2) replaces the
-    random initialisation: fine-tuning.
+    random initialisation: fine-tuning; with train_cfg.lora_rank only LoRA adapters of them train,
+    and `init_from` (where they came from) is what LoRA checkpoints point to as their base.
     Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). On a CPU, sets this
     process's malloc to keep freed memory for reuse (host_memory.py). Raises GptlabError
     for bad settings or data, and when the loss becomes nan/inf. Ctrl-C lets the step in progress
@@ -115,7 +118,7 @@ def train(
     raises KeyboardInterrupt at once and saves nothing.
     """
     return Trainer(
-        model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
+        model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights, init_from
     ).run()
 
 
@@ -154,7 +157,9 @@ class Trainer:
         progress: bool = True,
         resume: str | Path | None = None,
         init_weights: Mapping[str, torch.Tensor] | None = None,
+        init_from: str | None = None,
     ):
+        self.init_from = init_from
         self.world, self.device = distributed.setup(train_cfg)
         try:
             self._setup(
@@ -195,6 +200,7 @@ class Trainer:
         self.plain_model = self.task.build_model()
         if init_weights is not None:  # fine-tuning: start from given weights, not a random init
             load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)", exact_dtype=False)
+        self.lora = lora_run(self.plain_model, train_cfg, init_weights, self.init_from)  # None without lora_rank
         self.plain_model.to(self.device)
         if self.world.distributed:  # same weights everywhere (drawn above), but each rank its own dropout masks
             torch.manual_seed(train_cfg.seed + self.world.rank)
@@ -255,7 +261,7 @@ class Trainer:
                 f"{path} holds no random generator states, so it cannot be resumed exactly; train from scratch"
             )
         if not self.world.fsdp:
-            load_weights(self.plain_model, checkpoint.model_state, path)
+            load_weights(self.plain_model, self._resumed_weights(checkpoint, path), path)
         else:
             distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
         with restoring(path, "optimizer"):
@@ -288,6 +294,13 @@ class Trainer:
                 "raise epochs or max_steps to train further"
             )
         self.notices.append(f"resuming {path} at step {self.step} (epoch {self.epoch})")
+
+    def _resumed_weights(self, checkpoint, path: Path) -> dict[str, torch.Tensor]:
+        """The checkpoint's weights; for a LoRA run this run's base with the checkpoint's adapters."""
+        if self.lora is None:
+            refuse_without_lora(checkpoint.extra, path)
+            return checkpoint.model_state
+        return self.lora.resume_state(checkpoint.extra, path, self.plain_model.state_dict())
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -502,7 +515,7 @@ class Trainer:
         optimizer_state = distributed.full_optimizer_state(self.plain_model, self.optimizer, self.world)
         rank_rngs = distributed.gather_objects(capture_rng_state(), self.world)
         if self.world.is_main:
-            extra = {
+            extra: dict = {
                 "epoch_batches_done": self.epoch_batches_done,
                 "tokens_seen": self.tokens_seen,
                 "step_batch": self.step_batch,
@@ -511,6 +524,8 @@ class Trainer:
             }
             if self.world.distributed:
                 extra["rank_rng"] = rank_rngs
+            if self.lora is not None:  # the adapters alone, or the merged model (training/lora.py)
+                model_state = self.lora.checkpoint_state(model_state, extra)
             save_checkpoint(
                 path,
                 self.plain_model,
@@ -573,6 +588,7 @@ class Trainer:
             "grad_accum_steps": self.grad_accum_steps,
             "sequences_per_step": self.step_batch,
             "num_params": self.plain_model.num_params(),
+            "trainable_params": sum(p.numel() for p in self.plain_model.parameters() if p.requires_grad),
             "train_tokens": self.train_set.num_tokens,
             "batches_per_epoch": self.batches_per_epoch,
             "total_steps": self.total_steps,
@@ -581,7 +597,8 @@ class Trainer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.log_dir / "config.json", (text + "\n").encode())
         self.log.print(f"training configuration (also in {self.log_dir / 'config.json'}):\n{text}")
-        for notice in self.notices:
+        lora = [self.lora.summary()] if self.lora is not None else []
+        for notice in lora + self.notices:
             self.log.print(notice)
 
     def _close(self) -> None:

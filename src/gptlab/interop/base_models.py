@@ -1,0 +1,95 @@
+"""Base models for fine-tuning: what `--init_from` names, and the whole model of a LoRA adapter
+checkpoint (its base loaded again, fingerprint-checked, with the adapters merged in).
+
+`--init_from` takes a local Hugging Face GPT-2 directory (hf_import.py) or a gptlab checkpoint
+(any model type; a LoRA adapter checkpoint counts as the model it adapts). This module sits in
+the interop layer because a LoRA checkpoint's base may be a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.interop.hf_import import fine_tuning_start
+from gptlab.tokenizers.base import Tokenizer
+from gptlab.training.checkpoint import (
+    MODEL_CLASSES,
+    Checkpoint,
+    check_model_type,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from gptlab.training.lora import read_settings, saved_adapters, with_base
+
+# Model fields a fine-tuning run of a gptlab checkpoint may change; the others are the checkpoint's.
+CHECKPOINT_TUNABLE = {"dropout"}
+MAX_BASE_DEPTH = 8  # adapters on adapters on ...: a chain this long is a loop of pointers
+
+
+def fine_tuning_base(
+    path: str | Path, model_values: dict[str, Any]
+) -> tuple[ModelConfig, Tokenizer, dict[str, torch.Tensor]]:
+    """The model config, tokenizer and weights to fine-tune, from a Hugging Face GPT-2 directory
+    or a gptlab checkpoint file. `model_values` are the model fields the user set; one that
+    contradicts the pretrained model (beyond what fine-tuning may change) is a GptlabError."""
+    if not Path(path).is_file():
+        return fine_tuning_start(path, model_values)
+    checkpoint, state = whole_checkpoint(path)
+    config = checkpoint.model_config
+    for name, value in model_values.items():
+        if name not in CHECKPOINT_TUNABLE and getattr(config, name) != value:
+            raise GptlabError(
+                f"--{name} {value} contradicts the checkpoint {path} ({name} = {getattr(config, name)}); drop the "
+                f"flag (only {', '.join(sorted(CHECKPOINT_TUNABLE))} may change)"
+            )
+    updates = {name: model_values[name] for name in CHECKPOINT_TUNABLE if name in model_values}
+    return config.model_copy(update=updates), checkpoint.tokenizer, state
+
+
+def whole_checkpoint(path: str | Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """A checkpoint and its whole model's weights: its own, or for a LoRA adapter checkpoint its
+    base's with the adapters merged in."""
+    checkpoint = load_checkpoint(path)
+    return checkpoint, whole_state(checkpoint, path)
+
+
+def whole_state(checkpoint: Checkpoint, path: str | Path, depth: int = 0) -> dict[str, torch.Tensor]:
+    """The whole model's weights of the loaded `checkpoint` (see whole_checkpoint)."""
+    settings = read_settings(checkpoint.extra, path)
+    if settings is None or settings.merged:
+        return checkpoint.model_state
+    if depth >= MAX_BASE_DEPTH:
+        raise GptlabError(f"{path}: its chain of LoRA bases is longer than {MAX_BASE_DEPTH}; save it --lora_save merged")
+    base = Path(settings.base)
+    if not base.exists():
+        raise GptlabError(
+            f"{path} holds LoRA adapters whose base {settings.base} is not found (the path --init_from was given, "
+            "relative to where training ran); run from there, restore the base, or re-train with --lora_save merged"
+        )
+    cfg = checkpoint.model_config
+    if base.is_file():
+        base_state = whole_state(load_checkpoint(base), base, depth + 1)
+    else:
+        _, _, base_state = fine_tuning_start(base, {"seq_len": cfg.seq_len, "dropout": cfg.dropout})
+    adapters = saved_adapters(checkpoint.extra, path, checkpoint.model_state)
+    return with_base(checkpoint.extra, path, adapters, base_state)
+
+
+def load_adapted(
+    path: str | Path, device: str | torch.device = "cpu", model_type: str = "gpt"
+) -> tuple[nn.Module, Tokenizer, Checkpoint]:
+    """The model (`model_type` gpt or transformer) of any gptlab checkpoint, LoRA adapter
+    checkpoints included (merged with their base), on `device` and in eval mode, with its
+    tokenizer and the checkpoint (whose model_state is then the whole model's)."""
+    checkpoint = load_checkpoint(path)
+    check_model_type(checkpoint, path, model_type)
+    checkpoint = replace(checkpoint, model_state=whole_state(checkpoint, path))
+    model = model_from_checkpoint(MODEL_CLASSES[model_type], checkpoint, path, device)
+    return model, checkpoint.tokenizer, checkpoint

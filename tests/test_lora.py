@@ -1,0 +1,167 @@
+"""LoRA: adapters that start as the identity, merge exactly, train alone on a frozen base, resume
+exactly, and checkpoints that point to (and check) their base; each bad input is one clear line."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gptlab.training.tasks as tasks_module
+from gptlab.cli import main
+from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.errors import GptlabError
+from gptlab.interop.base_models import fine_tuning_base, load_adapted
+from gptlab.models import GPT
+from gptlab.models.lora import LoRALinear, apply_lora, merge_lora, merged_state
+from gptlab.models.transformer import Transformer
+from gptlab.tokenizers.bpe import BPETokenizer
+from gptlab.training import Trainer, load_checkpoint, load_model, save_checkpoint, train
+
+from helpers import random_gpt
+
+TEXT = "\n".join(["the cat sat on the mat.", "a dog ran in the park.", "we like to read books."] * 25) + "\n"
+SHAPE = dict(embed_dim=32, n_heads=2, num_layers=2, seq_len=16)
+
+
+def randomise_adapters(model: nn.Module, seed: int = 1) -> None:
+    """Give every B a random value, so that the adapters change what the model computes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.copy_(0.05 * torch.randn(module.lora_B.shape, generator=generator))
+
+
+# ---- the layer and the model ---------------------------------------------------------------------
+@pytest.mark.parametrize("targets, adapted", [("attention", 4), ("mlp", 4), ("both", 8)])
+def test_zero_initialised_adapters_leave_the_gpt_unchanged(targets, adapted):
+    base = random_gpt(100, **SHAPE)
+    tuned = random_gpt(100, **SHAPE)  # the same weights (same seed)
+    names = apply_lora(tuned, rank=4, alpha=8, targets=targets)
+    assert len(names) == adapted
+    assert all(isinstance(tuned.get_submodule(name), LoRALinear) for name in names)
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tuned(idx)[0], base(idx)[0])
+    # The base's keys are unchanged; the adapters add theirs beside them.
+    assert set(base.state_dict()) < set(tuned.state_dict())
+
+
+def test_zero_initialised_adapters_leave_the_transformer_unchanged():
+    torch.manual_seed(0)
+    config = ModelConfig(model="transformer", tgt_vocab_size=50, dropout=0.0, **SHAPE)
+    base = Transformer(config).eval()
+    tuned = Transformer(config).eval()
+    tuned.load_state_dict(base.state_dict())
+    names = apply_lora(tuned, rank=2, alpha=4, targets="attention")
+    # query, key_value and proj of the encoder's self-attention and the decoder's self and cross attention
+    assert len(names) == 3 * (2 + 2 * 2) and any("cross_attn.key_value" in name for name in names)
+    src, tgt = torch.randint(4, 50, (2, 10)), torch.randint(4, 50, (2, 7))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(tuned(src, tgt, mask)[0], base(src, tgt, mask)[0])
+
+
+def test_merged_equals_unmerged():
+    model = random_gpt(100, **SHAPE)
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(idx)[0]
+    apply_lora(model, rank=4, alpha=8, targets="both")
+    randomise_adapters(model)
+    with torch.no_grad():
+        unmerged = model(idx)[0]
+        plain = GPT(model.config).eval()
+        plain.load_state_dict(merged_state(model.state_dict(), scaling=8 / 4))  # the checkpoint path
+        merged = merge_lora(model)(idx)[0]
+    assert (unmerged - before).abs().max().item() > 1e-2  # the adapters do change the output
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain(idx)[0], unmerged, rtol=0, atol=1e-5)
+
+
+def test_only_adapter_parameters_receive_gradients():
+    model = random_gpt(100, **SHAPE).train()
+    apply_lora(model, rank=4, alpha=8, targets="attention")
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, loss = model(idx, idx)
+    loss.backward()
+    for name, param in model.named_parameters():
+        is_adapter = name.endswith(("lora_A", "lora_B"))
+        assert param.requires_grad == is_adapter, name
+        assert (param.grad is not None) == is_adapter, name
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.lora_B.grad.abs().sum() > 0 and qkv.lora_A.grad.abs().sum() == 0  # A learns once B is not 0
+
+
+# ---- training runs -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer() -> BPETokenizer:
+    return BPETokenizer.train([TEXT], 300, progress=False)
+
+
+@pytest.fixture
+def base(tmp_path, tokenizer) -> Path:
+    """A pretrained GPT to fine-tune: a gptlab checkpoint with random weights, and the data."""
+    model = random_gpt(tokenizer.vocab_size, **SHAPE)
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "eval.txt").write_text(TEXT[:400])
+    cfg = model.config
+    return save_checkpoint(tmp_path / "base.pth", model, tokenizer, cfg, DatasetConfig(), TrainConfig(), step=1, epoch=1)
+
+
+def lora_configs(tmp_path, name="lora", **train):
+    settings = {
+        "epochs": 2, "learning_rate": 1e-2, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2,
+        "checkpoint_every": 1, "experiment_name": name, "checkpoint_dir": str(tmp_path / "ckpt"),
+        "log_dir": str(tmp_path / "runs"), "device": "cpu", "seed": 0, "lora_rank": 4, "dropout": 0.1,
+    }  # fmt: skip
+    settings |= train
+    model_values = {"dropout": settings.pop("dropout")}
+    model_cfg, tokenizer, state = fine_tuning_base(tmp_path / "base.pth", model_values)
+    return model_cfg, DatasetConfig(batch_size=8), TrainConfig(**settings), tokenizer, state
+
+
+def run_lora(tmp_path, name="lora", resume=None, trainer=False, **train):
+    model_cfg, data_cfg, train_cfg, tokenizer, state = lora_configs(tmp_path, name, **train)
+    args = (model_cfg, data_cfg, train_cfg, tokenizer, tmp_path / "train.txt", tmp_path / "eval.txt")
+    kwargs = dict(progress=False, resume=resume, init_weights=state, init_from=str(tmp_path / "base.pth"))
+    if trainer:
+        run = Trainer(*args, **kwargs)
+        return run, run.run()
+    return train(*args, **kwargs)
+
+
+def test_a_lora_run_trains_only_the_adapters_and_saves_them_alone(tmp_path, base, capsys):
+    before = load_checkpoint(base).model_state
+    run, result = run_lora(tmp_path, trainer=True)
+    assert result.steps > 4 and result.train_loss < 6
+    # Every base weight is bit-identical after training; the adapters moved.
+    state = run.plain_model.state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(state[name], tensor), name
+    assert all(state[name].abs().sum() > 0 for name in state if name.endswith("lora_B"))
+    # The optimizer holds the adapters only, and their moments.
+    held = [p for group in run.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for n, p in run.plain_model.named_parameters() if "lora_" in n}
+    out = capsys.readouterr().out
+    # rank 4 x (in + out) of qkv (32+96), attn.proj (32+32), mlp.fc (32+128), mlp.proj (128+32), 2 blocks
+    assert '"trainable_params": 4096' in out and "on 8 layers (both): 4,096 trainable of" in out
+
+    checkpoint = load_checkpoint(result.final_checkpoint)
+    assert set(checkpoint.model_state) == {n for n in state if "lora_" in n}
+    lora = checkpoint.extra["lora"]
+    assert (lora["rank"], lora["alpha"], lora["targets"], lora["merged"]) == (4, 8.0, "both", False)
+    assert lora["base"] == str(base)
+    with pytest.raises(GptlabError, match="holds LoRA adapters for the base .*not a whole model"):
+        load_model(result.final_checkpoint)
+    # Loaded with its base, it is the trained model.
+    model, _, _ = load_adapted(result.final_checkpoint)
+    idx = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], run.plain_model.eval()(idx)[0], rtol=0, atol=1e-5)
