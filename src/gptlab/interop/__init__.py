@@ -9,7 +9,6 @@
 """
 
 from gptlab.interop.base_models import load_adapted
-
 from gptlab.interop.gguf_export import export_gguf
 from gptlab.interop.hf_export import export_hf, hf_architecture
 from gptlab.interop.hf_import import init_model_from_hf

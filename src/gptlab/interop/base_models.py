@@ -66,13 +66,10 @@ def whole_state(checkpoint: Checkpoint, path: str | Path, depth: int = 0) -> dic
     if settings is None or settings.merged:
         return checkpoint.model_state
     if depth >= MAX_BASE_DEPTH:
-        raise GptlabError(f"{path}: its chain of LoRA bases is longer than {MAX_BASE_DEPTH}; save it --lora_save merged")
-    base = Path(settings.base)
-    if not base.exists():
         raise GptlabError(
-            f"{path} holds LoRA adapters whose base {settings.base} is not found (the path --init_from was given, "
-            "relative to where training ran); run from there, restore the base, or re-train with --lora_save merged"
+            f"{path}: its chain of LoRA bases is longer than {MAX_BASE_DEPTH}; save it --lora_save merged"
         )
+    base = base_path(settings.base, path)
     cfg = checkpoint.model_config
     if base.is_file():
         base_state = whole_state(load_checkpoint(base), base, depth + 1)
@@ -80,6 +77,21 @@ def whole_state(checkpoint: Checkpoint, path: str | Path, depth: int = 0) -> dic
         _, _, base_state = fine_tuning_start(base, {"seq_len": cfg.seq_len, "dropout": cfg.dropout})
     adapters = saved_adapters(checkpoint.extra, path, checkpoint.model_state)
     return with_base(checkpoint.extra, path, adapters, base_state)
+
+
+def base_path(recorded: str, checkpoint: str | Path) -> Path:
+    """Where the base a LoRA checkpoint records is: the path as --init_from gave it (relative
+    to where training ran), or else relative to the checkpoint's directory (a run directory
+    moved as a whole). GptlabError when it is in neither place."""
+    given = Path(recorded)
+    beside = Path(checkpoint).parent / given
+    for candidate in (given, beside) if not given.is_absolute() else (given,):
+        if candidate.exists():
+            return candidate
+    raise GptlabError(
+        f"{checkpoint} holds LoRA adapters whose base {recorded} is not found (the path --init_from was given, "
+        "relative to where training ran or to the checkpoint); restore the base, or re-train with --lora_save merged"
+    )
 
 
 def load_adapted(

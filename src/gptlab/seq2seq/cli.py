@@ -54,8 +54,8 @@ def run_generate_seq2seq(args: argparse.Namespace) -> None:
     """Print the target the Transformer checkpoint args.model_path writes for the source args.prompt."""
     from gptlab.device import resolve_device, weights_dtype
     from gptlab.generation import ready_for_generation
-    from gptlab.seq2seq.decoding import translate
     from gptlab.interop.base_models import load_adapted
+    from gptlab.seq2seq.decoding import translate
 
     given = [name for name in SampleConfig.model_fields if name not in _DECODING_FIELDS and getattr(args, name, None)]
     given += ["interactive"] if getattr(args, "interactive", False) else []

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from torch import nn
 from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.models.lora import adapter_state, apply_lora, is_adapter_key, merged_state
+
+if TYPE_CHECKING:  # checkpoint.py imports this module
+    from gptlab.training.checkpoint import Checkpoint
 
 DEFAULT_TARGETS = "both"  # every linear layer of the blocks: QLoRA (Dettmers et al. 2023) found it matches full tuning
 DEFAULT_SAVE = "adapter"
@@ -101,7 +104,9 @@ class LoRARun:
             f"checkpoints hold {'the merged model' if s.merged else 'the adapters'}"
         )
 
-    def checkpoint_state(self, full_state: Mapping[str, torch.Tensor], extra: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def checkpoint_state(
+        self, full_state: Mapping[str, torch.Tensor], extra: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         """The model weights a checkpoint of this run stores (adapters, or the merged model),
         given the model's whole state dict; records the settings in `extra`."""
         entry = self.settings.entry()
@@ -114,16 +119,18 @@ class LoRARun:
         return adapters
 
     def resume_state(
-        self, checkpoint_extra: Mapping[str, Any], path: str | Path, model_state: Mapping[str, torch.Tensor]
+        self, checkpoint: Checkpoint, path: str | Path, model_state: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The whole state to resume from: this run's base weights (`model_state`, the model as
-        built from --init_from) with the checkpoint's adapters; GptlabError when the checkpoint is
-        not a LoRA run of these settings on this base."""
-        saved = read_settings(checkpoint_extra, path)
+        """The whole state to resume `checkpoint` from: this run's base weights (`model_state`,
+        the model as built from --init_from) with the checkpoint's adapters; GptlabError when the
+        checkpoint is not a LoRA run of these settings on this base."""
+        saved = read_settings(checkpoint.extra, path)
         if saved is None:
             raise GptlabError(f"{path} is not a LoRA checkpoint; resume it without --lora_rank")
         mine = self.settings
-        differ = [name for name in ("rank", "alpha", "targets", "merged") if getattr(saved, name) != getattr(mine, name)]
+        differ = [
+            name for name in ("rank", "alpha", "targets", "merged") if getattr(saved, name) != getattr(mine, name)
+        ]
         if differ:
             flags = ", ".join(f"--lora_{'save' if n == 'merged' else n}" for n in differ)
             raise GptlabError(f"{path} was trained with other {flags}; resume with the checkpoint's LoRA settings")
@@ -133,7 +140,7 @@ class LoRARun:
                 f"(fingerprint {mine.base_sha256[:12]}, the checkpoint's {saved.base_sha256[:12]}); "
                 f"resume with the base it was trained on ({saved.base})"
             )
-        adapters = saved_adapters(checkpoint_extra, path, model_state)
+        adapters = saved_adapters(checkpoint.extra, path, checkpoint.model_state)
         state = {name: tensor for name, tensor in model_state.items() if not is_adapter_key(name)}
         return state | adapters
 
@@ -187,8 +194,12 @@ def saved_adapters(
     """The adapters a LoRA checkpoint holds: its model weights (adapter checkpoints) or extra.lora.adapters (merged)."""
     settings = read_settings(extra, path)
     adapters = extra["lora"].get("adapters") if settings.merged else adapter_state(checkpoint_model)
-    if not isinstance(adapters, dict) or not adapters or not all(
-        isinstance(k, str) and is_adapter_key(k) and isinstance(v, torch.Tensor) for k, v in adapters.items()
+    if (
+        not isinstance(adapters, dict)
+        or not adapters
+        or not all(
+            isinstance(k, str) and is_adapter_key(k) and isinstance(v, torch.Tensor) for k, v in adapters.items()
+        )
     ):
         _damaged(path, "extra.lora.adapters" if settings.merged else "model", "holds no LoRA adapters")
     return adapters

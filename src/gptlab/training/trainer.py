@@ -300,7 +300,7 @@ class Trainer:
         if self.lora is None:
             refuse_without_lora(checkpoint.extra, path)
             return checkpoint.model_state
-        return self.lora.resume_state(checkpoint.extra, path, self.plain_model.state_dict())
+        return self.lora.resume_state(checkpoint, path, self.plain_model.state_dict())
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
