@@ -216,7 +216,9 @@ def test_an_interrupted_and_resumed_lora_run_matches_an_uninterrupted_one(tmp_pa
 
 def test_resuming_needs_the_same_lora_settings_and_base(tmp_path, base, tokenizer):
     first = run_lora(tmp_path, max_steps=2)
-    with pytest.raises(GptlabError, match="was trained with other --lora_rank; resume with the checkpoint's LoRA"):
+    with pytest.raises(
+        GptlabError, match="was trained with other --lora_rank, --lora_alpha; resume with the checkpoint's LoRA"
+    ):
         run_lora(tmp_path, resume=first.final_checkpoint, lora_rank=2)
     with pytest.raises(GptlabError, match="is a LoRA run; resume it with its --init_from and --lora_rank"):
         model_cfg, data_cfg, train_cfg, _, state = lora_configs(tmp_path, lora_rank=None)
@@ -314,3 +316,24 @@ def test_an_adapter_checkpoint_whose_base_changed_or_went_is_one_line(tmp_path, 
     result = gptlab("generate", "--model_path", "run_e1.pth", "--prompt", "the", "--length", "2")
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "holds LoRA adapters whose base base.pth is not found" in result.stderr
+
+
+def test_adapters_on_a_hugging_face_gpt2_load_and_export_merged(tmp_path, gptlab):
+    transformers = pytest.importorskip("transformers")
+    from gpt2_dirs import save_random_gpt2
+
+    (tmp_path / "gpt2").mkdir()
+    save_random_gpt2(tmp_path / "gpt2", BPETokenizer.train([TEXT], 270, pattern="gpt2", progress=False), 32, 2, 0.05)
+    (tmp_path / "train.txt").write_text(TEXT)
+    argv = ["train", "--init_from", "gpt2", "--train_data", "train.txt", "--batch_size", "8", "--max_steps", "2",
+            "--seq_len", "16", "--device", "cpu", "--no_progress", "--lora_rank", "2", "--experiment_name", "hf"]  # fmt: skip
+    trained = gptlab(*argv)
+    assert trained.returncode == 0, trained.stderr
+    assert load_checkpoint(tmp_path / "hf_e1.pth").extra["lora"]["base"] == "gpt2"
+    model, tokenizer, _ = load_adapted(tmp_path / "hf_e1.pth")  # the base re-imported, fingerprint checked
+    exported = gptlab("export", "--model_path", "hf_e1.pth", "--format", "hf", "--out", "exported")
+    assert exported.returncode == 0, exported.stderr
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ids = torch.tensor([tokenizer.encode(TEXT[:200])[:16]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids)[0], rtol=0, atol=1e-4)
