@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +29,6 @@ from torch import nn
 from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.models.lora import adapter_state, apply_lora, is_adapter_key, merged_state
-
-if TYPE_CHECKING:  # checkpoint.py imports this module
-    from gptlab.training.checkpoint import Checkpoint
 
 DEFAULT_TARGETS = "both"  # every linear layer of the blocks: QLoRA (Dettmers et al. 2023) found it matches full tuning
 DEFAULT_SAVE = "adapter"
@@ -119,9 +116,9 @@ class LoRARun:
         return adapters
 
     def resume_state(
-        self, checkpoint: Checkpoint, path: str | Path, model_state: Mapping[str, torch.Tensor]
+        self, checkpoint: Any, path: str | Path, model_state: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The whole state to resume `checkpoint` from: this run's base weights (`model_state`,
+        """The whole state to resume `checkpoint` (a checkpoint.Checkpoint) from: this run's base weights (`model_state`,
         the model as built from --init_from) with the checkpoint's adapters; GptlabError when the
         checkpoint is not a LoRA run of these settings on this base."""
         saved = read_settings(checkpoint.extra, path)
