@@ -146,6 +146,11 @@ def test_chat_start_adds_markers_and_rows(tokenizer):
     assert chat_start(config, tokenizer, None) == (config, tokenizer, None)  # already a chat tokenizer
     with pytest.raises(GptlabError, match="drop --model transformer"):
         chat_start(ModelConfig(model="transformer"), plain, None)
+    # LoRA would freeze the markers' new rows and fingerprint a grown base: refused in one line
+    with pytest.raises(GptlabError, match="needs a base that already has the chat markers"):
+        chat_start(config, plain, state, lora=True)
+    grown_cfg, grown_tok, grown_state = chat_start(config, plain, state)
+    assert chat_start(grown_cfg, grown_tok, grown_state, lora=True)[1] is grown_tok  # a chat base: fine
 
 
 # ---- gptlab train --task chat ---------------------------------------------------------------------------

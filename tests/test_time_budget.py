@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import gptlab.training.run_clock as run_clock
 import gptlab.training.tasks as tasks_module
 import gptlab.training.trainer as trainer_module
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
@@ -79,6 +80,7 @@ def clock(monkeypatch):
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(run_clock, "time", clock)  # the trainer's clock mixin reads it too
     monkeypatch.setattr(trainer_module, "optimizer_step", timed_step)
     monkeypatch.setattr(tasks_module, "evaluate", slow_evaluate)
     monkeypatch.setattr(trainer_module, "save_checkpoint", slow_save)

@@ -171,6 +171,21 @@ class TrainConfig(_Config):
         description="Peak FLOP/s of one device in the dtype the run computes in, for MFU; default: known GPUs' "
         "data sheets, a measured matmul on CPU.",
     )
+    # LoRA (models/lora.py, training/lora.py): fine-tune low-rank adapters of a frozen --init_from model.
+    lora_rank: int | None = Field(
+        None, gt=0, description="Train LoRA adapters of this rank instead of every weight (needs --init_from)."
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA scale alpha (the update is alpha/rank * B A); default 2 * lora_rank."
+    )
+    lora_targets: Literal["attention", "mlp", "both"] | None = Field(
+        None, description="Layers LoRA adapts: attention (qkv, proj), mlp (fc, proj) or both (default: both)."
+    )
+    lora_save: Literal["adapter", "merged"] | None = Field(
+        None,
+        description="LoRA checkpoints: adapter (the adapters and a fingerprinted pointer to the base) or merged "
+        "(a whole model, adapters folded in) (default: adapter).",
+    )
 
     @field_validator("experiment_name")
     @classmethod
@@ -178,6 +193,14 @@ class TrainConfig(_Config):
         if "/" in name or "\\" in name:
             raise ValueError("must be a plain name, without a directory (use checkpoint_dir)")
         return name
+
+    @model_validator(mode="after")
+    def _lora_needs_rank(self) -> TrainConfig:
+        if self.lora_rank is None:
+            given = [name for name in ("lora_alpha", "lora_targets", "lora_save") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given[0]} is a LoRA setting: set lora_rank too (or drop it)")
+        return self
 
     @field_validator("time_budget", mode="before")
     @classmethod

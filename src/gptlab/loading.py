@@ -1,5 +1,6 @@
 """gptlab.load: any trained model, from a `.pth` checkpoint or a directory written by
 `gptlab export --format safetensors`, read once, with its tokenizer and what else it records.
+A LoRA adapter checkpoint comes back as the whole model: its base, with the adapters merged in.
 
     loaded = gptlab.load("runs/demo/demo_e10.pth", "cpu")
     loaded.model, loaded.tokenizer, loaded.model_type   # "gpt" or "transformer"
@@ -10,13 +11,14 @@ training/checkpoint.py's MODEL_CLASSES.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gptlab.config import DatasetConfig, TrainConfig
+from gptlab.interop.base_models import whole_state
 from gptlab.interop.safetensors_io import is_safetensors_dir, load_safetensors_dir
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.checkpoint import Checkpoint, build_model, check_model_type, load_checkpoint
@@ -48,5 +50,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", model_type: str |
     checkpoint = load_checkpoint(path, map_location="cpu")
     if model_type is not None:
         check_model_type(checkpoint, path, model_type)
+    checkpoint = replace(checkpoint, model_state=whole_state(checkpoint, path))  # LoRA adapters: merged into their base
     model = build_model(checkpoint, path, device)
     return LoadedModel(model, checkpoint.tokenizer, checkpoint.data_config, checkpoint.train_config, checkpoint)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from gptlab.cli.common import add_config_flags, add_tokenizer_flags, flag_values
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, build_configs
@@ -36,7 +35,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--init_from",
         metavar="CHECKPOINT_OR_HF_DIR",
         help="fine-tune a gptlab .pth checkpoint or a local Hugging Face GPT-2 directory (its weights and "
-        "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes)",
+        "tokenizer; only --dropout and a shorter --seq_len may differ from its shapes); with --lora_rank, train "
+        "LoRA adapters of it",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     add_config_flags(parser, ModelConfig, DatasetConfig, TrainConfig)
@@ -53,15 +53,12 @@ def _train(args: argparse.Namespace) -> int:
     model_cfg, data_cfg, train_cfg = build_configs(values)
     init_weights = None
     if args.init_from:  # fine-tuning: the pretrained model's shapes, weights and tokenizer
-        if Path(args.init_from).is_file():  # a gptlab checkpoint
-            from gptlab.training.chat_start import checkpoint_start as fine_tuning_start
-        else:
-            from gptlab.interop.hf_import import fine_tuning_start
+        from gptlab.interop.base_models import fine_tuning_base
 
         if args.tokenizer:
             raise GptlabError("--init_from brings the pretrained model's own tokenizer; drop --tokenizer")
         chosen = {name: getattr(model_cfg, name) for name in values if name in ModelConfig.model_fields}
-        model_cfg, tokenizer, init_weights = fine_tuning_start(args.init_from, chosen)
+        model_cfg, tokenizer, init_weights = fine_tuning_base(args.init_from, chosen)
     elif args.tokenizer is None:
         recipe = preset.tokenizer if preset else None
         if recipe is None:
@@ -83,6 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         resume=args.resume,
         init_weights=init_weights,
+        init_from=args.init_from,
     )
     if is_main_process():  # under torchrun every rank returns here
         print_train_result(result)

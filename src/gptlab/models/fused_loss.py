@@ -53,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        grad_weight = grad_weight * grad_loss if grad_weight.numel() else None  # a frozen head has none
+        return grad_hidden * grad_loss, grad_weight, None, None
 
 
 def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
@@ -62,7 +63,9 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
     count = counted.sum().clamp(min=1)  # a batch with nothing to count gives 0 loss, not NaN
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_gradients else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_gradients else None
+    # A frozen head (LoRA) needs no weight gradient: an empty one skips its (V, C) product and memory.
+    weight_shape = weight.shape if weight.requires_grad else (0,)
+    grad_weight = torch.zeros(weight_shape, dtype=torch.float32, device=weight.device) if with_gradients else None
     for start in range(0, hidden.size(0), rows):
         h, y, keep = hidden[start : start + rows], targets[start : start + rows], counted[start : start + rows]
         y = y.clamp(min=0)  # an ignored position reads any real column; `keep` zeroes its share
@@ -80,6 +83,7 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
         grad_logits = grad_logits.to(weight.dtype)  # under autocast the products cast it anyway
         row_scale = (keep / count)[:, None]  # (rows, 1)
         grad_hidden[start : start + rows] = (grad_logits @ weight).float().mul_(row_scale).to(hidden.dtype)
-        grad_weight += (grad_logits.t() @ (h * keep[:, None])).float()
+        if grad_weight.numel():
+            grad_weight += (grad_logits.t() @ (h * keep[:, None])).float()
     grad_weight = grad_weight.div_(count).to(weight.dtype) if with_gradients else None
     return total / count, grad_hidden, grad_weight

@@ -27,10 +27,12 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig, validated_fro
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_path
 from gptlab.models import GPT
+from gptlab.models.lora import is_adapter_key
 from gptlab.models.transformer import Transformer
 from gptlab.tokenizers import tokenizer_from_files
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.checkpoint_fields import check_fields
+from gptlab.training.lora import read_settings
 
 FORMAT = "gptlab-checkpoint"
 VERSION = 1  # bump when the layout changes; loaders refuse versions newer than theirs
@@ -181,6 +183,12 @@ def check_model_type(checkpoint: Checkpoint, path: str | Path, wanted: str) -> N
 def build_model(checkpoint: Checkpoint, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of the checkpoint's model_type holding its weights, on `device`, in eval mode."""
     cls = MODEL_CLASSES[checkpoint.model_type]
+    lora = read_settings(checkpoint.extra, path)
+    if lora is not None and not lora.merged and any(map(is_adapter_key, checkpoint.model_state)):
+        raise GptlabError(
+            f"{path} holds LoRA adapters for the base {lora.base}, not a whole model; load it with "
+            "gptlab.load (the gptlab commands do), or train with --lora_save merged"
+        )
     vocab = checkpoint.model_config.tgt_vocab_size
     if vocab is None or vocab < checkpoint.tokenizer.vocab_size:
         raise GptlabError(

@@ -62,7 +62,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     speed = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
-        groups = model.configure_optimizer_groups(cfg.weight_decay)
+        # Frozen parameters (a LoRA run's base) get no optimizer state: only what trains is held.
+        groups = [
+            {**group, "params": [p for p in group["params"] if p.requires_grad]}
+            for group in model.configure_optimizer_groups(cfg.weight_decay)
+        ]
         return OptimizerSet({"adamw": torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **speed)})
 
     hidden = hidden_matrices(model)

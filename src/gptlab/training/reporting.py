@@ -89,11 +89,13 @@ class RunReporting:
             "grad_accum_steps": self.grad_accum_steps,
             "sequences_per_step": self.step_batch,
             "num_params": self.plain_model.num_params(),
+            "trainable_params": sum(p.numel() for p in self.plain_model.parameters() if p.requires_grad),
             "train_tokens": self.train_set.num_tokens,
             "batches_per_epoch": self.batches_per_epoch,
             "total_steps": self.total_steps,
         }
-        self.log.announce(summary, self.log_dir / "config.json", self.notices)
+        lora = [self.lora.summary()] if self.lora is not None else []  # trainable against total parameters
+        self.log.announce(summary, self.log_dir / "config.json", lora + self.notices)
 
     def _close(self) -> None:
         self.log.close()

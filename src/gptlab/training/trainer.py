@@ -40,6 +40,7 @@ from gptlab.training.batching import RankMicroBatches, accumulation_steps, check
 from gptlab.training.chat_start import chat_start
 from gptlab.training.checkpoint import capture_rng_state, load_checkpoint, load_weights, save_checkpoint
 from gptlab.training.checkpoint_fields import restoring
+from gptlab.training.lora import lora_run, refuse_without_lora
 from gptlab.training.metrics import (
     EvalResult,
     Throughput,
@@ -51,6 +52,7 @@ from gptlab.training.precision import Precision
 from gptlab.training.progress import RunProgress, check_resumable
 from gptlab.training.reporting import RunReporting
 from gptlab.training.result import StopReason, TrainResult
+from gptlab.training.run_clock import RunClock
 from gptlab.training.run_setup import resolve_vocab_size, seed_everything
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
@@ -67,6 +69,7 @@ def train(
     progress: bool = True,
     resume: str | Path | None = None,
     init_weights: Mapping[str, torch.Tensor] | None = None,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train the model that model_cfg.model names and save checkpoints: a GPT on `train_data`
     as raw text or prepared data, or an encoder-decoder Transformer on TSV/JSONL pairs.
@@ -75,7 +78,8 @@ def train(
     exactly as if it had never stopped; resume="auto" continues the checkpoint that
     <checkpoint_dir>/<experiment_name>_latest.json names, or starts fresh when there is none.
     `init_weights` (a state dict of model_cfg's shapes, e.g. pretrained GPT-2) replaces the
-    random initialisation: fine-tuning.
+    random initialisation: fine-tuning; with train_cfg.lora_rank only LoRA adapters of them train,
+    and `init_from` (where they came from) is what LoRA checkpoints point to as their base.
     Under torchrun, trains data-parallel (DDP, or FSDP2 with train_cfg.fsdp). On a CPU, sets this
     process's malloc to keep freed memory for reuse (host_memory.py). Raises GptlabError
     for bad settings or data, and when the loss becomes nan/inf. Ctrl-C lets the step in progress
@@ -83,11 +87,11 @@ def train(
     raises KeyboardInterrupt at once and saves nothing.
     """
     return Trainer(
-        model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights
+        model_cfg, data_cfg, train_cfg, tokenizer, train_data, eval_data, progress, resume, init_weights, init_from
     ).run()
 
 
-class Trainer(RunReporting):
+class Trainer(RunReporting, RunClock):
     """One training run. Construction does the setup (processes, device, seed, data, model,
     optimizer, resume); run() loops over epochs and returns a TrainResult."""
 
@@ -102,7 +106,9 @@ class Trainer(RunReporting):
         progress: bool = True,
         resume: str | Path | None = None,
         init_weights: Mapping[str, torch.Tensor] | None = None,
+        init_from: str | None = None,
     ):
+        self.init_from = init_from
         self.world, self.device = distributed.setup(train_cfg)
         try:
             self._setup(
@@ -117,7 +123,9 @@ class Trainer(RunReporting):
     ) -> None:
         configure_backend(self.device)
         if train_cfg.task == "chat":  # the chat markers join the tokenizer, with rows in any given weights
-            model_cfg, tokenizer, init_weights = chat_start(model_cfg, tokenizer, init_weights)
+            model_cfg, tokenizer, init_weights = chat_start(
+                model_cfg, tokenizer, init_weights, lora=train_cfg.lora_rank is not None
+            )
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
         self.show_progress = progress and self.world.is_main
@@ -145,6 +153,7 @@ class Trainer(RunReporting):
         self.plain_model = self.task.build_model()
         if init_weights is not None:  # fine-tuning: start from given weights, not a random init
             load_weights(self.plain_model, dict(init_weights), "the initial weights (--init_from)", exact_dtype=False)
+        self.lora = lora_run(self.plain_model, train_cfg, init_weights, self.init_from)  # None without lora_rank
         self.plain_model.to(self.device)
         if self.world.distributed:  # same weights everywhere (drawn above), but each rank its own dropout masks
             torch.manual_seed(train_cfg.seed + self.world.rank)
@@ -200,7 +209,7 @@ class Trainer(RunReporting):
             train_tokens=train_tokens,
         )
         if not self.world.fsdp:
-            load_weights(self.plain_model, checkpoint.model_state, path)
+            load_weights(self.plain_model, self._resumed_weights(checkpoint, path), path)
         else:
             distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
         with restoring(path, "optimizer"):
@@ -219,6 +228,13 @@ class Trainer(RunReporting):
                 "raise epochs or max_steps to train further"
             )
         self.notices.append(f"resuming {path} at step {saved.step} (epoch {saved.epoch})")
+
+    def _resumed_weights(self, checkpoint, path: Path) -> dict[str, torch.Tensor]:
+        """The checkpoint's weights; for a LoRA run this run's base with the checkpoint's adapters."""
+        if self.lora is None:
+            refuse_without_lora(checkpoint.extra, path)
+            return checkpoint.model_state
+        return self.lora.resume_state(checkpoint, path, self.plain_model.state_dict())
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -398,6 +414,9 @@ class Trainer(RunReporting):
                 grad_scaler=self.precision.state_dict(),
                 rank_rngs=rank_rngs if self.world.distributed else None,
             )
+            extra = progress.to_extra()
+            if self.lora is not None:  # the adapters alone, or the merged model (training/lora.py)
+                model_state = self.lora.checkpoint_state(model_state, extra)
             save_checkpoint(
                 path,
                 self.plain_model,
@@ -407,7 +426,7 @@ class Trainer(RunReporting):
                 cfg,
                 step=self.progress.step,
                 epoch=max(self.progress.epoch, 1),
-                extra=progress.to_extra(),
+                extra=extra,
                 model_state=model_state,
                 optimizer_state=optimizer_state,
             )
@@ -425,22 +444,3 @@ class Trainer(RunReporting):
     def epochs_completed(self) -> int:
         finished = self.progress.epoch_batches_done >= self.batches_per_epoch
         return max(self.progress.epoch if finished else self.progress.epoch - 1, 0)
-
-    # ---- the time budget ------------------------------------------------------------------------
-    def _schedule_total(self) -> int:
-        """The `total` lr_at decays against: the step plan, or under a time budget one less than
-        the steps the budget is estimated to hold, so that the last of them runs at the floor."""
-        if self.budget is None:
-            return self.total_steps
-        self.planned_steps = self.budget.total_steps()
-        self.log.bar.total = self.planned_steps
-        return self.planned_steps - 1
-
-    def _training_seconds(self) -> float:
-        """Seconds since the loop started, evaluation and saving excluded; under torchrun the ranks'
-        mean, so that every rank plans the same schedule and stops at the same step."""
-        seconds = time.perf_counter() - self.started - self.excluded_seconds
-        if self.world.distributed:
-            summed = torch.tensor([seconds], dtype=torch.float64, device=self.device)
-            seconds = distributed.all_reduce_sum(summed, self.world).item() / self.world.world_size
-        return seconds
