@@ -171,8 +171,9 @@ def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, 
         f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, seeds {seeds}. Each row changes one thing in the best recipe "
         "so far (the last kept row), trains for the budget and is evaluated on the whole validation text "
-        '(mean over the seeds). A change is kept if it lowers bits per byte. "best seen" is the lowest of '
-        "the trainer's evaluations during the run: far below the final figure means the run overfitted.",
+        '(mean over the seeds). A change is kept if it lowers bits per byte. "best / last seen" are the '
+        "lowest and the last of the trainer's evaluations (one validation sample): a last far above the "
+        "best means the run overfitted.",
         "",
         "| # | change | val bpb | Δ vs kept | kept | best / last seen | steps | epochs | tokens/s | parameters |",
         "|---:|---|---:|---:|:---:|---:|---:|---:|---:|---:|",

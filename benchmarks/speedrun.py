@@ -257,8 +257,9 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
         "",
         f"![validation bits per byte against wall-clock seconds]({image})",
         "",
-        'The curves are the trainer\'s evaluations on a sample of the validation text ("best seen" is '
-        "their lowest point); wall-clock time includes those evaluations. The test text is held out: "
+        'The curves are the trainer\'s evaluations on a sample of the validation text ("best / last seen" '
+        "are their lowest and last points: a last far above the best means the run overfitted); wall-clock "
+        "time includes those evaluations. The test text is held out: "
         "no recipe was tuned on it, and it is evaluated only here, once each run is over.",
         "",
         f"### Samples ({SAMPLE_CHARS} characters, temperature {SAMPLE_TEMPERATURE}, from an empty prompt)",
