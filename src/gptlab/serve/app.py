@@ -28,7 +28,13 @@ from starlette.exceptions import HTTPException
 
 from gptlab.generation import Piece, SampleEnd, answer_end_ids
 from gptlab.models import GPT
-from gptlab.serve.chat_api import NO_TEMPLATE, chat_stream_events, chat_whole_response, encode_conversation
+from gptlab.serve.chat_api import (
+    NO_TEMPLATE,
+    chat_stream_events,
+    chat_whole_response,
+    encode_conversation,
+    gather_choices,
+)
 from gptlab.serve.chat_schemas import CHAT_UNSUPPORTED_OFF_VALUES, ChatCompletionRequest, ChatMeta
 from gptlab.serve.guard import RequestGuard
 from gptlab.serve.prompts import check_prompt_bytes, encode_prompts, max_bytes_per_token
@@ -225,17 +231,7 @@ async def stream_events(job: Job, meta: CompletionMeta, prompt_tokens: int, incl
 
 async def whole_response(job: Job, meta: CompletionMeta, n_choices: int, prompt_tokens: int) -> dict[str, Any]:
     """The completion as one JSON object, once every choice has ended."""
-    texts = [""] * n_choices
-    ends: dict[int, SampleEnd] = {}
-    async for event in job.events():
-        if isinstance(event, Piece):
-            texts[event.index] += event.text
-        elif isinstance(event, SampleEnd):
-            ends[event.index] = event
-        elif isinstance(event, Failed):
-            raise ApiError(event.status, event.message, error_kind(event.status))
-    if len(ends) < n_choices:  # cancelled: the client hung up, and nobody reads this
-        raise ApiError(499, "the client closed the connection before the answer was complete")
+    texts, ends = await gather_choices(job, n_choices)
     choices = [choice(i, texts[i], ends[i].finish_reason) for i in range(n_choices)]
     completion_tokens = sum(end.completion_tokens for end in ends.values())
     return {**meta.envelope(choices), "usage": usage(prompt_tokens, completion_tokens)}

@@ -68,8 +68,9 @@ async def chat_stream_events(
     yield sse_event("[DONE]")
 
 
-async def chat_whole_response(job: Job, meta: ChatMeta, n_choices: int, prompt_tokens: int) -> dict:
-    """The answer as one `chat.completion` object, once every choice has ended."""
+async def gather_choices(job: Job, n_choices: int) -> tuple[list[str], dict[int, SampleEnd]]:
+    """Each choice's whole text and how it ended, once every choice has ended (the whole,
+    unstreamed answer of both endpoints); ApiError when the job failed or was cancelled."""
     texts = [""] * n_choices
     ends: dict[int, SampleEnd] = {}
     async for event in job.events():
@@ -81,6 +82,12 @@ async def chat_whole_response(job: Job, meta: ChatMeta, n_choices: int, prompt_t
             raise ApiError(event.status, event.message, error_kind(event.status))
     if len(ends) < n_choices:  # cancelled: the client hung up, and nobody reads this
         raise ApiError(499, "the client closed the connection before the answer was complete")
+    return texts, ends
+
+
+async def chat_whole_response(job: Job, meta: ChatMeta, n_choices: int, prompt_tokens: int) -> dict:
+    """The answer as one `chat.completion` object, once every choice has ended."""
+    texts, ends = await gather_choices(job, n_choices)
     choices = [message_choice(i, texts[i], ends[i].finish_reason) for i in range(n_choices)]
     completion_tokens = sum(end.completion_tokens for end in ends.values())
     return meta.whole(choices, usage(prompt_tokens, completion_tokens))
