@@ -417,7 +417,7 @@ def test_train_init_from_gpt2_fine_tunes_and_generates(gpt2_dir, corpus, tmp_pat
 @pytest.mark.parametrize(
     "flags, message",
     [(["--embed_dim", "96"], "--embed_dim 96 contradicts"), (["--tokenizer", "toy_data/tiny_sp"], "drop --tokenizer"),
-     (["--seq_len", "64"], "exceeds the pretrained model's context")],
+     (["--seq_len", "64"], "exceeds the context of the pretrained model")],
 )  # fmt: skip
 def test_train_init_from_refuses_contradicting_flags(gpt2_dir, corpus, tmp_path, capsys, flags, message):
     from gptlab.cli import main

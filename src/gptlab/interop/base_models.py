@@ -16,7 +16,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.hf_import import fine_tuning_start
+from gptlab.interop.hf_import import fine_tuned, fine_tuning_start
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.checkpoint import (
     Checkpoint,
@@ -24,8 +24,6 @@ from gptlab.training.checkpoint import (
 )
 from gptlab.training.lora import read_settings, saved_adapters, with_base
 
-# Model fields a fine-tuning run of a gptlab checkpoint may change; the others are the checkpoint's.
-CHECKPOINT_TUNABLE = {"dropout", "attention_dropout", "seq_len"}
 MAX_BASE_DEPTH = 8  # adapters on adapters on ...: a chain this long is a loop of pointers
 
 
@@ -38,20 +36,8 @@ def fine_tuning_base(
     if not Path(path).is_file():
         return fine_tuning_start(path, model_values)
     checkpoint, state = whole_checkpoint(path)
-    config = checkpoint.model_config
-    for name, value in model_values.items():
-        if name not in CHECKPOINT_TUNABLE and getattr(config, name) != value:
-            raise GptlabError(
-                f"--{name} {value} contradicts the checkpoint {path} ({name} = {getattr(config, name)}); drop the "
-                f"flag (only {', '.join(sorted(CHECKPOINT_TUNABLE))} may change)"
-            )
-    seq_len = int(model_values.get("seq_len", config.seq_len))
-    if seq_len > config.seq_len:
-        raise GptlabError(f"--seq_len {seq_len} exceeds the checkpoint's context ({config.seq_len}); lower it")
-    if "wpe.weight" in state:  # learned positions beyond seq_len are never used
-        state = {**state, "wpe.weight": state["wpe.weight"][:seq_len]}
-    updates = {name: model_values[name] for name in CHECKPOINT_TUNABLE if name in model_values}
-    return config.model_copy(update=updates), checkpoint.tokenizer, state
+    config, state = fine_tuned(checkpoint.model_config, state, model_values, f"the checkpoint {path}")
+    return config, checkpoint.tokenizer, state
 
 
 def whole_checkpoint(path: str | Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:

@@ -72,19 +72,29 @@ def fine_tuning_start(
     with the pretrained model, else GptlabError naming it.
     """
     model, tokenizer, config = init_model_from_hf(directory)
+    config, state = fine_tuned(config, model.state_dict(), model_values, f"the pretrained model in {directory}")
+    return config, tokenizer, state
+
+
+def fine_tuned(
+    config: ModelConfig, state: dict[str, torch.Tensor], model_values: dict[str, Any], source: str
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """`config` and `state` of a starting model (`source`, named in errors) made ready to
+    fine-tune: the FINE_TUNABLE fields the user set applied, a learned position table cut to
+    seq_len; any other field in `model_values` that differs is a GptlabError naming it."""
     for name, value in model_values.items():
         if name not in FINE_TUNABLE and getattr(config, name) != value:
             raise GptlabError(
-                f"--{name} {value} contradicts the pretrained model in {directory} ({name} = "
-                f"{getattr(config, name)}); drop the flag (only {', '.join(sorted(FINE_TUNABLE))} may change)"
+                f"--{name} {value} contradicts {source} ({name} = {getattr(config, name)}); drop the flag "
+                f"(only {', '.join(sorted(FINE_TUNABLE))} may change)"
             )
     seq_len = int(model_values.get("seq_len", config.seq_len))
     if seq_len > config.seq_len:
-        raise GptlabError(f"--seq_len {seq_len} exceeds the pretrained model's context ({config.seq_len}); lower it")
-    state = model.state_dict()
-    state["wpe.weight"] = state["wpe.weight"][:seq_len]  # positions beyond seq_len are never used
+        raise GptlabError(f"--seq_len {seq_len} exceeds the context of {source} ({config.seq_len}); lower it")
+    if "wpe.weight" in state:  # learned positions beyond seq_len are never used
+        state = {**state, "wpe.weight": state["wpe.weight"][:seq_len]}
     updates = {name: model_values[name] for name in FINE_TUNABLE if name in model_values}
-    return config.model_copy(update=updates), tokenizer, state
+    return config.model_copy(update=updates), state
 
 
 # ---- config.json ------------------------------------------------------------------------------
