@@ -256,7 +256,7 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
         model = model.to(dtype).eval()
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.Dropout and child.p == 0:
+            if isinstance(child, nn.Dropout) and child.p == 0:
                 setattr(parent, name, nn.Identity())
     if dtype == torch.float32 and on_cpu:
         use_matvec_linears(model)

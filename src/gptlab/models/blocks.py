@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import ModelConfig
+from gptlab.models.attention_choice import causal_attention
+from gptlab.models.dropout import Dropout
 from gptlab.models.kv_cache import KVCache
 
 try:  # optional, `pip install gptlab[flash]`; PyTorch's SDPA is used otherwise
@@ -109,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.attention_dropout_p
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)  # q, k, v at once
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, rope: RopeTables | None = None, kv_cache: KVCache | None = None, layer: int = 0
@@ -145,6 +147,8 @@ class CausalSelfAttention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=is_causal
             )
             return out.transpose(1, 2)  # flash_attn works in (B, T, nh, hs)
+        if is_causal and dropout_p == 0 and q.device.type == "cpu":
+            return causal_attention(q, k, v)  # the fused kernel or, when faster here, the explicit form
         # On CUDA, PyTorch picks its own flash / memory-efficient kernel here.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
@@ -175,7 +179,7 @@ class MLP(nn.Module):
             hidden = config.expansion_factor * config.embed_dim
             self.fc = nn.Linear(config.embed_dim, hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.embed_dim, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu

@@ -12,6 +12,7 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.base import LanguageModel, position_encoding
 from gptlab.models.blocks import Block, make_norm
+from gptlab.models.dropout import Dropout
 from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from gptlab.models.kv_cache import KVCache
 
@@ -23,7 +24,7 @@ class GPT(LanguageModel):
         super().__init__(config)
         self.wte = nn.Embedding(config.tgt_vocab_size, config.embed_dim)
         self.wpe, self.rotary = position_encoding(config, config.seq_len)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm_f = make_norm(config)
         self.lm_head = self.output_head(self.wte)

@@ -22,6 +22,7 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.base import LanguageModel, position_encoding
 from gptlab.models.blocks import MLP, RopeTables, apply_rotary, make_norm
+from gptlab.models.dropout import Dropout
 from gptlab.models.fused_loss import IGNORE_INDEX
 
 
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         self.query = nn.Linear(C, C, bias=config.bias)
         self.key_value = nn.Linear(C, 2 * C, bias=config.bias)  # k and v at once
         self.proj = nn.Linear(C, C, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def keys_values(self, source: torch.Tensor, rope: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of source (B, S, C), each (B, nh, S, hs); RoPE rotates the keys."""
@@ -177,7 +178,7 @@ class Transformer(LanguageModel):
         else:
             self.src_pos, self.rotary = position_encoding(config, max(config.seq_len, config.source_len))
             self.tgt_pos = self.src_pos
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.encoder_norm = make_norm(config)
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))

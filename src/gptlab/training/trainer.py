@@ -34,6 +34,7 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import iterate_batches, num_batches
 from gptlab.device import configure_backend
 from gptlab.errors import GptlabError
+from gptlab.models.attention_choice import choose_attention
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
@@ -161,6 +162,9 @@ class Trainer(RunReporting, RunClock):
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
         if train_cfg.compile:
+            if self.device.type == "cpu":  # measured before tracing (models/attention_choice.py)
+                rows, cfg = data_cfg.batch_size // self.world.world_size, self.model_cfg
+                choose_attention((rows, cfg.n_heads, cfg.seq_len, cfg.head_dim), self.precision.dtype)
             self.model = torch.compile(self.model)
         self.peak_flops = device_peak_flops(self.device, self.precision.dtype, train_cfg.peak_flops)
 
