@@ -64,11 +64,13 @@ BUDGET ?= 10m
 speedrun: $(VENV)/.installed
 	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
 
-# How cpu-10min was chosen at its own budget: one change at a time from the first cpu-10min, ABLATION_BUDGET per row
-# (docs/ablation-budget.md and BENCHMARKS.md; `--walk first --budget 2m` replays the first walk).
+# How cpu-10min was chosen at its own budget: one change at a time, ABLATION_BUDGET per row, into
+# docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=faster (the latest: what faster steps are best
+# spent on), budget (from the first cpu-10min) or first (`ABLATION_BUDGET=2m`: how the first was chosen).
 ABLATION_BUDGET ?= 10m
+ABLATION_WALK ?= faster
 ablation: $(VENV)/.installed
-	$(BIN)/python benchmarks/ablation.py --walk budget --budget $(ABLATION_BUDGET) --no_progress
+	$(BIN)/python benchmarks/ablation.py --walk $(ABLATION_WALK) --budget $(ABLATION_BUDGET) --no_progress
 
 # The browser test of `gptlab serve` drives Chromium through Playwright: install Debian's once.
 # Where that cannot work (no apt-get), say so and go on; that one test then skips, saying why.
