@@ -97,6 +97,20 @@ def test_compiled_model_matches_eager(tmp_path, text):
     assert not any("_orig_mod" in key for key in state)
 
 
+def test_a_compiled_cpu_run_measures_its_attention_before_tracing(tmp_path, text, monkeypatch):
+    # A traced step cannot time anything: the trainer measures the step's attention shape first.
+    import gptlab.training.trainer as trainer
+    from gptlab.models import attention_choice
+
+    events = []
+    monkeypatch.setattr(trainer, "choose_attention", lambda shape, dtype: events.append(("measure", shape, dtype)))
+    monkeypatch.setattr(trainer.torch, "compile", lambda model: events.append(("compile",)) or model)
+    losses(tmp_path, text, "compiled_bf16", compile=True, dtype="bf16")
+    # batch 8, 2 heads, 32 tokens, head size 16, in the autocast dtype; then compiled
+    assert events == [("measure", (8, 2, 32, 16), torch.bfloat16), ("compile",)]
+    attention_choice.forget_attention_choices()
+
+
 # ---- fp16 loss scaling: its CUDA-only dtype checks set aside, the GradScaler logic runs on CPU ----
 @pytest.fixture
 def fp16_scaling_on_cpu(monkeypatch):
