@@ -99,16 +99,24 @@ def test_compiled_model_matches_eager(tmp_path, text):
 
 def test_a_compiled_cpu_run_measures_its_attention_before_tracing(tmp_path, text, monkeypatch):
     # A traced step cannot time anything: the trainer measures the step's attention shape first.
-    import gptlab.training.trainer as trainer
-    from gptlab.models import attention_choice
+    import gptlab.training.compiling as compiling
 
     events = []
-    monkeypatch.setattr(trainer, "choose_attention", lambda shape, dtype: events.append(("measure", shape, dtype)))
-    monkeypatch.setattr(trainer.torch, "compile", lambda model: events.append(("compile",)) or model)
+    monkeypatch.setattr(compiling, "choose_attention", lambda shape, dtype: events.append(("measure", shape, dtype)))
+    monkeypatch.setattr(compiling.torch, "compile", lambda model: events.append(("compile",)) or model)
+    monkeypatch.setattr(compiling, "cpu_compiler", lambda: "g++")
     losses(tmp_path, text, "compiled_bf16", compile=True, dtype="bf16")
     # batch 8, 2 heads, 32 tokens, head size 16, in the autocast dtype; then compiled
     assert events == [("measure", (8, 2, 32, 16), torch.bfloat16), ("compile",)]
-    attention_choice.forget_attention_choices()
+
+
+def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(tmp_path, text, monkeypatch, capsys):
+    import gptlab.training.compiling as compiling
+
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiling.torch, "compile", lambda model: pytest.fail("compiled without a compiler"))
+    assert losses(tmp_path, text, "no_cxx", compile=True) == losses(tmp_path, text, "eager_again")
+    assert "--compile: no C++ compiler found" in capsys.readouterr().out
 
 
 # ---- fp16 loss scaling: its CUDA-only dtype checks set aside, the GradScaler logic runs on CPU ----

@@ -34,13 +34,13 @@ from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.data import iterate_batches, num_batches
 from gptlab.device import configure_backend
 from gptlab.errors import GptlabError
-from gptlab.models.attention_choice import choose_attention
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
 from gptlab.training.chat_start import chat_start
 from gptlab.training.checkpoint import capture_rng_state, load_checkpoint, load_weights, save_checkpoint
 from gptlab.training.checkpoint_fields import restoring
+from gptlab.training.compiling import compiled
 from gptlab.training.lora import lora_run, refuse_without_lora
 from gptlab.training.metrics import (
     EvalResult,
@@ -161,11 +161,11 @@ class Trainer(RunReporting, RunClock):
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
+        self.notices: list[str] = []
         if train_cfg.compile:
-            if self.device.type == "cpu":  # measured before tracing (models/attention_choice.py)
-                rows, cfg = data_cfg.batch_size // self.world.world_size, self.model_cfg
-                choose_attention((rows, cfg.n_heads, cfg.seq_len, cfg.head_dim), self.precision.dtype)
-            self.model = torch.compile(self.model)
+            rows = data_cfg.batch_size // self.world.world_size
+            self.model, notice = compiled(self.model, self.model_cfg, rows, self.device, self.precision.dtype)
+            self.notices += [notice] if notice else []
         self.peak_flops = device_peak_flops(self.device, self.precision.dtype, train_cfg.peak_flops)
 
         self.log_dir = Path(train_cfg.log_dir) / train_cfg.experiment_name
@@ -181,7 +181,6 @@ class Trainer(RunReporting, RunClock):
         self.interval_losses: list[float] = []  # training losses since the last log line
         self.train_loss = math.nan
         self.throughput = Throughput()
-        self.notices: list[str] = []
         if resume is not None and str(resume) == "auto":
             resume = run_files.find_latest(self.checkpoint_dir, train_cfg.experiment_name)
             if resume is None:
