@@ -1,7 +1,8 @@
 """Dropout whose random mask is cheap to draw on a CPU.
 
-PyTorch's CPU dropout draws one 32-bit random number per element (a Bernoulli sample each); on
-a cpu-10min step that is most of dropout's cost, about 20 % of the step. Sixteen random bits are
+PyTorch's CPU dropout draws one 32-bit random number per element (a Bernoulli sample each),
+most of its cost: on a cpu-10min step of 2026-12-02 its nine calls took 6.5 ms each, about 15 %
+of the step, against 2.9 ms for the mask drawn as below (the step 6 % faster). Sixteen random bits are
 plenty to decide whether to keep an element, so this draws 64-bit words, reads each as four
 16-bit numbers and keeps an element when its number is at or above a threshold: one generator
 call per four elements. Forward and backward then need one masked multiply each, as before.
