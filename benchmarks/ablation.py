@@ -8,7 +8,8 @@ Three walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-ch
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
-starts from today's `cpu-10min` and asks what steps made faster are best spent on. Each row
+starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, and asks what
+steps made faster are best spent on. Each row
 applies one change to the best recipe so far, trains it for --budget of wall-clock time on
 shakespeare/train.txt, once per seed, and evaluates it on the whole of val.txt (exactly as
 benchmarks/speedrun.py does); the held-out test.txt is never looked at here. A change is kept when
@@ -98,8 +99,8 @@ BUDGET_WALK = [
     Change("stop after 6 epochs if the budget lasts longer", {"epochs": 6}),
     Change("6 layers × 384 wide", {"num_layers": 6, "embed_dim": 384, "n_heads": 6}),
 ]
-# Today's cpu-10min once its steps got faster (the cheap CPU dropout mask, attention chosen by
-# measurement) and compiled: it then ends its 6 epochs before the budget does, so the question
+# The cpu-10min of 2026-12-02 once its steps got faster (the cheap CPU dropout mask, attention
+# chosen by measurement) and compiled: it then ends its 6 epochs before the budget does, so the question
 # is what the spare time is best spent on, at the same full budget.
 FASTER_WALK = [
     Change("6 layers (about as many epochs as the budget allows)", {"num_layers": 6}),
