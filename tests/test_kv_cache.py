@@ -9,6 +9,8 @@ import torch
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import generate_token_ids, ready_for_generation
+from gptlab.generation import gpt as generation_gpt
+from gptlab.generation.sampling import sample_next
 from gptlab.models import GPT
 from gptlab.models.matvec import LAYOUTS, MatVecLinear
 
@@ -43,17 +45,16 @@ def random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def record_last_logits(model: GPT) -> list[torch.Tensor]:
-    """Spy on the model: the logits of the last slot of every forward pass, (B, V) each."""
+@pytest.fixture
+def recorded(monkeypatch) -> list[torch.Tensor]:
+    """Spy on the generation engine: the logits it samples each step's tokens from, (B, V) each."""
     recorded = []
-    forward = model.forward
 
-    def recording_forward(*args, **kwargs):
-        logits, loss = forward(*args, **kwargs)
-        recorded.append(logits[:, -1].clone())
-        return logits, loss
+    def recording_sample_next(logits, *args):
+        recorded.append(logits.clone())
+        return sample_next(logits, *args)
 
-    model.forward = recording_forward
+    monkeypatch.setattr(generation_gpt, "sample_next", recording_sample_next)
     return recorded
 
 
@@ -87,12 +88,12 @@ def test_a_bf16_model_keeps_a_bf16_cache_that_agrees_with_its_full_forward():
     torch.testing.assert_close(torch.stack(steps, 1).float(), full[:, 8:].float(), rtol=0, atol=0.05)
 
 
-def test_ready_for_generation_changes_the_weights_layout_not_the_results():
+def test_ready_for_generation_changes_the_weights_layout_not_the_results(recorded):
     model = tiny_model(seq_len=64, pos_encoding="learned")
     reference = copy.deepcopy(model)
     prompt, cfg = random_ids(5, seed=4), SampleConfig(greedy=True, max_new_tokens=40)
     expected = [row[0] for row in generate_token_ids(reference, [prompt], cfg, pad_id=PAD)]
-    recorded = record_last_logits(model)
+    recorded.clear()
 
     ready = ready_for_generation(model)
 
@@ -125,27 +126,25 @@ def no_cache_reference(model: GPT, prompt: list[int], steps: int, keep: int) -> 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
 @pytest.mark.parametrize("window_keep", [None, 16, 5])
-def test_generation_past_the_context_matches_the_no_cache_reference(pos_encoding, window_keep):
+def test_generation_past_the_context_matches_the_no_cache_reference(pos_encoding, window_keep, recorded):
     model = tiny_model(seq_len=16, pos_encoding=pos_encoding)
     prompt, steps = random_ids(10, seed=2), 40  # crosses the 16-token context several times
     cfg = SampleConfig(greedy=True, max_new_tokens=steps, window_keep=window_keep)
     expected, expected_logits = no_cache_reference(model, prompt, steps, keep=window_keep or 16 // 2)
-    recorded = record_last_logits(model)
 
     produced = [row[0] for row in generate_token_ids(model, [prompt], cfg, pad_id=PAD)]
 
     assert produced == expected
-    assert len(recorded) == steps  # one prefill, then one pass per token but the last
+    assert len(recorded) == steps  # one set of logits a token
     for got, want in zip(recorded, expected_logits):
         torch.testing.assert_close(got[0], want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
-def test_each_row_of_a_left_padded_batch_equals_its_prompt_run_alone(pos_encoding):
+def test_each_row_of_a_left_padded_batch_equals_its_prompt_run_alone(pos_encoding, recorded):
     model = tiny_model(seq_len=64, pos_encoding=pos_encoding)
     prompts = [random_ids(3, seed=3), random_ids(11, seed=4), random_ids(1, seed=5), random_ids(7, seed=6)]
     cfg = SampleConfig(greedy=True, max_new_tokens=25)
-    recorded = record_last_logits(model)
 
     batch_ids = list(generate_token_ids(model, prompts, cfg, pad_id=PAD))  # 25 x [4 ids]
     batch_logits = torch.stack(recorded)  # (steps, 4, V)
@@ -157,11 +156,10 @@ def test_each_row_of_a_left_padded_batch_equals_its_prompt_run_alone(pos_encodin
         torch.testing.assert_close(batch_logits[:, row], torch.stack(recorded)[:, 0], rtol=0, atol=1e-5)
 
 
-def test_the_padding_token_never_changes_the_result():
+def test_the_padding_token_never_changes_the_result(recorded):
     model = tiny_model(seq_len=32, pos_encoding="learned")
     prompts = [random_ids(2, seed=7), random_ids(9, seed=8)]
     cfg = SampleConfig(greedy=True, max_new_tokens=10)
-    recorded = record_last_logits(model)
     list(generate_token_ids(model, prompts, cfg, pad_id=PAD))
     with_pad_0 = torch.stack(recorded)
     recorded.clear()

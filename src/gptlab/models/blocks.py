@@ -182,15 +182,18 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
-        if self.activation == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        elif self.activation == "relu2":
-            h = F.relu(h).square()  # Primer (So et al. 2021)
-        else:
-            gate, value = h.chunk(2, dim=-1)  # (B, T, hidden) each
-            h = F.silu(gate) * value
+        h = activate(self.fc(x), self.activation)  # (B, T, hidden)
         return self.dropout(self.proj(h))
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP's nonlinearity on its widened h (..., hidden), or (..., 2 * hidden) for swiglu."""
+    if activation == "gelu":
+        return F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+    if activation == "relu2":
+        return F.relu(h).square()  # Primer (So et al. 2021)
+    gate, value = h.chunk(2, dim=-1)  # (..., hidden) each
+    return F.silu(gate) * value
 
 
 class Block(nn.Module):

@@ -33,6 +33,8 @@ class KVCache:
         shape = (layers, batch, heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nh, max_len, hs)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Each layer's slice, made once: a decoding step writes to them some 2 * layers times a token.
+        self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)  # (B, nh, max_len, hs) each
         self.max_len = max_len
         self.length = 0
         self.pad: torch.Tensor | None = None
@@ -60,10 +62,11 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) of the new slots; return keys, values of all slots so far."""
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nh, end, hs)
+        keys, values, T = self._layer_keys[layer], self._layer_values[layer], k.size(2)
+        keys.narrow(2, self.length, T).copy_(k)
+        values.narrow(2, self.length, T).copy_(v)
+        end = self.length + T
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)  # (B, nh, end, hs)
 
     def advance(self, T: int) -> None:
         """The T slots of the last forward pass are now part of the past."""
