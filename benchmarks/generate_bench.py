@@ -37,6 +37,7 @@ from gptlab.config import ModelConfig, SampleConfig
 from gptlab.device import weights_dtype
 from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import GPT
+from gptlab.models.decode_step import product
 from gptlab.models.int8 import Int8Linear
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import LAYOUTS
@@ -115,17 +116,18 @@ def run_hf(model, prompt: list[int], n: int) -> list[int]:
 @torch.inference_mode()
 def linear_floor_tokens_per_s(model: torch.nn.Module, repeats: int = 20) -> float:
     """Tokens/s if a decoding step did nothing but multiply one token's vector by each linear
-    layer's weights (and add its bias), as the model computes them: no attention, norms or
-    sampling. At batch 1 these products read every weight once per token; they bound this model's
-    decoding speed."""
+    layer's weights (and add its bias), as a decoding step computes them (DecodeStep's `product`):
+    no attention, norms or sampling. At batch 1 these products read every weight once per token;
+    they bound this model's decoding speed."""
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
     device, dtype = model.wte.weight.device, model.wte.weight.dtype
-    inputs = [torch.zeros(1, 1, m.in_features, dtype=dtype, device=device) for m in linears]
+    products = [product(m) for m in linears]
+    inputs = [torch.zeros(1, m.in_features, dtype=dtype, device=device) for m in linears]
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        for linear, x in zip(linears, inputs):
-            linear(x)
+        for multiply, x in zip(products, inputs):
+            multiply(x)
         best = min(best, time.perf_counter() - started)
     return 1 / best
 

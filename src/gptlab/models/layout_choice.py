@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gptlab.models.decode_step import product
 from gptlab.models.matvec import Layout, MatVecLinear, default_layout, layouts_for
 
 # Each candidate runs for at least this long (and at least MIN_ROUNDS passes); the best pass counts.
@@ -82,20 +83,21 @@ def _measure(layers: list[MatVecLinear], splits: int, deadline: float) -> Layout
     beyond the one a change of layout needs. Past the deadline, the remaining candidates are skipped.
     """
     first = layers[0]
-    x = torch.zeros(1, 1, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
+    x = torch.zeros(1, first.in_features, dtype=first.weight.dtype, device=first.weight.device)
     seconds = {}
     for layout in layouts_for(first.in_features, first.out_features, splits):
         if seconds and time.perf_counter() > deadline:
             break
         for layer in layers:
             layer.set_layout(layout, splits)
-        for layer in layers:  # warm up: the first call may allocate or touch fresh pages
-            layer(x)
+        products = [product(layer) for layer in layers]  # as a decoding step computes them
+        for multiply in products:  # warm up: the first call may allocate or touch fresh pages
+            multiply(x)
         best, rounds, started = float("inf"), 0, time.perf_counter()
         while _more_rounds(rounds, time.perf_counter() - started):
             begin = time.perf_counter()
-            for layer in layers:
-                layer(x)
+            for multiply in products:
+                multiply(x)
             best, rounds = min(best, time.perf_counter() - begin), rounds + 1
         seconds[layout] = best / len(layers)
     fastest = min(seconds, key=seconds.__getitem__)

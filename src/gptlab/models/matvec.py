@@ -111,7 +111,7 @@ class MatVecLinear(nn.Linear):
         return blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A decoding step runs this some 25 to 50 times a token: few operations in the common case.
+        # models/decode_step.py calls this for a split layout only (an unsplit product is one addmm there).
         if self.splits == 1 or x.numel() != self.in_features:
             return F.linear(x, self.weight, self.bias)
         blocks, bias, s = self._split_blocks(), self.bias, self.splits
