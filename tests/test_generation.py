@@ -92,6 +92,12 @@ def test_min_p_drops_tokens_far_below_the_best():
     assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]  # cut at 0.25, then 0.125
 
 
+def test_greedy_takes_the_first_of_equal_best_logits_as_argmax_does():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, -1.0, 5.0, 5.0]])
+    picked = sample_next(logits, SampleConfig(greedy=True))
+    assert picked.tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 2]
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
     logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
     seen = torch.tensor([[True, True, False, False]])
