@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
@@ -76,9 +75,9 @@ def generate_token_ids(
 
     cache = model.new_kv_cache(B, max_len=min(seq_len, longest + cfg.max_new_tokens), pad=pad)
     logits = _last_logits(model, tokens[:, :longest], cache)  # (B, V)
-    # One token a row: the same step in fewer operations (models/decode_step.py); in training
-    # mode, or for another kind of model, its forward.
-    decode = DecodeStep(model) if isinstance(model, GPT) and not model.training else partial(_last_logits, model)
+    # One token a row: the forward pass in fewer operations (models/decode_step.py); in training
+    # mode (dropout), or for another kind of model, the forward pass itself.
+    one_token = DecodeStep(model) if isinstance(model, GPT) and not model.training else None
     end = longest  # slots filled in `tokens`
     for step in range(cfg.max_new_tokens):
         if banned is not None:
@@ -92,7 +91,10 @@ def generate_token_ids(
         if step + 1 == cfg.max_new_tokens:
             return
         if cache.length < cache.max_len:  # max_len < seq_len only if the text never outgrows it
-            logits = decode(next_ids, cache)
+            if one_token is not None:
+                logits = one_token(next_ids, cache)
+            else:
+                logits = _last_logits(model, next_ids[:, None], cache)
         else:
             cache.reset(pad=(pad - (end - keep)).clamp(min=0))  # rows' padding left in the window
             logits = _last_logits(model, tokens[:, end - keep : end], cache)
@@ -108,9 +110,8 @@ def window_keep(cfg: SampleConfig, seq_len: int) -> int:
 
 
 def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run idx (B, T), or (B,) for one token a row, through the model after the cached slots;
-    logits of the last slot (B, V)."""
-    logits, _ = model(idx.view(idx.size(0), -1), kv_cache=cache, last_only=True)  # (B, 1, V)
+    """Run idx (B, T) through the model after the cached slots; logits of the last slot (B, V)."""
+    logits, _ = model(idx, kv_cache=cache, last_only=True)  # (B, 1, V)
     return logits[:, -1, :]
 
 

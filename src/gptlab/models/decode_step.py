@@ -90,10 +90,10 @@ class DecodeStep:
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the token ids (B,) that follow each row's cached slots; they take
         the next slot of every layer (cache.length grows by one)."""
-        model, start = self.model, cache.length
-        seq_len, (nh, hs), B = model.config.seq_len, (model.config.n_heads, model.config.head_dim), ids.size(0)
-        if start >= seq_len:
-            raise GptlabError(f"position {start} exceeds the model's context of seq_len={seq_len} tokens")
+        model, start, B = self.model, cache.length, ids.size(0)
+        nh, hs = model.config.n_heads, model.config.head_dim
+        if start >= model.config.seq_len:
+            raise GptlabError(f"position {start} exceeds the model's context of seq_len={model.config.seq_len} tokens")
         positions = cache.start(1)  # (B, 1) for left-padded rows, else None
         x = model.wte(ids)  # (B, C)
         if model.wpe is not None:
