@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptlab.data import TokenDataset, iterate_batches, num_batches, prepare, read_meta, resolve_data
+from gptlab.data import TokenDataset, iterate_batches, num_batches, prepare, read_meta, resolve_data, window_offset
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
 
@@ -203,6 +203,29 @@ def test_windows_are_shifted_pairs_of_exact_tokens(tmp_path):
     assert ds.num_tokens == 18 and ds.meta["num_tokens"] == 18
     assert len(TokenDataset(ds.prepared_dir, seq_len=6)) == 2  # a third window would need token 18
     assert ds.bytes_per_token == pytest.approx(17 / 18)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_shifted_windows_start_at_the_offset_and_the_last_ends_at_the_last_token(tmp_path, offset):
+    text = "abcdefghijklmnopq"  # 17 tokens + EOS = 18: windows of 4 leave one token spare
+    ds = TokenDataset(prepared_range(tmp_path, text, shard_tokens=5), seq_len=4)
+    tokens = [*text.encode(), EOS]
+    shifted = ds.shifted(offset)
+    assert len(shifted) == len(ds) == 4 and ds.offset == 0  # the original is unchanged
+    for i in range(len(shifted)):
+        start = min(4 * i + offset, 18 - 5)  # window 3 would need tokens past the end: it ends at the last
+        x, y = shifted[i]
+        assert x.tolist() == tokens[start : start + 4] and y.tolist() == tokens[start + 1 : start + 5]
+    with pytest.raises(GptlabError, match=r"0\.\.3, got 4"):
+        ds.shifted(4)
+
+
+def test_window_offsets_depend_only_on_seed_and_epoch():
+    assert window_offset(seed=5, epoch=1, seq_len=256) == 0  # the first epoch keeps the plain windows
+    offsets = [window_offset(seed=5, epoch=epoch, seq_len=256) for epoch in range(2, 12)]
+    assert offsets == [window_offset(seed=5, epoch=epoch, seq_len=256) for epoch in range(2, 12)]
+    assert all(0 <= offset < 256 for offset in offsets) and len(set(offsets)) > 5
+    assert offsets != [window_offset(seed=6, epoch=epoch, seq_len=256) for epoch in range(2, 12)]
 
 
 @pytest.mark.parametrize("shard_tokens", [1, 3, 5, 7, 100])

@@ -79,6 +79,25 @@ def test_sigkilled_run_resumed_with_auto_matches_an_uninterrupted_one(workdir: P
     assert find_latest(workdir / "parts", "exp").name == "exp_e3.pth"  # the final checkpoint, 3rd epoch
 
 
+def test_shifted_windows_change_later_epochs_only_and_resume_exactly(workdir: Path) -> None:
+    # A constant learning rate, so that stopping early (--max_steps 130) leaves the schedule unchanged.
+    flags = ("--warmup_steps", "0", "--min_lr_ratio", "1", "--dropout", "0.0")
+    assert main(train_args(workdir, "plain", *flags, "--max_steps", "160")) == 0
+    shifted = (*flags, "--shift_windows")
+    assert main(train_args(workdir, "whole", *shifted, "--max_steps", "160")) == 0
+    assert main(train_args(workdir, "parts", *shifted, "--max_steps", "130")) == 0
+    assert main(train_args(workdir, "parts", *shifted, "--max_steps", "160", "--resume", "auto")) == 0
+
+    plain, whole, parts = (
+        read_step_log(workdir / run / "runs" / "exp" / "metrics.jsonl") for run in ("plain", "whole", "parts")
+    )
+    assert [e["loss"] for e in parts] == [e["loss"] for e in whole]  # bitwise, across the resume
+    assert whole[129]["epoch"] == 2  # the resume happened inside a shifted epoch
+    first_epoch = [i for i, e in enumerate(whole) if e["epoch"] == 1]
+    assert [whole[i]["loss"] for i in first_epoch] == [plain[i]["loss"] for i in first_epoch]
+    assert whole[first_epoch[-1] + 1]["loss"] != plain[first_epoch[-1] + 1]["loss"]  # other windows
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(workdir: Path, capsys) -> None:
     args = train_args(workdir, "fresh", "--resume", "auto", "--max_steps", "3", "--save_every_steps", "2")
     assert main(args) == 0

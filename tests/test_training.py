@@ -333,6 +333,15 @@ def test_accumulating_4_micro_batches_of_2_equals_one_batch_of_8(tmp_path, corpu
     assert big.tokens_seen == accumulated.tokens_seen
 
 
+@pytest.mark.parametrize("model, task", [("transformer", "lm"), ("gpt", "chat")])
+def test_shifted_windows_are_refused_for_pairs_and_conversations(model, task):
+    from gptlab.training.tasks import task_for
+
+    model_cfg = ModelConfig(model=model, embed_dim=16, num_layers=1, n_heads=2, seq_len=8, tgt_vocab_size=40)
+    with pytest.raises(GptlabError, match="for a GPT trained on text"):
+        task_for(model_cfg, DatasetConfig(shift_windows=True), TrainConfig(task=task), ByteTokenizer())
+
+
 def test_micro_batches_are_weighted_by_their_counted_targets():
     """A short last micro-batch full of ignore_index targets weighs only its counted tokens."""
     from gptlab.training.batching import MicroBatch

@@ -104,6 +104,11 @@ class DatasetConfig(_Config):
         64, gt=0, description="Sequences per micro-batch, over all ranks (a step takes batch_size x grad_accum_steps)."
     )
     shuffle: bool = Field(True, description="Reorder the windows every epoch (seeded).")
+    shift_windows: bool = Field(
+        False,
+        description="Text for a GPT: from the second epoch on, cut the windows at a random offset "
+        "(seeded per epoch), so that a text read again is read in different windows.",
+    )
     skip_bad_lines: bool = Field(
         False,
         description="Paired data and conversations: skip malformed lines with a warning instead of refusing the file.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterator
@@ -46,6 +47,16 @@ class TokenDataset(torch.utils.data.Dataset):
         self._check_ids(int(self.meta["vocab_size"]))
         # shard k holds global tokens [shard_starts[k], shard_starts[k + 1])
         self.shard_starts = np.concatenate([[0], np.cumsum(self.meta["shard_lengths"])]).astype(np.int64)
+        self.offset = 0  # where window 0 starts (shifted)
+
+    def shifted(self, offset: int) -> TokenDataset:
+        """The same tokens and number of windows, window i now starting at i*seq_len + offset
+        (0 <= offset < seq_len); the last window, which would run past the end, ends at the last token."""
+        if not 0 <= offset < self.seq_len:
+            raise GptlabError(f"a window offset must be in 0..{self.seq_len - 1}, got {offset}")
+        view = copy.copy(self)  # shares the memory maps
+        view.offset = offset
+        return view
 
     def _check_ids(self, vocab_size: int) -> None:
         """GptlabError unless every id is below `vocab_size`: an id past the embedding table is an
@@ -74,7 +85,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def batch(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y of shape (B, T) int64 for the windows `indices` (B of them, each in range)."""
-        starts = np.asarray(indices, dtype=np.int64) * self.seq_len
+        starts = np.asarray(indices, dtype=np.int64) * self.seq_len + self.offset
+        starts = np.minimum(starts, self.num_tokens - self.seq_len - 1)  # a shifted last window
         rows = self._read_rows(starts)  # (B, T+1)
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]  # (B, T), (B, T)
@@ -132,7 +144,15 @@ def iterate_batches(
         yield dataset.batch(order[first : first + batch_size])
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def window_offset(seed: int, epoch: int, seq_len: int) -> int:
+    """Where epoch `epoch`'s windows start (DatasetConfig.shift_windows): 0 in epoch 1, then a
+    number in 0..seq_len-1 drawn from (seed, epoch) alone, so that a resumed run cuts the same windows."""
+    if epoch <= 1:
+        return 0
+    return _epoch_seed(seed, epoch, purpose="offset") % seq_len
+
+
+def _epoch_seed(seed: int, epoch: int, purpose: str = "shuffle") -> int:
     # A hash, not seed + epoch, so (seed, epoch) and (seed + 1, epoch - 1) differ.
-    digest = hashlib.sha256(f"gptlab-shuffle:{seed}:{epoch}".encode()).digest()
+    digest = hashlib.sha256(f"gptlab-{purpose}:{seed}:{epoch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1

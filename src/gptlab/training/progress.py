@@ -106,8 +106,9 @@ def check_resumable(
 
     step_batch is the windows per optimizer step (batch_size * grad_accum_steps, default
     batch_size): it fixes the data position, so it must match; how it is split does not matter.
-    The seed and shuffle setting fix the order of the windows, and the training data's token count
-    (checkpoints record it) stands for the data itself: the position means nothing in other data."""
+    The seed, shuffle and shift_windows settings fix the windows and their order, and the training
+    data's token count (checkpoints record it) stands for the data itself: the position means
+    nothing in other data."""
     if checkpoint.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise GptlabError(f"{path} was trained with another tokenizer; resume with the tokenizer it was trained with")
     mine, theirs = model_cfg.model_dump(), checkpoint.model_config.model_dump()
@@ -116,7 +117,9 @@ def check_resumable(
         differ.append("batch_size * grad_accum_steps")
     if data_cfg.shuffle != checkpoint.data_config.shuffle:
         differ.append("shuffle")
-    if seed is not None and data_cfg.shuffle and seed != checkpoint.train_config.seed:
+    if data_cfg.shift_windows != checkpoint.data_config.shift_windows:
+        differ.append("shift_windows")
+    if seed is not None and (data_cfg.shuffle or data_cfg.shift_windows) and seed != checkpoint.train_config.seed:
         differ.append("seed")
     theirs_tokens = saved.train_tokens
     if train_tokens is not None and theirs_tokens is not None and theirs_tokens != train_tokens:

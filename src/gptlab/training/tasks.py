@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
-from gptlab.data import TokenDataset, resolve_data
+from gptlab.data import TokenDataset, resolve_data, window_offset
 from gptlab.data.conversations import ChatDataset
 from gptlab.data.pairs import PairBatch, PairDataset
+from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.models.fused_loss import IGNORE_INDEX
 from gptlab.models.transformer import Transformer
@@ -30,8 +31,18 @@ class Task(ABC):
     """One model type's data, model, loss and evaluation. Datasets offer len() and
     batch(indices) (see data.iterate_batches), num_tokens and bytes_per_token."""
 
+    reads_a_token_stream = False  # whether its windows can be shifted (DatasetConfig.shift_windows)
+
     def __init__(self, model_cfg: ModelConfig, data_cfg: DatasetConfig, train_cfg: TrainConfig, tokenizer: Tokenizer):
+        if data_cfg.shift_windows and not self.reads_a_token_stream:
+            raise GptlabError(
+                "--shift_windows cuts a text into windows anew each epoch; it is for a GPT trained on text"
+            )
         self.model_cfg, self.data_cfg, self.train_cfg, self.tokenizer = model_cfg, data_cfg, train_cfg, tokenizer
+
+    def epoch_data(self, dataset: Any, epoch: int) -> Any:
+        """The training data as epoch `epoch` reads it (the same in every epoch, unless shifted)."""
+        return dataset
 
     @abstractmethod
     def load_dataset(self, path: str | Path, progress: bool) -> Any:
@@ -67,8 +78,15 @@ class Task(ABC):
 class LanguageModelTask(Task):
     """GPT: windows of a token stream, next-token loss at every position."""
 
+    reads_a_token_stream = True
+
     def load_dataset(self, path: str | Path, progress: bool) -> TokenDataset:
         return TokenDataset(resolve_data(path, self.tokenizer, progress=progress), self.model_cfg.seq_len)
+
+    def epoch_data(self, dataset: TokenDataset, epoch: int) -> TokenDataset:
+        if not self.data_cfg.shift_windows:
+            return dataset
+        return dataset.shifted(window_offset(self.train_cfg.seed, epoch, dataset.seq_len))
 
     def build_model(self) -> GPT:
         return GPT(self.model_cfg)
@@ -103,6 +121,8 @@ class LanguageModelTask(Task):
 class ChatTask(LanguageModelTask):
     """GPT on conversations (supervised fine-tuning): one padded row per conversation, the loss
     on assistant tokens only (data/conversations.py); the same model, loss and evaluation."""
+
+    reads_a_token_stream = False
 
     def load_dataset(self, path: str | Path, progress: bool) -> ChatDataset:
         return ChatDataset.from_file(path, self.tokenizer, self.model_cfg.seq_len, self.data_cfg.skip_bad_lines)

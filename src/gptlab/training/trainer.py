@@ -307,10 +307,11 @@ class Trainer(RunReporting, RunClock):
     def _loop(self) -> StopReason:
         cfg = self.train_cfg
         self.model.train()
-        rows = RankMicroBatches(
-            self.train_set, self.data_cfg.batch_size, self.world.rank, self.world.world_size, self.task.num_targets
-        )
         for epoch in range(self.start_epoch, cfg.epochs + 1):
+            data = self.task.epoch_data(self.train_set, epoch)
+            rows = RankMicroBatches(
+                data, self.data_cfg.batch_size, self.world.rank, self.world.world_size, self.task.num_targets
+            )
             self.progress.epoch = epoch
             self.progress.epoch_batches_done = self.start_batch if self.progress.epoch == self.start_epoch else 0
             for micro_batches in iterate_batches(
