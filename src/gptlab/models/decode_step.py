@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptlab.errors import GptlabError
 from gptlab.models.blocks import activate, apply_rotary
 from gptlab.models.gpt import GPT
 from gptlab.models.kv_cache import KVCache
@@ -92,8 +91,7 @@ class DecodeStep:
         the next slot of every layer (cache.length grows by one)."""
         model, start, B = self.model, cache.length, ids.size(0)
         nh, hs = model.config.n_heads, model.config.head_dim
-        if start >= model.config.seq_len:
-            raise GptlabError(f"position {start} exceeds the model's context of seq_len={model.config.seq_len} tokens")
+        model.check_positions(start, 1)
         positions = cache.start(1)  # (B, 1) for left-padded rows, else None
         x = model.wte(ids)  # (B, C)
         if model.wpe is not None:

@@ -64,11 +64,7 @@ class GPT(LanguageModel):
         T = idx.size(1)
         if kv_cache is not None:
             start_pos = kv_cache.length
-        if start_pos < 0 or start_pos + T > self.config.seq_len:
-            raise GptlabError(
-                f"positions {start_pos}..{start_pos + T - 1} exceed the model's context of seq_len="
-                f"{self.config.seq_len} tokens; pass at most {self.config.seq_len} tokens"
-            )
+        self.check_positions(start_pos, T)
         positions = kv_cache.start(T) if kv_cache is not None else None  # (B, T) for padded rows
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
@@ -92,6 +88,14 @@ class GPT(LanguageModel):
         flat = targets.flatten()
         summed = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return logits, summed / (flat != IGNORE_INDEX).sum().clamp(min=1)
+
+    def check_positions(self, start_pos: int, T: int) -> None:
+        """GptlabError unless positions start_pos .. start_pos+T-1 lie within the context."""
+        if start_pos < 0 or start_pos + T > self.config.seq_len:
+            raise GptlabError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed the model's context of seq_len="
+                f"{self.config.seq_len} tokens; pass at most {self.config.seq_len} tokens"
+            )
 
     def new_kv_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         """An empty KVCache for this model: `batch` rows of up to max_len (default seq_len) slots,
