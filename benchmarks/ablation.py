@@ -1,17 +1,19 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
+    python benchmarks/ablation.py --walk data --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk sweeps --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk faster --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Four walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Five walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
 starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, and asks what
 steps made faster are best spent on; `sweeps` starts from the preset that walk chose and tries
-Muon's learning rate at a third value and the vocabulary's size. Each row applies one change to
+Muon's learning rate at a third value and the vocabulary's size; `data` starts from the preset
+with the vocabulary that walk chose and varies what each step learns from. Each row applies one change to
 the best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once
 per seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the held-out test.txt is never looked at here. A change is kept when
 its mean over the seeds lowers bits per byte, so every row is measured against the row that it
@@ -116,6 +118,13 @@ SWEEPS_WALK = [
     Change("BPE with 8192 ids", tokenizer=TokenizerRecipe(BPE, 8192)),
     Change("BPE with 2048 ids", tokenizer=TokenizerRecipe(BPE, 2048)),
 ]
+# The cpu-10min of 2026-12-03 with BPE 2048 (the fourth walk's result): it ends its 10 minutes
+# before its sixth epoch without overfitting, so what else might each step learn from?
+DATA_WALK = [
+    Change("windows cut at a new offset every epoch", {"shift_windows": True}),
+    Change("batch 16 → 8 sequences (twice the optimizer steps)", {"batch_size": 8}),
+    Change("BPE with 1024 ids", tokenizer=TokenizerRecipe(BPE, 1024)),
+]
 # The cpu-10min of 2026-12-02 (the second walk's result) where today's preset differs.
 SECOND_CPU_10MIN = {"num_layers": 4, "seq_len": 128, "batch_size": 32, "compile": False}
 # What the first cpu-10min set where today's preset differs.
@@ -131,19 +140,27 @@ class Walk:
     base_values: dict[str, object]  # ... with these values set
     changes: list[Change]
     section: str  # the marked section of BENCHMARKS.md the report goes into
+    base_tokenizer: TokenizerRecipe | None = None  # ... and this tokenizer instead of the preset's
 
 
+BPE_4096 = TokenizerRecipe(BPE, 4096)  # cpu-10min's tokenizer until the fourth walk
 WALKS = {
     "first": Walk("how the first cpu-10min was chosen", "nanogpt-char", {}, FIRST_WALK, "ablation"),
-    "budget": Walk("cpu-10min at its own budget", "cpu-10min", FIRST_CPU_10MIN, BUDGET_WALK, "ablation-budget"),
+    "budget": Walk(
+        "cpu-10min at its own budget", "cpu-10min", FIRST_CPU_10MIN, BUDGET_WALK, "ablation-budget", BPE_4096
+    ),
     "faster": Walk(
         "cpu-10min with faster steps",
         "cpu-10min",
         {**SECOND_CPU_10MIN, "compile": True},
         FASTER_WALK,
         "ablation-faster",
+        BPE_4096,
     ),
-    "sweeps": Walk("cpu-10min's learning rate and vocabulary", "cpu-10min", {}, SWEEPS_WALK, "ablation-sweeps"),
+    "sweeps": Walk(
+        "cpu-10min's learning rate and vocabulary", "cpu-10min", {}, SWEEPS_WALK, "ablation-sweeps", BPE_4096
+    ),
+    "data": Walk("what cpu-10min's steps learn from", "cpu-10min", {}, DATA_WALK, "ablation-data"),
 }
 
 
@@ -258,7 +275,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         progress = not args.no_progress
         return [run_once(recipe, seed, budget_s, {}, args.work_dir, args.device, progress) for seed in args.seeds]
 
-    kept = apply(load_preset(walk.base), Change("", walk.base_values))
+    kept = apply(load_preset(walk.base), Change("", walk.base_values, walk.base_tokenizer))
     rows = [Row(f"{walk.base} (the start)", measure(0, kept), None, True)]
     best = rows[0].bpb
     for number, change in enumerate(walk.changes[: args.rows], start=1):
