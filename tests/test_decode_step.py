@@ -23,6 +23,8 @@ VARIANTS = {
     "sinusoidal": dict(
         pos_encoding="sinusoidal", norm="layernorm", activation="relu2", bias=False, tie_embeddings=True
     ),
+    "qk-norm, rope": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True),
+    "qk-norm, learned": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=True),
 }
 
 

@@ -141,6 +141,8 @@ def test_tiktoken_kind_exports_with_its_own_ids(corpus, tmp_path):
         (GPT2_LAYOUT | dict(activation="relu2"), "activation"),
         (LLAMA_LAYOUT | dict(activation="gelu"), "activation"),
         (LLAMA_LAYOUT | dict(norm="layernorm"), "norm"),
+        (LLAMA_LAYOUT | dict(qk_norm=True), "qk_norm"),
+        (GPT2_LAYOUT | dict(qk_norm=True), "qk_norm"),
     ],
 )
 def test_a_model_without_transformers_equivalent_names_the_field_and_safetensors_works(

@@ -270,6 +270,65 @@ def test_optimizer_groups_leave_out_frozen_parameters(kind):
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+# ---- QK-norm and zero-initialised projections ---------------------------------------------------
+
+
+def scale_queries_and_keys(model, query_scale: float, key_scale: float) -> None:
+    """Multiply every layer's query and key weights (the first two thirds of qkv) by a constant."""
+    with torch.no_grad():
+        for block in model.blocks:
+            q, k, _ = block.attn.qkv.weight.chunk(3, dim=0)
+            q.mul_(query_scale)
+            k.mul_(key_scale)
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(pos_encoding):
+    idx = random_ids(2, 12)
+    for qk_norm in (True, False):
+        model = tiny_model(pos_encoding=pos_encoding, qk_norm=qk_norm, norm_eps=1e-10)
+        scaled = copy.deepcopy(model)
+        scale_queries_and_keys(scaled, 8.0, 3.0)
+        with torch.no_grad():
+            same = torch.allclose(scaled(idx)[0], model(idx)[0], rtol=0, atol=1e-5)
+        assert same == qk_norm  # without QK-norm the attention logits grow 24-fold and the output changes
+
+
+def test_qk_norm_normalises_each_heads_query_and_key_to_unit_rms(monkeypatch):
+    model = tiny_model(qk_norm=True, pos_encoding="learned", norm_eps=1e-10)
+    seen = []
+    monkeypatch.setattr(blocks.CausalSelfAttention, "attend", lambda self, q, k, v, mask=None: seen.append((q, k)) or v)
+    with torch.no_grad():
+        model(random_ids(2, 12))
+    assert len(seen) == 2
+    for q, k in seen:
+        for t in (q, k):
+            torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1]), rtol=0, atol=1e-3)
+
+
+def test_a_qk_norm_model_is_causal_and_every_parameter_learns():
+    model = tiny_model(qk_norm=True).train()
+    logits, loss = model(random_ids(2, 16), random_ids(2, 16, seed=2))
+    loss.backward()
+    assert all(param.grad.abs().sum() > 0 for param in model.parameters())
+    idx = random_ids(1, 10)
+    changed = idx.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 40
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(changed)[0][:, :6], model(idx)[0][:, :6], rtol=0, atol=1e-6)
+
+
+def test_zero_initialised_projections_start_every_block_as_the_identity():
+    model = tiny_model(zero_init_projections=True, pos_encoding="rope")
+    projections = [block.attn.proj.weight for block in model.blocks] + [block.mlp.proj.weight for block in model.blocks]
+    assert all(torch.equal(weight, torch.zeros_like(weight)) for weight in projections)
+    idx = random_ids(2, 12)
+    with torch.no_grad():  # the blocks add nothing yet: embeddings, final norm, head
+        torch.testing.assert_close(model(idx)[0], model.lm_head(model.norm_f(model.wte(idx))), rtol=0, atol=1e-6)
+    default = tiny_model(pos_encoding="rope")  # off by default: GPT-2's small random init
+    assert all(block.attn.proj.weight.abs().sum() > 0 for block in default.blocks)
+
+
 def test_missing_vocab_size_is_a_clear_error():
     with pytest.raises(GptlabError, match="tgt_vocab_size"):
         GPT(tiny_config(tgt_vocab_size=None))

@@ -287,3 +287,29 @@ def test_a_tiny_reversal_task_is_learned(tmp_path, tokenizer, reversal_files, on
     decoded = translate(model, loaded_tokenizer, [source for source, _ in held_out])
     exact = sum(output == target for output, (_, target) in zip(decoded, held_out)) / len(held_out)
     assert exact == pytest.approx(result.eval.exact_match)
+
+
+def test_qk_norm_makes_self_and_cross_attention_blind_to_the_scale_of_queries_and_keys():
+    src = torch.randint(1, 20, (2, 9), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(1, 20, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    for qk_norm in (True, False):
+        model = tiny_model(qk_norm=qk_norm, norm_eps=1e-10)
+        with torch.no_grad():
+            reference = model(src, tgt, mask)[0]
+            for name, param in model.named_parameters():
+                if name.endswith("query.weight"):
+                    param.mul_(6.0)
+                elif name.endswith("key_value.weight"):
+                    param[: param.size(0) // 2].mul_(4.0)  # the keys' half
+            same = torch.allclose(model(src, tgt, mask)[0], reference, rtol=0, atol=1e-5)
+        assert same == qk_norm
+
+
+def test_zero_initialised_projections_reach_the_encoder_and_the_decoder():
+    model = tiny_model(zero_init_projections=True)
+    projections = [param for name, param in model.named_parameters() if name.endswith("proj.weight")]
+    assert (
+        len(projections) == 2 * 2 + 3 * 2
+    )  # self-attention and MLP per encoder layer; + cross-attention per decoder layer
+    assert all(torch.equal(param, torch.zeros_like(param)) for param in projections)

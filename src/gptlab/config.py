@@ -51,6 +51,15 @@ class ModelConfig(_Config):
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalisation layers.")
+    qk_norm: bool = Field(
+        False,
+        description="RMS-normalise each head's queries and keys (no gain) before attention, as modded-nanogpt does.",
+    )
+    zero_init_projections: bool = Field(
+        False,
+        description="Start the projections that write into the residual stream at zero: each block "
+        "begins as the identity.",
+    )
     # Encoder-decoder only (model=transformer); seq_len is then the longest target.
     num_encoder_layers: int | None = Field(None, gt=0, description="Transformer encoder depth; None means num_layers.")
     num_decoder_layers: int | None = Field(None, gt=0, description="Transformer decoder depth; None means num_layers.")

@@ -43,8 +43,8 @@ PRE_TOKENIZERS = {
 }
 # The fields that decide the architecture, and the values each llama.cpp architecture needs.
 NEEDS = {
-    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu"},
-    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu"},
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "qk_norm": False},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "qk_norm": False},
 }
 Q8_BLOCK = 32  # values per q8_0 block: a row must be a multiple of it
 

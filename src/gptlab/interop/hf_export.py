@@ -29,8 +29,8 @@ from gptlab.tokenizers.chat import end_of_turn_id, has_chat_template
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 # The fields that decide the architecture, and the values each one needs.
 _NEEDS = {
-    GPT2: {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu"},
-    LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu"},
+    GPT2: {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "qk_norm": False},
+    LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "qk_norm": False},
 }
 
 

@@ -32,10 +32,15 @@ class LanguageModel(nn.Module):
 
     def scale_residual_writes(self, depth: int) -> None:
         """GPT-2: re-draw the projections that write into the residual stream (2 per layer of
-        `depth`) with a smaller std, so that its variance does not grow with depth."""
+        `depth`) with a smaller std, so that its variance does not grow with depth; with
+        zero_init_projections, start them at zero instead (modded-nanogpt), so that every block
+        begins as the identity and learns what to add."""
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+                if self.config.zero_init_projections:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * depth))
 
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Parameter groups for AdamW: weight decay on matrices, none on biases and norm gains.

@@ -92,6 +92,12 @@ class RotaryEmbedding(nn.Module):
         return self.cos[start_pos : start_pos + T], self.sin[start_pos : start_pos + T]
 
 
+def normalize_heads(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """QK-norm: each head's vector (the last dimension) scaled to unit RMS, without a gain, so
+    that attention logits stay bounded however large the query and key weights grow."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
 def apply_rotary(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """Rotate x (B, nh, T, hs) by the angles in rope; same shape and dtype out."""
     cos, sin = (table.to(x.dtype) for table in rope)  # (T, hs/2) or (B, 1, T, hs/2), broadcast
@@ -108,6 +114,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads = config.n_heads
+        self.qk_norm_eps = config.norm_eps if config.qk_norm else None  # None: no QK-norm
         self.dropout = config.attention_dropout_p
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=config.bias)  # q, k, v at once
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=config.bias)
@@ -122,6 +129,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         hs = C // self.n_heads
         q, k, v = (t.view(B, T, self.n_heads, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.qk_norm_eps is not None:
+            q, k = normalize_heads(q, self.qk_norm_eps), normalize_heads(k, self.qk_norm_eps)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         mask = None

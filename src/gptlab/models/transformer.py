@@ -21,7 +21,7 @@ from torch import nn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.models.base import LanguageModel, position_encoding
-from gptlab.models.blocks import MLP, RopeTables, apply_rotary, make_norm
+from gptlab.models.blocks import MLP, RopeTables, apply_rotary, make_norm, normalize_heads
 from gptlab.models.dropout import Dropout
 from gptlab.models.fused_loss import IGNORE_INDEX
 
@@ -51,6 +51,7 @@ class Attention(nn.Module):
         super().__init__()
         C = config.embed_dim
         self.n_heads = config.n_heads
+        self.qk_norm_eps = config.norm_eps if config.qk_norm else None  # None: no QK-norm
         self.dropout = config.dropout
         self.query = nn.Linear(C, C, bias=config.bias)
         self.key_value = nn.Linear(C, 2 * C, bias=config.bias)  # k and v at once
@@ -60,6 +61,8 @@ class Attention(nn.Module):
     def keys_values(self, source: torch.Tensor, rope: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of source (B, S, C), each (B, nh, S, hs); RoPE rotates the keys."""
         k, v = (split_heads(t, self.n_heads) for t in self.key_value(source).chunk(2, dim=-1))
+        if self.qk_norm_eps is not None:
+            k = normalize_heads(k, self.qk_norm_eps)
         return (apply_rotary(k, rope) if rope is not None else k), v
 
     def forward(
@@ -73,6 +76,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend from x (B, T, C) over keys/values (B, nh, S, hs) -> (B, T, C)."""
         q = split_heads(self.query(x), self.n_heads)  # (B, nh, T, hs)
+        if self.qk_norm_eps is not None:
+            q = normalize_heads(q, self.qk_norm_eps)
         if rope is not None:
             q = apply_rotary(q, rope)
         dropout_p = self.dropout if self.training else 0.0
