@@ -13,7 +13,8 @@ budget the preset is sold for, 10 minutes, where a run repeats the training text
 starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, and asks what
 steps made faster are best spent on; `sweeps` starts from the preset that walk chose and tries
 Muon's learning rate at a third value and the vocabulary's size; `data` starts from the preset
-with the vocabulary that walk chose and varies what each step learns from. Each row applies one change to
+with the vocabulary that walk chose and tries QK-norm, zero-initialised projections and what
+data each step learns from. Each row applies one change to
 the best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once
 per seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the held-out test.txt is never looked at here. A change is kept when
 its mean over the seeds lowers bits per byte, so every row is measured against the row that it
@@ -119,8 +120,11 @@ SWEEPS_WALK = [
     Change("BPE with 2048 ids", tokenizer=TokenizerRecipe(BPE, 2048)),
 ]
 # The cpu-10min of 2026-12-03 with BPE 2048 (the fourth walk's result): it ends its 10 minutes
-# before its sixth epoch without overfitting, so what else might each step learn from?
+# before its sixth epoch without overfitting: what might each step learn more from? Two changes
+# to the model that modded-nanogpt found to speed up learning, then the data each step sees.
 DATA_WALK = [
+    Change("QK-norm", {"qk_norm": True}),
+    Change("projections into the residual stream start at zero", {"zero_init_projections": True}),
     Change("windows cut at a new offset every epoch", {"shift_windows": True}),
     Change("batch 16 → 8 sequences (twice the optimizer steps)", {"batch_size": 8}),
     Change("BPE with 1024 ids", tokenizer=TokenizerRecipe(BPE, 1024)),
