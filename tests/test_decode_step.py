@@ -23,7 +23,9 @@ VARIANTS = {
     "sinusoidal": dict(
         pos_encoding="sinusoidal", norm="layernorm", activation="relu2", bias=False, tie_embeddings=True
     ),
-    "qk-norm, rope": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True),
+    "qk-norm, rope": dict(
+        pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=False, qk_norm=True
+    ),
     "qk-norm, learned": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=True),
 }
 
@@ -69,7 +71,7 @@ def test_the_step_equals_the_forward_pass_for_every_variant(variant):
     torch.testing.assert_close(step_cache.values, forward_cache.values, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "cpu-10min"])
+@pytest.mark.parametrize("variant", ["gpt2", "cpu-10min", "qk-norm, rope"])
 def test_left_padded_rows_get_their_own_positions_and_mask(variant):
     model = tiny_model(**VARIANTS[variant])
     prompts = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))

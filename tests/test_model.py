@@ -306,7 +306,7 @@ def test_qk_norm_normalises_each_heads_query_and_key_to_unit_rms(monkeypatch):
             torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1]), rtol=0, atol=1e-3)
 
 
-def test_a_qk_norm_model_is_causal_and_every_parameter_learns():
+def test_a_qk_norm_model_is_causal_and_every_parameter_gets_a_gradient():
     model = tiny_model(qk_norm=True).train()
     logits, loss = model(random_ids(2, 16), random_ids(2, 16, seed=2))
     loss.backward()

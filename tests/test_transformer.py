@@ -309,7 +309,6 @@ def test_qk_norm_makes_self_and_cross_attention_blind_to_the_scale_of_queries_an
 def test_zero_initialised_projections_reach_the_encoder_and_the_decoder():
     model = tiny_model(zero_init_projections=True)
     projections = [param for name, param in model.named_parameters() if name.endswith("proj.weight")]
-    assert (
-        len(projections) == 2 * 2 + 3 * 2
-    )  # self-attention and MLP per encoder layer; + cross-attention per decoder layer
+    expected = 2 * 2 + 3 * 2  # 2 encoder layers of self-attention and MLP, 2 decoder layers with cross-attention too
+    assert len(projections) == expected
     assert all(torch.equal(param, torch.zeros_like(param)) for param in projections)

@@ -85,13 +85,13 @@ class DecodeStep:
             for block in model.blocks
         ]
         self.norm_f, self.head = normalize(model.norm_f), product(model.lm_head)
+        self.qk_norm_eps = model.config.norm_eps if model.config.qk_norm else None  # None: no QK-norm
 
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the token ids (B,) that follow each row's cached slots; they take
         the next slot of every layer (cache.length grows by one)."""
         model, start, B = self.model, cache.length, ids.size(0)
         nh, hs = model.config.n_heads, model.config.head_dim
-        qk_norm_eps = model.config.norm_eps if model.config.qk_norm else None
         model.check_positions(start, 1)
         positions = cache.start(1)  # (B, 1) for left-padded rows, else None
         x = model.wte(ids)  # (B, C)
@@ -105,12 +105,12 @@ class DecodeStep:
             qkv = layer.qkv(layer.norm_1(x)).view(B, 3, nh, 1, hs)
             if rope is None:
                 q, k, v = qkv.unbind(1)  # (B, nh, 1, hs) each
-                if qk_norm_eps is not None:
-                    q, k = normalize_heads(q, qk_norm_eps), normalize_heads(k, qk_norm_eps)
+                if self.qk_norm_eps is not None:
+                    q, k = normalize_heads(q, self.qk_norm_eps), normalize_heads(k, self.qk_norm_eps)
             else:  # q and k normalised and rotated in one go
                 qk, v = qkv[:, :2], qkv[:, 2]
-                if qk_norm_eps is not None:
-                    qk = normalize_heads(qk, qk_norm_eps)
+                if self.qk_norm_eps is not None:
+                    qk = normalize_heads(qk, self.qk_norm_eps)
                 q, k = apply_rotary(qk, rope).unbind(1)
             k, v = cache.store(i, k, v)  # (B, nh, S, hs): every slot so far
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, nh, 1, hs)
