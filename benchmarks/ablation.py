@@ -129,8 +129,10 @@ DATA_WALK = [
     Change("batch 16 → 8 sequences (twice the optimizer steps)", {"batch_size": 8}),
     Change("BPE with 1024 ids", tokenizer=TokenizerRecipe(BPE, 1024)),
 ]
+# What the data walk kept, off again at its start.
+BEFORE_DATA_WALK = {"qk_norm": False, "shift_windows": False}
 # The cpu-10min of 2026-12-02 (the second walk's result) where today's preset differs.
-SECOND_CPU_10MIN = {"num_layers": 4, "seq_len": 128, "batch_size": 32, "compile": False}
+SECOND_CPU_10MIN = {**BEFORE_DATA_WALK, "num_layers": 4, "seq_len": 128, "batch_size": 32, "compile": False}
 # What the first cpu-10min set where today's preset differs.
 FIRST_CPU_10MIN = {
     **SECOND_CPU_10MIN, "dropout": 0.0, "attention_dropout": None, "optimizer": "adamw", "epochs": 1000,
@@ -162,9 +164,14 @@ WALKS = {
         BPE_4096,
     ),
     "sweeps": Walk(
-        "cpu-10min's learning rate and vocabulary", "cpu-10min", {}, SWEEPS_WALK, "ablation-sweeps", BPE_4096
+        "cpu-10min's learning rate and vocabulary",
+        "cpu-10min",
+        BEFORE_DATA_WALK,
+        SWEEPS_WALK,
+        "ablation-sweeps",
+        BPE_4096,
     ),
-    "data": Walk("what cpu-10min's steps learn from", "cpu-10min", {}, DATA_WALK, "ablation-data"),
+    "data": Walk("what cpu-10min's steps learn from", "cpu-10min", BEFORE_DATA_WALK, DATA_WALK, "ablation-data"),
 }
 
 
@@ -215,6 +222,11 @@ def apply(preset: Preset, change: Change) -> Preset:
     )
 
 
+def walk_start(walk: Walk) -> Preset:
+    """The recipe a walk starts from: its base preset with its base values and tokenizer."""
+    return apply(load_preset(walk.base), Change("", walk.base_values, walk.base_tokenizer))
+
+
 def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, budget_s: float) -> str:
     command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     seeds = ", ".join(str(seed) for seed in args.seeds)
@@ -238,8 +250,8 @@ def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, 
             f"{row.mean('best_seen'):.4f} / {row.mean('last_seen'):.4f} | {row.mean('steps'):,.0f} | {row.mean('epochs'):.1f} | "
             f"{row.mean('tokens_per_s'):,.0f} | {row.runs[0].params / 1e6:.2f}M |"
         )
-    baseline = load_preset(walk.base).values
-    changed = ", ".join(f"{k}={v}" for k, v in kept.values.items() if baseline.get(k) != v)
+    start = walk_start(walk).values
+    changed = ", ".join(f"{k}={v}" for k, v in kept.values.items() if start.get(k) != v)
     lines += ["", f"Kept recipe: {walk.base} with tokenizer {kept.tokenizer.describe()}; {changed or 'no change'}"]
     return "\n".join(lines) + "\n"
 
@@ -279,7 +291,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         progress = not args.no_progress
         return [run_once(recipe, seed, budget_s, {}, args.work_dir, args.device, progress) for seed in args.seeds]
 
-    kept = apply(load_preset(walk.base), Change("", walk.base_values, walk.base_tokenizer))
+    kept = walk_start(walk)
     rows = [Row(f"{walk.base} (the start)", measure(0, kept), None, True)]
     best = rows[0].bpb
     for number, change in enumerate(walk.changes[: args.rows], start=1):
