@@ -222,11 +222,6 @@ def apply(preset: Preset, change: Change) -> Preset:
     )
 
 
-def walk_start(walk: Walk) -> Preset:
-    """The recipe a walk starts from: its base preset with its base values and tokenizer."""
-    return apply(load_preset(walk.base), Change("", walk.base_values, walk.base_tokenizer))
-
-
 def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, budget_s: float) -> str:
     command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     seeds = ", ".join(str(seed) for seed in args.seeds)
@@ -250,8 +245,8 @@ def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, 
             f"{row.mean('best_seen'):.4f} / {row.mean('last_seen'):.4f} | {row.mean('steps'):,.0f} | {row.mean('epochs'):.1f} | "
             f"{row.mean('tokens_per_s'):,.0f} | {row.runs[0].params / 1e6:.2f}M |"
         )
-    start = walk_start(walk).values
-    changed = ", ".join(f"{k}={v}" for k, v in kept.values.items() if start.get(k) != v)
+    preset = load_preset(walk.base).values  # as the preset is today: "no change" means the preset is the kept recipe
+    changed = ", ".join(f"{k}={v}" for k, v in kept.values.items() if preset.get(k) != v)
     lines += ["", f"Kept recipe: {walk.base} with tokenizer {kept.tokenizer.describe()}; {changed or 'no change'}"]
     return "\n".join(lines) + "\n"
 
@@ -291,7 +286,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         progress = not args.no_progress
         return [run_once(recipe, seed, budget_s, {}, args.work_dir, args.device, progress) for seed in args.seeds]
 
-    kept = walk_start(walk)
+    kept = apply(load_preset(walk.base), Change("", walk.base_values, walk.base_tokenizer))
     rows = [Row(f"{walk.base} (the start)", measure(0, kept), None, True)]
     best = rows[0].bpb
     for number, change in enumerate(walk.changes[: args.rows], start=1):
