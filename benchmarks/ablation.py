@@ -7,22 +7,24 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Five walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Six walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
-starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, and asks what
-steps made faster are best spent on; `sweeps` starts from the preset that walk chose and tries
-Muon's learning rate at a third value and the vocabulary's size; `data` starts from the preset
-with the vocabulary that walk chose and tries QK-norm, zero-initialised projections and what
-data each step learns from. Each row applies one change to
-the best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once
-per seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the held-out test.txt is never looked at here. A change is kept when
-its mean over the seeds lowers bits per byte, so every row is measured against the row that it
-changed ("Δ vs kept"). Greedy: a difference of a few thousandths is within run-to-run noise with
-one seed (the speedrun's two seeds show how much). The report is rewritten after every row, so an
-interrupted ablation keeps what it measured; at the end it also goes into the marked section of
---benchmarks (BENCHMARKS.md) named after the walk.
+starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, and asks what steps
+made faster are best spent on; `sweeps` starts from the preset that walk chose and tries Muon's
+learning rate at a third value and the vocabulary's size; `data` starts from the preset with the
+vocabulary that walk chose and tries QK-norm, zero-initialised projections and what data each step
+learns from; `regularisation` starts from today's preset and tries less dropout, a higher learning
+rate for the AdamW half and more weight decay. Each row applies one change to the best recipe so
+far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per seed, and
+evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the held-out
+test.txt is never looked at here. A change is kept when its mean over the seeds lowers bits per
+byte, so every row is measured against the row that it changed ("Δ vs kept"). Greedy: a difference
+of a few thousandths is within run-to-run noise with one seed (the speedrun's two seeds show how
+much). The report is rewritten after every row, so an interrupted ablation keeps what it measured;
+at the end it also goes into the marked section of --benchmarks (BENCHMARKS.md) named after the
+walk.
 """
 
 from __future__ import annotations
