@@ -15,16 +15,16 @@ starts from the `cpu-10min` of 2026-12-02 (the budget walk's result), compiled, 
 made faster are best spent on; `sweeps` starts from the preset that walk chose and tries Muon's
 learning rate at a third value and the vocabulary's size; `data` starts from the preset with the
 vocabulary that walk chose and tries QK-norm, zero-initialised projections and what data each step
-learns from; `regularisation` starts from today's preset and tries less dropout, a higher learning
-rate for the AdamW half and more weight decay. Each row applies one change to the best recipe so
-far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per seed, and
-evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the held-out
-test.txt is never looked at here. A change is kept when its mean over the seeds lowers bits per
-byte, so every row is measured against the row that it changed ("Δ vs kept"). Greedy: a difference
-of a few thousandths is within run-to-run noise with one seed (the speedrun's two seeds show how
-much). The report is rewritten after every row, so an interrupted ablation keeps what it measured;
-at the end it also goes into the marked section of --benchmarks (BENCHMARKS.md) named after the
-walk.
+learns from; `regularisation` starts from the preset that walk chose and tries less dropout, a
+higher learning rate for the AdamW half and more weight decay. Each row applies one change to the
+best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
+seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
+held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
+bits per byte, so every row is measured against the row that it changed ("Δ vs kept"). Greedy: a
+difference of a few thousandths is within run-to-run noise with one seed (the speedrun's two seeds
+show how much). The report is rewritten after every row, so an interrupted ablation keeps what it
+measured; at the end it also goes into the marked section of --benchmarks (BENCHMARKS.md) named
+after the walk.
 """
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ REGULARISATION_WALK = [
     Change("AdamW lr 0.002 → 0.004 (embeddings, head, norms)", {"learning_rate": 0.004}),
     Change("weight decay 0.1 → 0.2", {"weight_decay": 0.2}),
 ]
+# What the regularisation walk changed, as it was at its start.
+BEFORE_REGULARISATION_WALK = {"dropout": 0.1, "learning_rate": 0.002, "weight_decay": 0.1}
 # What the data walk kept, off again at its start.
-BEFORE_DATA_WALK = {"qk_norm": False, "shift_windows": False}
+BEFORE_DATA_WALK = {**BEFORE_REGULARISATION_WALK, "qk_norm": False, "shift_windows": False}
 # The cpu-10min of 2026-12-02 (the second walk's result) where today's preset differs.
 SECOND_CPU_10MIN = {**BEFORE_DATA_WALK, "num_layers": 4, "seq_len": 128, "batch_size": 32, "compile": False}
 # What the first cpu-10min set where today's preset differs.
@@ -186,7 +188,7 @@ WALKS = {
     "regularisation": Walk(
         "cpu-10min's regularisation and AdamW learning rate",
         "cpu-10min",
-        {},
+        BEFORE_REGULARISATION_WALK,
         REGULARISATION_WALK,
         "ablation-regularisation",
     ),
