@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptlab import device
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
 from gptlab.device import resolve_dtype
 from gptlab.errors import GptlabError
-from gptlab.training import load_checkpoint, train
+from gptlab.training import load_checkpoint, precision, train
 from gptlab.training.run_files import read_step_log
 
 from helpers import ByteTokenizer
@@ -81,9 +82,27 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path, text):
         losses(tmp_path, text, "fp16", dtype="fp16")
 
 
-def test_auto_dtype_is_fp32_on_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+@pytest.mark.parametrize("speedup, expected", [(0.02, torch.float32), (1.6, torch.bfloat16)])
+def test_auto_dtype_on_cpu_is_bf16_only_where_it_is_measured_faster(monkeypatch, speedup, expected):
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == expected
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16 and resolve_dtype("fp32", cpu) == torch.float32
+    assert device.usual_dtype(cpu) == torch.float32  # evaluation's default never depends on timing
+    auto = precision.Precision("auto", cpu)
+    assert auto.dtype == expected and auto.notice.startswith(f"--dtype auto: {auto.name} (")
+    slow_bf16 = precision.Precision("bf16", cpu).notice
+    assert (slow_bf16 is not None and "--dtype auto or fp32 trains faster" in slow_bf16) == (speedup < 1)
+    assert precision.Precision("fp32", cpu).notice is None
+
+
+def test_cpu_bf16_speedup_is_measured_without_moving_the_rng():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert device.cpu_bf16_speedup(size=32, repeats=1) > 0
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_compiled_model_matches_eager(tmp_path, text):
@@ -125,8 +144,6 @@ def fp16_scaling_on_cpu(monkeypatch):
     """Precision("fp16") on CPU with a real GradScaler, computing in float32 (no fp16 autocast):
     the scaling, unscaling, skipping and checkpointing of fp16 training, without a GPU."""
     import contextlib
-
-    import gptlab.training.precision as precision
 
     monkeypatch.setattr(precision, "resolve_dtype", lambda name, device: torch.float16)
     monkeypatch.setattr(precision, "autocast", lambda device, dtype: contextlib.nullcontext())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import re
+import time
 
 import torch
 
@@ -62,11 +65,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for `name` ("auto", "fp32", "bf16", "fp16") on `device`.
 
-    auto is bfloat16 on GPUs that support it and float32 elsewhere. Raises GptlabError for a
-    precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
+    auto is bfloat16 on GPUs that support it and on CPUs whose bfloat16 matmuls are measured
+    faster than their float32 ones (cpu_bf16_speedup), float32 elsewhere. Raises GptlabError for
+    a precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
     """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_bf16_speedup() > 1 else torch.float32
+        return usual_dtype(device)
     if name not in DTYPES:
         raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     dtype = DTYPES[name]
@@ -79,6 +85,37 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype != torch.float32 and device.type == "mps":
         raise GptlabError(f"--dtype {name} is not supported on mps; use --dtype fp32")
     return dtype
+
+
+def usual_dtype(device: torch.device) -> torch.dtype:
+    """The dtype to compute in on `device` when none is named and nothing is measured: bfloat16 on
+    GPUs that support it, else float32 (evaluation's default, which must not depend on timing)."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+@functools.cache
+def cpu_bf16_speedup(size: int = 256, repeats: int = 3) -> float:
+    """How many times faster this CPU multiplies two (size x size) bfloat16 matrices than float32
+    ones: best of `repeats`, measured once per process.
+
+    A CPU with AVX-512 BF16 or AMX runs bfloat16 matmuls faster (cpu-10min took 1.5x the steps
+    on one); without them PyTorch converts every element and was measured about 45x slower, so a
+    run that assumed bf16 everywhere would crawl. The matrices are filled without drawing random
+    numbers: measuring must not move the RNG that a resumed run replays.
+    """
+    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size)
+
+    def best_seconds(x: torch.Tensor) -> float:
+        y = x.t().contiguous()
+        torch.mm(x, y)  # warm up the kernels and threads
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(x, y)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    return best_seconds(a) / best_seconds(a.to(torch.bfloat16))
 
 
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -114,11 +151,11 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` on `device` (default: resolve_dtype("auto", device)); float32 is a no-op context.
+    """Autocast to `dtype` on `device` (default: usual_dtype(device)); float32 is a no-op context.
 
     Matmuls run in the low precision; weights, and the losses the models compute, stay float32.
     """
-    dtype = dtype or resolve_dtype("auto", device)
+    dtype = dtype or usual_dtype(device)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

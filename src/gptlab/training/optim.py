@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from gptlab.config import TrainConfig
+from gptlab.device import cpu_bf16_speedup
 from gptlab.errors import GptlabError
+from gptlab.training.muon import Muon
 
 
 class OptimizerSet:
@@ -55,7 +57,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     """The optimizer cfg.optimizer names, over `model`'s parameters.
 
     adamw: AdamW with weight decay on matrices only (the model's configure_optimizer_groups).
-    muon: torch.optim.Muon (orthogonalised momentum, 2-D weights only) for the hidden matrices
+    muon: Muon (torch.optim.Muon's orthogonalised momentum, 2-D weights only; training/muon.py) for the hidden matrices
     (attention and MLP weights), at cfg.muon_lr; AdamW at cfg.learning_rate for embeddings, the
     output head, norms and biases. The fused AdamW kernel is used where torch has one for `device`.
     """
@@ -77,10 +79,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     # set_lr scales every group by the schedule; Muon's groups keep their own peak through lr_ratio.
-    muon = torch.optim.Muon(
+    # Orthogonalised in bfloat16 as torch does, except on a CPU that computes it slower than float32.
+    fast_bf16 = device.type != "cpu" or cpu_bf16_speedup() > 1
+    muon = Muon(
         [{"params": hidden, "lr_ratio": cfg.muon_lr / cfg.learning_rate}],
         lr=cfg.muon_lr,
         weight_decay=cfg.weight_decay,
+        ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
     )
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=betas, **speed)
     return OptimizerSet({"muon": muon, "adamw": adamw})

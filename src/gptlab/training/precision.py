@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from gptlab.device import autocast, resolve_dtype
+from gptlab.device import autocast, cpu_bf16_speedup, resolve_dtype
 from gptlab.training.optim import OptimizerSet
 
 
@@ -23,6 +23,19 @@ class Precision:
         self.dtype = resolve_dtype(dtype_name, device)
         fp16 = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+        self.notice = self._cpu_notice(dtype_name) if device.type == "cpu" else None  # a line for the log
+
+    def _cpu_notice(self, dtype_name: str) -> str | None:
+        """What a CPU's measured bf16 speed decided, or a warning when bf16 was asked for and is slow."""
+        speedup = cpu_bf16_speedup() if dtype_name in ("auto", "bf16") else None
+        if dtype_name == "auto":
+            return f"--dtype auto: {self.name} (this CPU's bf16 matmuls measured {speedup:.2g}x float32's speed)"
+        if self.dtype == torch.bfloat16 and speedup < 1:
+            return (
+                f"--dtype bf16: this CPU's bf16 matmuls measured {speedup:.2g}x float32's speed "
+                "(no AVX-512 BF16 or AMX); --dtype auto or fp32 trains faster here"
+            )
+        return None
 
     @property
     def name(self) -> str:

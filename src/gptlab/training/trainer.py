@@ -161,7 +161,7 @@ class Trainer(RunReporting, RunClock):
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
-        self.notices: list[str] = []
+        self.notices: list[str] = [self.precision.notice] if self.precision.notice else []
         if train_cfg.compile:
             rows = data_cfg.batch_size // self.world.world_size
             self.model, notice = compiled(self.model, self.model_cfg, rows, self.device, self.precision.dtype)

@@ -1,0 +1,55 @@
+"""gptlab's Muon: torch.optim.Muon's step, with the Newton–Schulz iteration in a chosen dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptlab.config import TrainConfig
+from gptlab.training import optim
+from gptlab.training.muon import Muon
+
+from helpers import random_gpt
+
+
+def steps(optimizer_class, shapes, **settings) -> list[torch.Tensor]:
+    """The parameters after three steps on fixed gradients, from fixed starting weights."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    optimizer = optimizer_class(params, lr=0.02, weight_decay=0.1, **settings)
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad
+        optimizer.step()
+    return [param.detach() for param in params]
+
+
+SHAPES = [(48, 16), (16, 48), (24, 24)]  # tall, wide and square: each orientation of the iteration
+
+
+def test_in_bfloat16_it_computes_exactly_what_torch_muon_does():
+    for ours, theirs in zip(steps(Muon, SHAPES), steps(torch.optim.Muon, SHAPES)):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(steps(Muon, SHAPES, nesterov=False), steps(torch.optim.Muon, SHAPES, nesterov=False)):
+        assert torch.equal(ours, theirs)
+
+
+def test_in_float32_it_is_torch_muon_without_the_bfloat16_rounding():
+    float32 = steps(Muon, SHAPES, ns_dtype=torch.float32)
+    for ours, theirs in zip(float32, steps(torch.optim.Muon, SHAPES)):
+        assert not torch.equal(ours, theirs)
+        torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)  # bf16 keeps 8 bits of mantissa
+
+
+def test_unsupported_settings_are_refused():
+    with pytest.raises(ValueError, match="adjust_lr_fn 'match_rms_adamw' is not supported"):
+        steps(Muon, SHAPES, adjust_lr_fn="match_rms_adamw")
+
+
+@pytest.mark.parametrize("speedup, ns_dtype", [(0.02, torch.float32), (1.6, torch.bfloat16)])
+def test_a_cpu_orthogonalises_in_bfloat16_only_where_it_is_measured_faster(monkeypatch, speedup, ns_dtype):
+    monkeypatch.setattr(optim, "cpu_bf16_speedup", lambda: speedup)
+    model = random_gpt(vocab_size=64)
+    optimizers = optim.build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
+    assert isinstance(optimizers["muon"], Muon) and optimizers["muon"].ns_dtype == ns_dtype
