@@ -7,6 +7,7 @@ import torch
 
 from gptlab import device
 from gptlab.config import DatasetConfig, ModelConfig, TrainConfig
+from gptlab.device import cpu_bf16_speedup as measure_cpu_bf16_speedup  # the real one: conftest.py patches it
 from gptlab.device import resolve_dtype
 from gptlab.errors import GptlabError
 from gptlab.training import load_checkpoint, precision, train
@@ -101,7 +102,7 @@ def test_cpu_bf16_speedup_is_measured_without_moving_the_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    assert device.cpu_bf16_speedup(size=32, repeats=1) > 0
+    assert measure_cpu_bf16_speedup(size=32, repeats=1) > 0
     assert torch.equal(torch.rand(3), expected)
 
 
