@@ -4,7 +4,7 @@ torch.optim.Muon orthogonalises every update in bfloat16: fast on GPUs and on CP
 BF16 or AMX, but on a CPU without them each bfloat16 matmul is emulated. For cpu-10min's 24 hidden
 matrices on a 2-core AVX2 EPYC, one step's iterations took 12.5 s in bfloat16 and 0.37 s in
 float32. This Muon is torch's (same hyperparameters, state and checkpoints) with the iteration in
-`ns_dtype`; in bfloat16 it computes exactly what torch's does (tests/test_optim.py).
+`ns_dtype`; in bfloat16 it computes exactly what torch's does (tests/test_muon.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import math
 import torch
 
 
-def orthogonalise(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype):
+def orthogonalise(
+    update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
     """About U Vᵀ for update = U S Vᵀ: the quintic Newton–Schulz iteration of torch.optim.Muon
     (Keller Jordan's coefficients push singular values towards 1 in few steps), in `dtype`."""
     a, b, c = coefficients

@@ -57,9 +57,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     """The optimizer cfg.optimizer names, over `model`'s parameters.
 
     adamw: AdamW with weight decay on matrices only (the model's configure_optimizer_groups).
-    muon: Muon (torch.optim.Muon's orthogonalised momentum, 2-D weights only; training/muon.py) for the hidden matrices
-    (attention and MLP weights), at cfg.muon_lr; AdamW at cfg.learning_rate for embeddings, the
-    output head, norms and biases. The fused AdamW kernel is used where torch has one for `device`.
+    muon: Muon (torch.optim.Muon's orthogonalised momentum, 2-D weights only; training/muon.py)
+    for the hidden matrices (attention and MLP weights), at cfg.muon_lr; AdamW at
+    cfg.learning_rate for embeddings, the output head, norms and biases. The fused AdamW kernel is
+    used where torch has one for `device`.
     """
     speed = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     betas = (cfg.beta1, cfg.beta2)
