@@ -100,22 +100,24 @@ def cpu_bf16_speedup(size: int = 256, repeats: int = 3) -> float:
 
     A CPU with AVX-512 BF16 or AMX runs bfloat16 matmuls faster (cpu-10min took 1.5x the steps
     on one); without them PyTorch converts every element and was measured about 45x slower, so a
-    run that assumed bf16 everywhere would crawl. The matrices are filled without drawing random
-    numbers: measuring must not move the RNG that a resumed run replays.
+    run that assumed bf16 everywhere would crawl.
     """
-    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size)
+    return matmul_seconds(torch.float32, size, repeats) / matmul_seconds(torch.bfloat16, size, repeats)
 
-    def best_seconds(x: torch.Tensor) -> float:
-        y = x.t().contiguous()
-        torch.mm(x, y)  # warm up the kernels and threads
-        best = math.inf
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.mm(x, y)
-            best = min(best, time.perf_counter() - started)
-        return best
 
-    return best_seconds(a) / best_seconds(a.to(torch.bfloat16))
+def matmul_seconds(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Seconds of the best of `repeats` products of two (size x size) matrices in `dtype`, after
+    one to warm up the kernels and threads. The matrices are filled without drawing random
+    numbers: measuring must not move the RNG that a resumed run replays."""
+    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size).to(dtype)
+    b = a.t().contiguous()
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -13,7 +13,7 @@ from torch import nn
 
 from gptlab.data import TokenDataset, iterate_batches
 from gptlab.data.pairs import PairDataset
-from gptlab.device import autocast, sum_dtype
+from gptlab.device import autocast, matmul_seconds, sum_dtype
 from gptlab.generation.seq2seq import greedy_decode  # the generation layer, below training
 from gptlab.models.fused_loss import IGNORE_INDEX
 from gptlab.tokenizers.base import Tokenizer
@@ -171,20 +171,8 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, given: float | N
 @functools.cache
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of the best of a few (size x size) matmuls in `dtype` on the CPU, measured once per
-    process and dtype.
-
-    The matrices are filled without drawing random numbers: measuring must not move the RNG that
-    a resumed run replays.
-    """
-    a = torch.arange(size * size, dtype=torch.float32).reshape(size, size).div_(size * size).to(dtype)
-    b = a.t().contiguous()
-    torch.mm(a, b)  # warm up the kernels and threads
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+    process and dtype (without moving the RNG: device.matmul_seconds)."""
+    return 2 * size**3 / matmul_seconds(dtype, size, repeats)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
