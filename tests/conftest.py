@@ -22,9 +22,9 @@ def cpu_bf16_measured_slow(monkeypatch):
     in-process tests compute in float32 on every machine unless they ask for bf16, so their
     tolerances never depend on which CPU runs them."""
     from gptlab import device
-    from gptlab.training import optim, precision
+    from gptlab.training import precision
 
-    for module in (device, optim, precision):
+    for module in (device, precision):
         monkeypatch.setattr(module, "cpu_bf16_speedup", lambda: 0.5)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptlab import device
 from gptlab.config import TrainConfig
 from gptlab.training import optim
 from gptlab.training.muon import Muon
@@ -49,7 +50,7 @@ def test_unsupported_settings_are_refused():
 
 @pytest.mark.parametrize("speedup, ns_dtype", [(0.02, torch.float32), (1.6, torch.bfloat16)])
 def test_a_cpu_orthogonalises_in_bfloat16_only_where_it_is_measured_faster(monkeypatch, speedup, ns_dtype):
-    monkeypatch.setattr(optim, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: speedup)
     model = random_gpt(vocab_size=64)
     optimizers = optim.build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
     assert isinstance(optimizers["muon"], Muon) and optimizers["muon"].ns_dtype == ns_dtype

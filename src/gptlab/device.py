@@ -70,9 +70,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     a precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
     """
     if name == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_bf16_speedup() > 1 else torch.float32
-        return usual_dtype(device)
+        return torch.bfloat16 if device.type == "cpu" and fast_bf16(device) else usual_dtype(device)
     if name not in DTYPES:
         raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     dtype = DTYPES[name]
@@ -93,14 +91,20 @@ def usual_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matmuls at least as fast as float32 ones: measured on a
+    CPU (cpu_bf16_speedup), assumed elsewhere."""
+    return device.type != "cpu" or cpu_bf16_speedup() > 1
+
+
 @functools.cache
 def cpu_bf16_speedup(size: int = 256, repeats: int = 3) -> float:
     """How many times faster this CPU multiplies two (size x size) bfloat16 matrices than float32
     ones: best of `repeats`, measured once per process.
 
     A CPU with AVX-512 BF16 or AMX runs bfloat16 matmuls faster (cpu-10min took 1.5x the steps
-    on one); without them PyTorch converts every element and was measured about 45x slower, so a
-    run that assumed bf16 everywhere would crawl.
+    on one); without them PyTorch converts every element, measured 45 to 70 times slower on an AVX2
+    EPYC, so a run that assumed bf16 everywhere would crawl.
     """
     return matmul_seconds(torch.float32, size, repeats) / matmul_seconds(torch.bfloat16, size, repeats)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gptlab.config import TrainConfig
-from gptlab.device import cpu_bf16_speedup
+from gptlab.device import fast_bf16
 from gptlab.errors import GptlabError
 from gptlab.training.muon import Muon
 
@@ -81,12 +81,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     ]
     # set_lr scales every group by the schedule; Muon's groups keep their own peak through lr_ratio.
     # Orthogonalised in bfloat16 as torch does, except on a CPU that computes it slower than float32.
-    fast_bf16 = device.type != "cpu" or cpu_bf16_speedup() > 1
     muon = Muon(
         [{"params": hidden, "lr_ratio": cfg.muon_lr / cfg.learning_rate}],
         lr=cfg.muon_lr,
         weight_decay=cfg.weight_decay,
-        ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
+        ns_dtype=torch.bfloat16 if fast_bf16(device) else torch.float32,
     )
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=betas, **speed)
     return OptimizerSet({"muon": muon, "adamw": adamw})
