@@ -80,8 +80,9 @@ $(VENV)/.browser: | $(VENV)/.installed
 	scripts/install_browser.sh $(BIN)/python && touch $@ || \
 		echo "warning: Chromium not installed (scripts/install_browser.sh needs Debian's apt-get); the browser test will skip"
 
+# The slowest tests are listed at the end: what to move behind the `slow` marker when the suite grows.
 test: $(VENV)/.installed $(VENV)/.browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # GGUF exports checked against llama.cpp itself. llama-cpp-python builds llama.cpp from source the
 # first time (minutes of C++; pip then keeps the wheel in its cache), hence a target of its own.

@@ -11,7 +11,7 @@ then for each seed, one run after another:
   - the final model evaluated on the WHOLE validation text, in bits per byte, which compares
     models whatever their tokenizer (the last window shorter than seq_len is left out);
   - a 300-character sample.
-Writes a Markdown section (the table: bpb, tokens/s, parameters, tokens seen; mean ± sd per
+Writes a Markdown section (the table: bpb, tokens/s, the model (layers × width, parameters), tokens seen; mean ± sd per
 recipe; the relative bpb improvement of each recipe over the baseline; the samples) to --report
 and into the marked speedrun section of --benchmarks (BENCHMARKS.md, unless --no_benchmarks), and
 the validation bpb of every run against wall-clock seconds to --plot.
@@ -80,6 +80,7 @@ class RunResult:
     bpb: float
     tokens_per_s: float
     params: int
+    shape: str  # layers x width of the model trained (a recipe sized to the budget picks its own)
     tokens_seen: int
     steps: int
     stopped: str
@@ -149,6 +150,7 @@ def run_once(
         bpb=bits_per_byte(recipe.val_tokens),
         tokens_per_s=training_rate(rates.xs, rates.ys),
         params=model.num_params(),
+        shape=f"{model.config.num_layers} × {model.config.embed_dim}",
         tokens_seen=result.tokens_seen,
         steps=result.steps,
         stopped=result.stopped_reason,
@@ -221,13 +223,13 @@ def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, ima
         "are not counted. Bits per byte = total nats ÷ ln 2 ÷ UTF-8 bytes: lower is better, and comparable "
         "across tokenizers.",
         "",
-        "| recipe | seed | val bpb | best / last seen | test bpb | tokens/s | parameters | tokens seen | epochs "
+        "| recipe | seed | val bpb | best / last seen | test bpb | tokens/s | model | tokens seen | epochs "
         "| steps | stopped by |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
         f"| {r.recipe} | {r.seed} | {r.bpb:.4f} | {r.best_seen:.4f} / {r.last_seen:.4f} | {optional(r.test_bpb)} | "
-        f"{r.tokens_per_s:,.0f} | {r.params / 1e6:.2f}M | {r.tokens_seen:,} | {r.epochs:.1f} | {r.steps} | {r.stopped} |"
+        f"{r.tokens_per_s:,.0f} | {r.shape}, {r.params / 1e6:.2f}M | {r.tokens_seen:,} | {r.epochs:.1f} | {r.steps} | {r.stopped} |"
         for r in runs
     ]
     lines += [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import gptlab.training.reporting as reporting
 import gptlab.training.run_clock as run_clock
 import gptlab.training.tasks as tasks_module
 import gptlab.training.trainer as trainer_module
@@ -81,6 +82,7 @@ def clock(monkeypatch):
 
     monkeypatch.setattr(trainer_module, "time", clock)
     monkeypatch.setattr(run_clock, "time", clock)  # the trainer's clock mixin reads it too
+    monkeypatch.setattr(reporting, "time", clock)  # and its reporting mixin, which times evaluations
     monkeypatch.setattr(trainer_module, "optimizer_step", timed_step)
     monkeypatch.setattr(tasks_module, "evaluate", slow_evaluate)
     monkeypatch.setattr(trainer_module, "save_checkpoint", slow_save)

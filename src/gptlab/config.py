@@ -158,6 +158,13 @@ class TrainConfig(_Config):
     seed: int = Field(1337, ge=-(2**63), lt=2**63, description="Seeds weights, shuffling and dropout.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     time_budget: float | None = Field(None, gt=0, description="Stop after this many seconds ('10m', '1h' accepted).")
+    size_to_budget: float | None = Field(
+        None,
+        gt=0,
+        description="With a time budget: train the largest of this model and smaller ones (fewer layers, then "
+        "narrower) whose speed, timed over a few steps at the start, shows it this many training tokens per "
+        "parameter within the budget (GPT from scratch only).",
+    )
     save_every_steps: int | None = Field(
         None, gt=0, description="Also save <experiment_name>_s<step>.pth every this many steps."
     )

@@ -1,21 +1,24 @@
 """The reporting half of a training run (a mixin of trainer.Trainer): its log, the line and
 TensorBoard scalars of each step and of each logging interval, and the configuration it announces.
 
-The methods read the Trainer's state (its configs, model, throughput, progress); the Trainer
-evaluates (`_evaluate`, `_evaluate_task`, timed so a time budget leaves them out).
+The methods read the Trainer's state (its configs, model, throughput, progress). Evaluations
+are timed, so that a time budget leaves them out.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from gptlab.training import run_files
-from gptlab.training.metrics import format_mfu, model_flops_utilization, peak_memory_bytes
+from gptlab.training.metrics import EvalResult, format_mfu, model_flops_utilization, peak_memory_bytes
+from gptlab.training.multiple_choice import ChoiceResult
 from gptlab.training.run_log import RunLog
 
 
 class RunReporting:
-    """Logging for Trainer: open the log, record steps and intervals, announce, close."""
+    """Logging for Trainer: open the log, record steps, evaluate and record intervals, announce, close."""
 
     def _open_logs(self) -> None:
         if self.world.is_main:  # a run killed while writing left its temporary files behind
@@ -99,3 +102,26 @@ class RunReporting:
 
     def _close(self) -> None:
         self.log.close()
+
+    def _evaluate(self) -> EvalResult:
+        started = time.perf_counter()
+        result = self.task.evaluate(
+            self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
+        )
+        self.excluded_seconds += time.perf_counter() - started
+        self.last_eval = result
+        scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
+        self.log.scalars(self.progress.step, scalars)
+        return result
+
+    def _evaluate_task(self) -> ChoiceResult:
+        """Score --eval_task with the unwrapped model (no DDP, no recompiles for its varying shapes;
+        under FSDP2 it is the sharded module, so every rank takes part, as its forward needs)."""
+        started = time.perf_counter()
+        result = self.choice_task.evaluate(
+            self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype
+        )
+        self.excluded_seconds += time.perf_counter() - started
+        self.last_task = result
+        self.log.scalars(self.progress.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
+        return result

@@ -59,6 +59,17 @@ def find_latest(checkpoint_dir: Path, experiment: str) -> Path | None:
     return path
 
 
+def resolve_resume(resume: str | Path | None, checkpoint_dir: Path, experiment: str) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume, or None; a line for the log or None): `resume` as given, or for
+    "auto" the one <experiment>_latest.json names, none when there is no pointer yet."""
+    if resume is None or str(resume) != "auto":
+        return (None if resume is None else Path(resume)), None
+    found = find_latest(checkpoint_dir, experiment)
+    if found is None:
+        return None, f"--resume auto: no {experiment}_latest.json in {checkpoint_dir}; starting fresh"
+    return found, None
+
+
 def prune_step_checkpoints(checkpoint_dir: Path, experiment: str, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step checkpoints of `experiment`, never the one the
     latest pointer names. Returns the deleted paths."""

@@ -13,6 +13,8 @@ when step times vary); evaluation and checkpoint saving are not spent from the b
 that the first step alone uses up is a GptlabError (only a timed step can tell). The budget counts
 this invocation's training time: a resumed budgeted run starts a fresh budget and plans anew from
 its step (exact resume holds for unbudgeted runs only, since the plan depends on the clock).
+With size_to_budget, the model's size is chosen for the budget before training (sizing.py), and
+the seconds spent timing candidate sizes come out of the budget.
 Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files,
 and a checkpoint keeps every rank's random generators.
 Ctrl-C stops the run once the step in progress is done and saves a checkpoint (stop_request.py).
@@ -55,6 +57,7 @@ from gptlab.training.reporting import RunReporting
 from gptlab.training.result import StopReason, TrainResult
 from gptlab.training.run_clock import RunClock
 from gptlab.training.run_setup import resolve_vocab_size, seed_everything
+from gptlab.training.sizing import check_sizable, size_to_budget
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
@@ -131,7 +134,13 @@ class Trainer(RunReporting, RunClock):
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
         self.show_progress = progress and self.world.is_main
         self.precision = Precision(train_cfg.dtype, self.device)
+        self.notices: list[str] = [self.precision.notice] if self.precision.notice else []
+        self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
+        resume, notice = run_files.resolve_resume(resume, self.checkpoint_dir, train_cfg.experiment_name)
+        self.notices += [notice] if notice else []
         check_divides(data_cfg.batch_size, self.world.world_size)
+        if train_cfg.size_to_budget is not None:  # before any data is read
+            check_sizable(self.model_cfg, train_cfg, self.world, fine_tuning=init_weights is not None)
         self.grad_accum_steps = accumulation_steps(
             data_cfg.batch_size, self.model_cfg.seq_len, train_cfg.grad_accum_steps, train_cfg.total_batch_tokens
         )
@@ -150,6 +159,16 @@ class Trainer(RunReporting, RunClock):
             self.eval_set = self.task.load_dataset(eval_data, self.show_progress) if eval_data else None
         self.batches_per_epoch = num_batches(self.train_set, self.step_batch)
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
+        self.sizing_seconds = 0.0  # spent choosing the model's size: taken from the time budget
+        if train_cfg.size_to_budget is not None:  # a smaller model where this machine is slower (sizing.py)
+            sizing = size_to_budget(
+                self.model_cfg, data_cfg, train_cfg, tokenizer, self.train_set, self.device, self.step_batch,
+                self.total_steps, resume,
+            )  # fmt: skip
+            self.model_cfg, self.sizing_seconds = sizing.model_cfg, sizing.seconds
+            self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
+            self.notices.append(sizing.notice)
+            seed_everything(train_cfg.seed)  # the run a config naming this size would give
 
         self.plain_model = self.task.build_model()
         if init_weights is not None:  # fine-tuning: start from given weights, not a random init
@@ -161,7 +180,6 @@ class Trainer(RunReporting, RunClock):
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
         self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
-        self.notices: list[str] = [self.precision.notice] if self.precision.notice else []
         if train_cfg.compile:
             rows = data_cfg.batch_size // self.world.world_size
             self.model, notice = compiled(self.model, self.model_cfg, rows, self.device, self.precision.dtype)
@@ -169,7 +187,6 @@ class Trainer(RunReporting, RunClock):
         self.peak_flops = device_peak_flops(self.device, self.precision.dtype, train_cfg.peak_flops)
 
         self.log_dir = Path(train_cfg.log_dir) / train_cfg.experiment_name
-        self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
         self.progress = RunProgress(step_batch=self.step_batch, train_tokens=self.train_set.num_tokens)
         self.start_epoch, self.start_batch = 1, 0
         self.excluded_seconds = 0.0  # evaluating and saving: not training, so not spent from a time budget
@@ -181,19 +198,14 @@ class Trainer(RunReporting, RunClock):
         self.interval_losses: list[float] = []  # training losses since the last log line
         self.train_loss = math.nan
         self.throughput = Throughput()
-        if resume is not None and str(resume) == "auto":
-            resume = run_files.find_latest(self.checkpoint_dir, train_cfg.experiment_name)
-            if resume is None:
-                self.notices.append(
-                    f"--resume auto: no {train_cfg.experiment_name}_latest.json in {self.checkpoint_dir}; starting fresh"
-                )
         self.resumed = resume is not None
         if resume is not None:
-            self._resume(Path(resume))
+            self._resume(resume)
         self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
         self.budget: BudgetPlan | None = None
         if train_cfg.time_budget is not None:  # counts from this invocation's first step
-            self.budget = BudgetPlan(train_cfg.time_budget, self.total_steps, first_step=self.progress.step)
+            budget_s = train_cfg.time_budget - self.sizing_seconds
+            self.budget = BudgetPlan(budget_s, self.total_steps, first_step=self.progress.step)
 
     def _resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
@@ -371,29 +383,6 @@ class Trainer(RunReporting, RunClock):
         self.in_step = False  # the step's state is whole from here: logging it may be cut short
         self.interval_losses.append(result.loss)
         self._record_step(result.loss, result.grad_norm, lr, result.tokens)
-
-    def _evaluate(self) -> EvalResult:
-        started = time.perf_counter()
-        result = self.task.evaluate(
-            self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
-        )
-        self.excluded_seconds += time.perf_counter() - started
-        self.last_eval = result
-        scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
-        self.log.scalars(self.progress.step, scalars)
-        return result
-
-    def _evaluate_task(self) -> ChoiceResult:
-        """Score --eval_task with the unwrapped model (no DDP, no recompiles for its varying shapes;
-        under FSDP2 it is the sharded module, so every rank takes part, as its forward needs)."""
-        started = time.perf_counter()
-        result = self.choice_task.evaluate(
-            self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype
-        )
-        self.excluded_seconds += time.perf_counter() - started
-        self.last_task = result
-        self.log.scalars(self.progress.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})
-        return result
 
     def _save(self, every_steps: bool = False) -> Path:
         """Save `<experiment>_e<epoch>.pth` for the epoch in progress, or with every_steps
