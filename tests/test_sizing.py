@@ -23,7 +23,7 @@ from gptlab.training.sizing import ladder, shape, size_to_budget
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 TRAIN_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
-# Four rungs: 6 x 128, 4 x 128, 4 x 96, 4 x 72.
+# Four rungs: 6 x 128, 4 x 128, 4 x 96, 4 x 64.
 SIZED = dict(
     embed_dim=128, num_layers=6, n_heads=2, seq_len=16, dropout=0.1, tgt_vocab_size=384
 )  # the tiny tokenizer's
@@ -31,9 +31,17 @@ SIZED = dict(
 
 def test_the_ladder_takes_layers_then_width_and_keeps_heads_whole_and_even():
     preset = ModelConfig(embed_dim=256, num_layers=6, n_heads=4, pos_encoding="rope")
-    assert [shape(cfg) for cfg in ladder(preset)] == ["6 x 256", "4 x 256", "4 x 192", "4 x 144", "4 x 104", "4 x 72"]
+    assert [shape(cfg) for cfg in ladder(preset)] == ["6 x 256", "4 x 256", "4 x 192", "4 x 128", "4 x 96", "4 x 64"]
     gpt2 = ModelConfig(embed_dim=768, num_layers=12, n_heads=12)
-    assert [shape(cfg) for cfg in ladder(gpt2)][:5] == ["12 x 768", "8 x 768", "5 x 768", "4 x 768", "4 x 576"]
+    assert [shape(cfg) for cfg in ladder(gpt2)] == [
+        "12 x 768",
+        "8 x 768",
+        "5 x 768",
+        "4 x 768",
+        "4 x 384",
+        "4 x 192",
+        "4 x 96",
+    ]
     for cfg in ladder(gpt2):
         assert cfg.embed_dim % cfg.n_heads == 0 and cfg.head_dim % 2 == 0
         assert {**cfg.model_dump(), "num_layers": 0, "embed_dim": 0} == {
@@ -81,7 +89,7 @@ def test_the_largest_model_the_budget_shows_enough_tokens_per_parameter_is_chose
 
     timed.clear()
     chosen = choose(wanted=3.0, budget_s=100)  # none reaches 3: the smallest
-    assert shape(chosen.model_cfg) == "4 x 72" and "none reaches it" in chosen.notice
+    assert shape(chosen.model_cfg) == "4 x 64" and "none reaches it" in chosen.notice
     assert len(timed) == 4
 
 

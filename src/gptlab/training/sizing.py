@@ -6,7 +6,7 @@ same minutes show the same model a third of the text: the run ends undertrained,
 model would have read the text more often and learned more from it. With `train.size_to_budget`
 (a number of training tokens per parameter) and a time budget, the trainer times a few optimizer
 steps of the configured model, then of smaller ones (two thirds of the layers, down to 4; then
-three quarters of the width, down to 64), and trains the first, largest first, whose measured
+the next smaller width of 384, 256, 192, 128, 96, 64), and trains the first, largest first, whose measured
 speed would show it at least that many tokens per parameter before the budget (or its epochs)
 ends. The smallest is trained when none would. The seconds spent timing come out of the budget.
 
@@ -38,7 +38,8 @@ from gptlab.training.step import optimizer_step
 from gptlab.training.tasks import task_for
 
 MIN_LAYERS = 4  # below this, narrower models learn more per parameter than shallower ones
-MIN_WIDTH = 64
+# 64, 96, 128, 192, 256, 384, ...: each about 3/4 or 2/3 of the next, the widths small GPTs are given.
+WIDTHS = sorted({2**k for k in range(6, 15)} | {3 * 2**k for k in range(5, 14)})
 TIMED_SECONDS = 1.0  # time at least this long (and at least TIMED_STEPS steps) after one warm-up step
 TIMED_STEPS = 2
 MAX_TIMED_STEPS = 10
@@ -46,14 +47,13 @@ MAX_TIMED_STEPS = 10
 
 def smaller(cfg: ModelConfig) -> ModelConfig | None:
     """The next rung of the ladder below `cfg`: two thirds of its layers (not under MIN_LAYERS),
-    else three quarters of its width (rounded down to whole heads of even size), else None."""
+    else the next smaller of WIDTHS that makes whole heads of even size, else None."""
     if cfg.num_layers > MIN_LAYERS:
         return validated(ModelConfig, {**cfg.model_dump(), "num_layers": max(MIN_LAYERS, cfg.num_layers * 2 // 3)})
-    step = 2 * cfg.n_heads
-    width = cfg.embed_dim * 3 // 4 // step * step
-    if width < MIN_WIDTH:
-        return None
-    return validated(ModelConfig, {**cfg.model_dump(), "embed_dim": width})
+    for width in sorted(WIDTHS, reverse=True):
+        if width < cfg.embed_dim and width % cfg.n_heads == 0 and width // cfg.n_heads % 2 == 0:
+            return validated(ModelConfig, {**cfg.model_dump(), "embed_dim": width})
+    return None
 
 
 def ladder(cfg: ModelConfig) -> list[ModelConfig]:
