@@ -150,8 +150,10 @@ SIZE_WALK = [
     Change("256 → 192 wide", {"embed_dim": 192}),
     Change("192 → 128 wide", {"embed_dim": 128}),
 ]
+# What the size walk led to, off again at its start: the preset's size as configured.
+BEFORE_SIZE_WALK = {"size_to_budget": None}
 # What the regularisation walk changed, as it was at its start.
-BEFORE_REGULARISATION_WALK = {"dropout": 0.1, "learning_rate": 0.002, "weight_decay": 0.1}
+BEFORE_REGULARISATION_WALK = {**BEFORE_SIZE_WALK, "dropout": 0.1, "learning_rate": 0.002, "weight_decay": 0.1}
 # What the data walk kept, off again at its start.
 BEFORE_DATA_WALK = {**BEFORE_REGULARISATION_WALK, "qk_norm": False, "shift_windows": False}
 # The cpu-10min of 2026-12-02 (the second walk's result) where today's preset differs.
@@ -202,7 +204,7 @@ WALKS = {
         REGULARISATION_WALK,
         "ablation-regularisation",
     ),
-    "size": Walk("cpu-10min's size on a slower CPU", "cpu-10min", {}, SIZE_WALK, "ablation-size"),
+    "size": Walk("cpu-10min's size on a slower CPU", "cpu-10min", BEFORE_SIZE_WALK, SIZE_WALK, "ablation-size"),
 }
 
 
