@@ -6,9 +6,9 @@ same minutes show the same model a third of the text: the run ends undertrained,
 model would have read the text more often and learned more from it. With `train.size_to_budget`
 (a number of training tokens per parameter) and a time budget, the trainer times a few optimizer
 steps of the configured model, then of smaller ones (two thirds of the layers, down to 4; then
-the next smaller width of 384, 256, 192, 128, 96, 64), and trains the first, largest first, whose measured
-speed would show it at least that many tokens per parameter before the budget (or its epochs)
-ends. The smallest is trained when none would. The seconds spent timing come out of the budget.
+the next smaller of the widths 384, 256, 192, 128, 96, 64), and trains the first, largest first,
+whose measured speed would show it at least that many tokens per parameter before the budget (or
+its epochs) ends; the smallest when none would. The seconds spent timing come out of the budget.
 
 Timing is eager (no torch.compile) and at a learning rate of 0, so that it costs the same as a
 step and can never diverge; the random generators are seeded again afterwards, so the run is the
@@ -37,7 +37,7 @@ from gptlab.training.precision import Precision
 from gptlab.training.step import optimizer_step
 from gptlab.training.tasks import task_for
 
-MIN_LAYERS = 4  # below this, narrower models learn more per parameter than shallower ones
+MIN_LAYERS = 4  # the depth of the smaller recipes measured (BENCHMARKS.md); below it the ladder narrows
 # 64, 96, 128, 192, 256, 384, ...: each about 3/4 or 2/3 of the next, the widths small GPTs are given.
 WIDTHS = sorted({2**k for k in range(6, 15)} | {3 * 2**k for k in range(5, 14)})
 TIMED_SECONDS = 1.0  # time at least this long (and at least TIMED_STEPS steps) after one warm-up step
@@ -107,16 +107,15 @@ def size_to_budget(
     """The ladder's largest model that train_cfg.time_budget, at its measured tokens/s, shows at
     least train_cfg.size_to_budget tokens per parameter, or the smallest when none would; with
     `resume`, the checkpoint's model, which must be one of the ladder's."""
+    rungs = ladder(model_cfg)
     if resume is not None:
         saved = load_checkpoint(resume).model_config
-        sizes = [cfg.model_dump() for cfg in ladder(model_cfg)]
-        if saved.model_dump() not in sizes:
+        if saved not in rungs:
             raise GptlabError(
                 f"{resume} holds a {shape(saved)} model, not one that --size_to_budget picks from this config "
-                f"({', '.join(shape(cfg) for cfg in ladder(model_cfg))}); resume with the config it was trained with"
+                f"({', '.join(shape(cfg) for cfg in rungs)}); resume with the config it was trained with"
             )
         return Sizing(saved, 0.0, f"--size_to_budget: {shape(saved)}, the size the resumed checkpoint was given")
-    rungs = ladder(model_cfg)
     if len(rungs) == 1:
         return Sizing(
             model_cfg, 0.0, f"--size_to_budget: {shape(model_cfg)} (no smaller size to choose: nothing timed)"
