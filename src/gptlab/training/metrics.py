@@ -170,9 +170,14 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, given: float | N
 
 @functools.cache
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of the best of a few (size x size) matmuls in `dtype` on the CPU, measured once per
-    process and dtype (without moving the RNG: device.matmul_seconds)."""
-    return 2 * size**3 / matmul_seconds(dtype, size, repeats)
+    """FLOP/s of the best of a few (n x n) matmuls in `dtype` on the CPU, measured once per
+    process and dtype (without moving the RNG: device.matmul_seconds). n doubles from 256 up to
+    `size` while a product takes under 50 ms: a dtype this CPU computes slowly (bf16 without
+    AVX-512 BF16: 1-2 GFLOP/s) is measured in under a second, not in minutes at 2048."""
+    n = min(256, size)
+    while n < size and matmul_seconds(dtype, n, 1) < 0.05:
+        n *= 2
+    return 2 * n**3 / matmul_seconds(dtype, n, repeats)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
