@@ -122,6 +122,17 @@ def test_chunked_body_is_refused_as_soon_as_it_passes_the_limit():
     assert closed
 
 
+def test_client_that_keeps_sending_after_the_refusal_still_reads_it():
+    # Closing with the client's bytes unread would send a TCP reset that can destroy the 413
+    # before the client reads it: the server reads and drops the rest first (a lingering close).
+    body = b" " * 2**20
+    chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(max_body_bytes=1000))) as port:
+        for _ in range(3):
+            status, _, answer, closed = raw_exchange(port, post_head(port, "Transfer-Encoding: chunked"), (chunk,))
+            assert status == 413 and "longer than that" in answer["error"]["message"] and closed
+
+
 def test_body_that_stops_arriving_gets_408_and_the_connection_closed():
     with served(create_app(tiny_gpt(), TOKENIZER, ServeLimits(body_timeout=0.5))) as port:
         started = time.monotonic()

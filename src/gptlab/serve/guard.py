@@ -20,6 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gptlab.serve.schemas import ApiError, ServeAccess, ServeLimits, error_body, host_name
 
 OPEN_PATHS = ("/", "/health")  # the page (which then asks for the key) and liveness probes
+# After refusing a body it did not read, the server reads and drops what the client still sends
+# before it closes: closing a socket with unread input sends a TCP reset, which can destroy the
+# answer before the client has read it. Until the client is quiet this long, or at most:
+LINGER_QUIET_S = 0.25
+LINGER_MAX_S = 2.0
 
 
 class ClientGone(Exception):
@@ -41,7 +46,7 @@ class RequestGuard:
                 self.check_key(headers.get("authorization"))
             body = await self.read_body(headers.get("content-length"), receive)
         except ApiError as err:
-            await send_error(send, err)
+            await send_error(send, err, receive)
             return
         except ClientGone:
             return
@@ -124,8 +129,9 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def send_error(send: Send, err: ApiError) -> None:
-    """The error as an HTTP response; the connection is closed after it when the body was not read."""
+async def send_error(send: Send, err: ApiError, receive: Receive) -> None:
+    """The error as an HTTP response. When the body was not read (err.close), the connection is
+    closed after the answer, once what the client still sends has been read and dropped."""
     content = json.dumps(error_body(err.message, err.kind, err.param, err.code)).encode()
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
@@ -136,4 +142,22 @@ async def send_error(send: Send, err: ApiError) -> None:
         headers.append((b"www-authenticate", b"Bearer"))
     start: dict[str, Any] = {"type": "http.response.start", "status": err.status, "headers": headers}
     await send(start)
-    await send({"type": "http.response.body", "body": content})
+    # The server closes the connection when the response ends, so the answer goes out whole
+    # (its Content-Length tells the client so) and ends only after the lingering read.
+    await send({"type": "http.response.body", "body": content, "more_body": err.close})
+    if err.close:
+        await drain(receive)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def drain(receive: Receive) -> None:
+    """Read and drop the rest of the request body until it ends, the client goes, the client is
+    quiet for LINGER_QUIET_S, or LINGER_MAX_S have passed."""
+    deadline = asyncio.get_running_loop().time() + LINGER_MAX_S
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), min(LINGER_QUIET_S, left))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
