@@ -18,7 +18,7 @@ from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.tokenizers import load_tokenizer
 from gptlab.training import load_checkpoint, train
-from gptlab.training.sizing import ladder, shape, size_to_budget
+from gptlab.training.sizing import TimedOn, ladder, shape, size_to_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
@@ -70,10 +70,15 @@ def fake_speeds(monkeypatch, tokens_per_second) -> list[str]:
     return timed
 
 
+def timed_on(train_cfg: TrainConfig, step_batch: int = 4) -> TimedOn:
+    """A run's setting for fake timings (the data is never read)."""
+    return TimedOn(DatasetConfig(), train_cfg, None, None, torch.device("cpu"), step_batch)
+
+
 def choose(wanted: float, budget_s: float, max_steps: int = 10**9, step_batch: int = 4):
     cfg = ModelConfig(**SIZED)
     train_cfg = TrainConfig(time_budget=budget_s, size_to_budget=wanted)
-    return size_to_budget(cfg, DatasetConfig(), train_cfg, None, None, torch.device("cpu"), step_batch, max_steps, None)
+    return size_to_budget(cfg, timed_on(train_cfg, step_batch), max_steps)
 
 
 def test_the_largest_model_the_budget_shows_enough_tokens_per_parameter_is_chosen(monkeypatch):
@@ -106,7 +111,7 @@ def test_a_model_with_no_smaller_rung_is_not_timed(monkeypatch):
     timed = fake_speeds(monkeypatch, lambda cfg: pytest.fail("nothing to choose between"))
     cfg = ModelConfig(embed_dim=64, num_layers=2, n_heads=2)
     train_cfg = TrainConfig(time_budget=10, size_to_budget=1.0)
-    chosen = size_to_budget(cfg, DatasetConfig(), train_cfg, None, None, torch.device("cpu"), 4, 100, None)
+    chosen = size_to_budget(cfg, timed_on(train_cfg), 100)
     assert (chosen.model_cfg, chosen.seconds, timed) == (cfg, 0.0, [])
 
 
@@ -183,7 +188,7 @@ def test_real_timing_measures_a_step_of_the_model(tmp_path, one_thread):
     from gptlab.training.tasks import task_for
 
     train_set = task_for(cfg, data_cfg, train_cfg, tokenizer).load_dataset(tmp_path / "train.txt", False)
-    rate, count = sizing.measure(cfg, data_cfg, train_cfg, tokenizer, train_set, torch.device("cpu"), 4)
+    rate, count = sizing.measure(cfg, TimedOn(data_cfg, train_cfg, tokenizer, train_set, torch.device("cpu"), 4))
     assert count == params(cfg)
     assert 0 < rate < 10**8  # tokens per second of real steps of 4 x 16 tokens (on any machine, however loaded)
 

@@ -30,7 +30,6 @@ from gptlab.data import iterate_batches
 from gptlab.errors import GptlabError
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.training.batching import RankMicroBatches
-from gptlab.training.checkpoint import load_checkpoint
 from gptlab.training.distributed import World
 from gptlab.training.optim import build_optimizer, set_lr
 from gptlab.training.precision import Precision
@@ -93,26 +92,30 @@ def check_sizable(model_cfg: ModelConfig, train_cfg: TrainConfig, world: World, 
         raise GptlabError(f"size_to_budget {problem}; drop --size_to_budget")
 
 
+@dataclass(frozen=True)
+class TimedOn:
+    """What each candidate size is timed on: the run's data, optimizer settings and batch."""
+
+    data_cfg: DatasetConfig
+    train_cfg: TrainConfig
+    tokenizer: Tokenizer | None
+    train_set: Any
+    device: torch.device
+    step_batch: int  # windows per optimizer step
+
+
 def size_to_budget(
-    model_cfg: ModelConfig,
-    data_cfg: DatasetConfig,
-    train_cfg: TrainConfig,
-    tokenizer: Tokenizer,
-    train_set: Any,
-    device: torch.device,
-    step_batch: int,
-    max_steps: int,
-    resume: Path | None,
+    model_cfg: ModelConfig, on: TimedOn, max_steps: int, resumed: tuple[Path, ModelConfig] | None = None
 ) -> Sizing:
-    """The ladder's largest model that train_cfg.time_budget, at its measured tokens/s, shows at
-    least train_cfg.size_to_budget tokens per parameter, or the smallest when none would; with
-    `resume`, the checkpoint's model, which must be one of the ladder's."""
-    rungs = ladder(model_cfg)
-    if resume is not None:
-        saved = load_checkpoint(resume).model_config
+    """The ladder's largest model that the time budget, at its measured tokens/s, shows at least
+    size_to_budget tokens per parameter, or the smallest when none would; for a run `resumed`
+    from (checkpoint, its model config), that model, which must be one of the ladder's."""
+    rungs, train_cfg = ladder(model_cfg), on.train_cfg
+    if resumed is not None:
+        path, saved = resumed
         if saved not in rungs:
             raise GptlabError(
-                f"{resume} holds a {shape(saved)} model, not one that --size_to_budget picks from this config "
+                f"{path} holds a {shape(saved)} model, not one that --size_to_budget picks from this config "
                 f"({', '.join(shape(cfg) for cfg in rungs)}); resume with the config it was trained with"
             )
         return Sizing(saved, 0.0, f"--size_to_budget: {shape(saved)}, the size the resumed checkpoint was given")
@@ -122,10 +125,10 @@ def size_to_budget(
         )
     started = time.perf_counter()
     wanted = train_cfg.size_to_budget
-    max_tokens = max_steps * step_batch * model_cfg.seq_len  # the epochs or max_steps may end the run first
+    max_tokens = max_steps * on.step_batch * model_cfg.seq_len  # the epochs or max_steps may end the run first
     tried = []
     for cfg in rungs:
-        rate, params = measure(cfg, data_cfg, train_cfg, tokenizer, train_set, device, step_batch)
+        rate, params = measure(cfg, on)
         seconds_left = train_cfg.time_budget - (time.perf_counter() - started)
         per_param = min(rate * seconds_left, max_tokens) / params
         tried.append(f"{shape(cfg)}: {params / 1e6:.2f}M parameters at {rate:,.0f} tokens/s, {per_param:.2f}")
@@ -145,25 +148,18 @@ def size_to_budget(
     return Sizing(cfg, seconds, notice)
 
 
-def measure(
-    cfg: ModelConfig,
-    data_cfg: DatasetConfig,
-    train_cfg: TrainConfig,
-    tokenizer: Tokenizer,
-    train_set: Any,
-    device: torch.device,
-    step_batch: int,
-) -> tuple[float, int]:
-    """(training tokens per second, parameters) of the model `cfg` on the first batches of
-    `train_set`, timed eagerly after one warm-up step."""
-    task = task_for(cfg, data_cfg, train_cfg, tokenizer)
+def measure(cfg: ModelConfig, on: TimedOn) -> tuple[float, int]:
+    """(training tokens per second, parameters) of the model `cfg` on the first batches of the
+    run's training set, timed eagerly after one warm-up step."""
+    data_cfg, train_cfg, device = on.data_cfg, on.train_cfg, on.device
+    task = task_for(cfg, data_cfg, train_cfg, on.tokenizer)
     model = task.build_model().to(device)
     model.train()
     optimizer = build_optimizer(model, train_cfg, device)
     set_lr(optimizer, 0.0)  # the same work as a training step, without moving anywhere
     precision = Precision(train_cfg.dtype, device)
-    rows = RankMicroBatches(task.epoch_data(train_set, 1), data_cfg.batch_size, 0, 1, task.num_targets)
-    first = list(itertools.islice(iterate_batches(rows, step_batch, shuffle=False, seed=0, epoch=1), 3))
+    rows = RankMicroBatches(task.epoch_data(on.train_set, 1), data_cfg.batch_size, 0, 1, task.num_targets)
+    first = list(itertools.islice(iterate_batches(rows, on.step_batch, shuffle=False, seed=0, epoch=1), 3))
     batches = itertools.cycle(first)
 
     def step() -> int:

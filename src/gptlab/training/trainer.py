@@ -40,7 +40,7 @@ from gptlab.tokenizers.base import Tokenizer
 from gptlab.training import distributed, run_files
 from gptlab.training.batching import RankMicroBatches, accumulation_steps, check_divides
 from gptlab.training.chat_start import chat_start
-from gptlab.training.checkpoint import capture_rng_state, load_checkpoint, load_weights, save_checkpoint
+from gptlab.training.checkpoint import Checkpoint, capture_rng_state, load_checkpoint, load_weights, save_checkpoint
 from gptlab.training.checkpoint_fields import restoring
 from gptlab.training.compiling import compiled
 from gptlab.training.lora import lora_run, refuse_without_lora
@@ -57,7 +57,7 @@ from gptlab.training.reporting import RunReporting
 from gptlab.training.result import StopReason, TrainResult
 from gptlab.training.run_clock import RunClock
 from gptlab.training.run_setup import resolve_vocab_size, seed_everything
-from gptlab.training.sizing import check_sizable, size_to_budget
+from gptlab.training.sizing import TimedOn, check_sizable, size_to_budget
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
@@ -138,6 +138,7 @@ class Trainer(RunReporting, RunClock):
         self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
         resume, notice = run_files.resolve_resume(resume, self.checkpoint_dir, train_cfg.experiment_name)
         self.notices += [notice] if notice else []
+        checkpoint = load_checkpoint(resume) if resume is not None else None
         check_divides(data_cfg.batch_size, self.world.world_size)
         if train_cfg.size_to_budget is not None:  # before any data is read
             check_sizable(self.model_cfg, train_cfg, self.world, fine_tuning=init_weights is not None)
@@ -161,10 +162,9 @@ class Trainer(RunReporting, RunClock):
         self.total_steps = total_steps(train_cfg.epochs, self.batches_per_epoch, train_cfg.max_steps)
         self.sizing_seconds = 0.0  # spent choosing the model's size: taken from the time budget
         if train_cfg.size_to_budget is not None:  # a smaller model where this machine is slower (sizing.py)
-            sizing = size_to_budget(
-                self.model_cfg, data_cfg, train_cfg, tokenizer, self.train_set, self.device, self.step_batch,
-                self.total_steps, resume,
-            )  # fmt: skip
+            timed_on = TimedOn(data_cfg, train_cfg, tokenizer, self.train_set, self.device, self.step_batch)
+            resumed = (resume, checkpoint.model_config) if checkpoint is not None else None
+            sizing = size_to_budget(self.model_cfg, timed_on, self.total_steps, resumed)
             self.model_cfg, self.sizing_seconds = sizing.model_cfg, sizing.seconds
             self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
             self.notices.append(sizing.notice)
@@ -199,17 +199,17 @@ class Trainer(RunReporting, RunClock):
         self.train_loss = math.nan
         self.throughput = Throughput()
         self.resumed = resume is not None
-        if resume is not None:
-            self._resume(resume)
+        if checkpoint is not None:
+            self._resume(resume, checkpoint)
         self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
         self.budget: BudgetPlan | None = None
         if train_cfg.time_budget is not None:  # counts from this invocation's first step
             budget_s = train_cfg.time_budget - self.sizing_seconds
             self.budget = BudgetPlan(budget_s, self.total_steps, first_step=self.progress.step)
 
-    def _resume(self, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer moments, loss scale, random generators and position."""
-        checkpoint = load_checkpoint(path)
+    def _resume(self, path: Path, checkpoint: Checkpoint) -> None:
+        """Continue from `checkpoint`, read from `path`: weights, optimizer moments, loss scale,
+        random generators and position."""
         saved = RunProgress.from_checkpoint(checkpoint, self.batches_per_epoch)
         cfg, train_tokens = self.train_cfg, self.train_set.num_tokens
         check_resumable(
