@@ -175,9 +175,11 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, r
     `size` while a product takes under 50 ms: a dtype this CPU computes slowly (bf16 without
     AVX-512 BF16: 1-2 GFLOP/s) is measured in under a second, not in minutes at 2048."""
     n = min(256, size)
-    while n < size and matmul_seconds(dtype, n, 1) < 0.05:
+    while True:
+        seconds = matmul_seconds(dtype, n, repeats)
+        if n >= size or seconds >= 0.05:
+            return 2 * n**3 / seconds
         n *= 2
-    return 2 * n**3 / matmul_seconds(dtype, n, repeats)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
