@@ -18,7 +18,7 @@ from gptlab.errors import GptlabError
 from gptlab.models import GPT
 from gptlab.tokenizers import load_tokenizer
 from gptlab.training import load_checkpoint, train
-from gptlab.training.sizing import TimedOn, ladder, shape, size_to_budget
+from gptlab.training.sizing import TimedOn, ladder, learning_rate_for, shape, size_to_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
@@ -161,6 +161,26 @@ def test_a_sized_run_is_the_run_of_a_config_naming_that_size(tmp_path, monkeypat
     assert sized_ckpt.model_state.keys() == named_ckpt.model_state.keys()
     for key, value in sized_ckpt.model_state.items():
         assert torch.equal(value, named_ckpt.model_state[key]), key
+
+
+def test_a_narrower_model_takes_the_adamw_rate_scaled_to_its_width(tmp_path, monkeypatch, one_thread):
+    assert learning_rate_for(ModelConfig(**{**SIZED, "embed_dim": 64}), ModelConfig(**SIZED), 3e-3) == 6e-3
+    assert learning_rate_for(ModelConfig(**{**SIZED, "num_layers": 4}), ModelConfig(**SIZED), 3e-3) == 3e-3
+    fake_speeds(monkeypatch, lambda cfg: 1e9 if cfg.embed_dim == 64 else 1e-12)  # only 4 x 64 reaches it
+    sized = sized_run(tmp_path, "sized", SIZED, time_budget=1e6, size_to_budget=1e-9)  # learning_rate 3e-3
+    named = sized_run(
+        tmp_path, "named", {**SIZED, "num_layers": 4, "embed_dim": 64}, time_budget=1e6, learning_rate=6e-3
+    )
+
+    sized_ckpt, named_ckpt = load_checkpoint(sized.final_checkpoint), load_checkpoint(named.final_checkpoint)
+    assert shape(sized_ckpt.model_config) == "4 x 64" and sized_ckpt.train_config.learning_rate == 6e-3
+    for key, value in sized_ckpt.model_state.items():
+        assert torch.equal(value, named_ckpt.model_state[key]), key
+
+    resumed = sized_run(
+        tmp_path, "sized", SIZED, resume=sized.final_checkpoint, max_steps=5, time_budget=1e6, size_to_budget=1e-9
+    )
+    assert load_checkpoint(resumed.final_checkpoint).train_config.learning_rate == 6e-3
 
 
 def test_timing_is_spent_from_the_budget(tmp_path, monkeypatch, one_thread):

@@ -163,7 +163,8 @@ class TrainConfig(_Config):
         gt=0,
         description="With a time budget: train the largest of this model and smaller ones (fewer layers, then "
         "narrower) whose speed, timed over a few steps at the start, shows it this many training tokens per "
-        "parameter within the budget (GPT from scratch only).",
+        "parameter within the budget (GPT from scratch only); a narrower one takes AdamW's learning rate "
+        "times configured / chosen width.",
     )
     save_every_steps: int | None = Field(
         None, gt=0, description="Also save <experiment_name>_s<step>.pth every this many steps."

@@ -73,8 +73,18 @@ class Sizing:
     """What sizing chose, and what it cost."""
 
     model_cfg: ModelConfig
+    learning_rate: float  # AdamW's, for that model's width (learning_rate_for)
     seconds: float  # spent timing steps: taken from the time budget
     notice: str  # one line for the run's log
+
+
+def learning_rate_for(chosen: ModelConfig, configured: ModelConfig, learning_rate: float) -> float:
+    """The AdamW learning rate (embeddings, head, norms; every weight without Muon) for the chosen
+    model: the configured one times configured width / chosen width. A narrower model takes larger
+    Adam steps, in proportion to 1 / width as µP has it, so the rate a recipe was tuned with at its
+    own width carries over (BENCHMARKS.md, "the sized cpu-10min's learning rates": at 128 wide, twice
+    the rate tuned at 256 was better). Muon's rate stays: its updates are normalised per matrix."""
+    return learning_rate * configured.embed_dim / chosen.embed_dim
 
 
 def check_sizable(model_cfg: ModelConfig, train_cfg: TrainConfig, world: World, fine_tuning: bool) -> None:
@@ -118,11 +128,12 @@ def size_to_budget(
                 f"{path} holds a {shape(saved)} model, not one that --size_to_budget picks from this config "
                 f"({', '.join(shape(cfg) for cfg in rungs)}); resume with the config it was trained with"
             )
-        return Sizing(saved, 0.0, f"--size_to_budget: {shape(saved)}, the size the resumed checkpoint was given")
+        learning_rate = learning_rate_for(saved, model_cfg, train_cfg.learning_rate)
+        notice = f"--size_to_budget: {shape(saved)}, the size the resumed checkpoint was given"
+        return Sizing(saved, learning_rate, 0.0, notice + rate_change(train_cfg.learning_rate, learning_rate))
     if len(rungs) == 1:
-        return Sizing(
-            model_cfg, 0.0, f"--size_to_budget: {shape(model_cfg)} (no smaller size to choose: nothing timed)"
-        )
+        notice = f"--size_to_budget: {shape(model_cfg)} (no smaller size to choose: nothing timed)"
+        return Sizing(model_cfg, train_cfg.learning_rate, 0.0, notice)
     started = time.perf_counter()
     wanted = train_cfg.size_to_budget
     max_tokens = max_steps * on.step_batch * model_cfg.seq_len  # the epochs or max_steps may end the run first
@@ -141,11 +152,19 @@ def size_to_budget(
             "raise --time_budget or drop --size_to_budget"
         )
     verdict = "the largest that reaches it" if per_param >= wanted else "none reaches it: the smallest"
+    learning_rate = learning_rate_for(cfg, model_cfg, train_cfg.learning_rate)
     notice = (
         f"--size_to_budget {wanted:g} tokens per parameter: {shape(cfg)} ({verdict}; "
         f"{'; '.join(tried)} tokens per parameter in the budget); timing took {seconds:.1f}s of it"
     )
-    return Sizing(cfg, seconds, notice)
+    return Sizing(cfg, learning_rate, seconds, notice + rate_change(train_cfg.learning_rate, learning_rate))
+
+
+def rate_change(configured: float, scaled: float) -> str:
+    """What the log says of a learning rate scaled to a narrower model ('' when it is the same)."""
+    if scaled == configured:
+        return ""
+    return f"; AdamW learning rate {configured:g} -> {scaled:g}, for the narrower model"
 
 
 def measure(cfg: ModelConfig, on: TimedOn) -> tuple[float, int]:

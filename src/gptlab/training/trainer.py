@@ -166,6 +166,7 @@ class Trainer(RunReporting, RunClock):
             resumed = (resume, checkpoint.model_config) if checkpoint is not None else None
             sizing = size_to_budget(self.model_cfg, timed_on, self.total_steps, resumed)
             self.model_cfg, self.sizing_seconds = sizing.model_cfg, sizing.seconds
+            train_cfg = self.train_cfg = train_cfg.model_copy(update={"learning_rate": sizing.learning_rate})
             self.task = task_for(self.model_cfg, data_cfg, train_cfg, tokenizer)
             self.notices.append(sizing.notice)
             seed_everything(train_cfg.seed)  # the run a config naming this size would give
