@@ -8,7 +8,7 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Seven walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Eight walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
@@ -18,7 +18,8 @@ learning rate at a third value and the vocabulary's size; `data` starts from the
 vocabulary that walk chose and tries QK-norm, zero-initialised projections and what data each step
 learns from; `regularisation` starts from the preset that walk chose and tries less dropout, a
 higher learning rate for the AdamW half and more weight decay; `size` starts from today's preset and
-tries smaller models, for a machine that sees less than one epoch in the budget. Each row applies one change to the
+tries smaller models, for a machine that sees less than one epoch in the budget; `small` tries the learning
+rates of the smaller model that preset, sized to the budget, trains on such a machine. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
 held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
@@ -150,6 +151,15 @@ SIZE_WALK = [
     Change("256 → 192 wide", {"embed_dim": 192}),
     Change("192 → 128 wide", {"embed_dim": 128}),
 ]
+# The sized cpu-10min on that EPYC trains 4 x 128, a model half as wide as any that the learning
+# rates were tuned on (6 x 256 and 4 x 256, on Xeons): does the small model want larger steps?
+# Since this walk, sizing scales AdamW's rate by 256 / width: the walk starts from 0.002, which
+# 4 x 128 takes as 0.004, the rate it trained with before.
+SMALL_WALK = [
+    Change("Muon lr 0.02 → 0.03", {"muon_lr": 0.03}),
+    Change("AdamW lr 0.004 → 0.008 at 128 wide (embeddings, head, norms)", {"learning_rate": 0.004}),
+]
+BEFORE_SMALL_WALK = {"learning_rate": 0.002}
 # What the size walk led to, off again at its start: the preset's size as configured.
 BEFORE_SIZE_WALK = {"size_to_budget": None}
 # What the regularisation walk changed, as it was at its start.
@@ -205,6 +215,7 @@ WALKS = {
         "ablation-regularisation",
     ),
     "size": Walk("cpu-10min's size on a slower CPU", "cpu-10min", BEFORE_SIZE_WALK, SIZE_WALK, "ablation-size"),
+    "small": Walk("the sized cpu-10min's learning rates", "cpu-10min", BEFORE_SMALL_WALK, SMALL_WALK, "ablation-small"),
 }
 
 
