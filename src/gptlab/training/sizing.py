@@ -9,10 +9,13 @@ steps of the configured model, then of smaller ones (two thirds of the layers, d
 the next smaller of the widths 384, 256, 192, 128, 96, 64), and trains the first, largest first,
 whose measured speed would show it at least that many tokens per parameter before the budget (or
 its epochs) ends; the smallest when none would. The seconds spent timing come out of the budget.
+A narrower model than configured takes AdamW's learning rate scaled by the widths' ratio
+(learning_rate_for); Muon's stays.
 
 Timing is eager (no torch.compile) and at a learning rate of 0, so that it costs the same as a
 step and can never diverge; the random generators are seeded again afterwards, so the run is the
-one a config naming the chosen size would give. A resumed run keeps the size its checkpoint has.
+one a config naming the chosen size (and that learning rate) would give. A resumed run keeps the
+size its checkpoint has.
 """
 
 from __future__ import annotations
