@@ -131,12 +131,11 @@ def size_to_budget(
                 f"{path} holds a {shape(saved)} model, not one that --size_to_budget picks from this config "
                 f"({', '.join(shape(cfg) for cfg in rungs)}); resume with the config it was trained with"
             )
-        learning_rate = learning_rate_for(saved, model_cfg, train_cfg.learning_rate)
         notice = f"--size_to_budget: {shape(saved)}, the size the resumed checkpoint was given"
-        return Sizing(saved, learning_rate, 0.0, notice + rate_change(train_cfg.learning_rate, learning_rate))
+        return sized(saved, model_cfg, train_cfg, 0.0, notice)
     if len(rungs) == 1:
         notice = f"--size_to_budget: {shape(model_cfg)} (no smaller size to choose: nothing timed)"
-        return Sizing(model_cfg, train_cfg.learning_rate, 0.0, notice)
+        return sized(model_cfg, model_cfg, train_cfg, 0.0, notice)
     started = time.perf_counter()
     wanted = train_cfg.size_to_budget
     max_tokens = max_steps * on.step_batch * model_cfg.seq_len  # the epochs or max_steps may end the run first
@@ -155,19 +154,20 @@ def size_to_budget(
             "raise --time_budget or drop --size_to_budget"
         )
     verdict = "the largest that reaches it" if per_param >= wanted else "none reaches it: the smallest"
-    learning_rate = learning_rate_for(cfg, model_cfg, train_cfg.learning_rate)
     notice = (
         f"--size_to_budget {wanted:g} tokens per parameter: {shape(cfg)} ({verdict}; "
         f"{'; '.join(tried)} tokens per parameter in the budget); timing took {seconds:.1f}s of it"
     )
-    return Sizing(cfg, learning_rate, seconds, notice + rate_change(train_cfg.learning_rate, learning_rate))
+    return sized(cfg, model_cfg, train_cfg, seconds, notice)
 
 
-def rate_change(configured: float, scaled: float) -> str:
-    """What the log says of a learning rate scaled to a narrower model ('' when it is the same)."""
-    if scaled == configured:
-        return ""
-    return f"; AdamW learning rate {configured:g} -> {scaled:g}, for the narrower model"
+def sized(chosen: ModelConfig, configured: ModelConfig, train_cfg: TrainConfig, seconds: float, notice: str) -> Sizing:
+    """The Sizing of `chosen`, with AdamW's learning rate for its width; the log line says when
+    that rate differs from the configured one."""
+    learning_rate = learning_rate_for(chosen, configured, train_cfg.learning_rate)
+    if learning_rate != train_cfg.learning_rate:
+        notice += f"; AdamW learning rate {train_cfg.learning_rate:g} -> {learning_rate:g}, for the narrower model"
+    return Sizing(chosen, learning_rate, seconds, notice)
 
 
 def measure(cfg: ModelConfig, on: TimedOn) -> tuple[float, int]:
