@@ -135,6 +135,13 @@ class TrainConfig(_Config):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights, this decay per step (0.99 remembers "
+        "about 100 steps); evaluations and checkpoints use the average (training/weight_average.py).",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="Training loss target: this much probability spread over all tokens."
     )

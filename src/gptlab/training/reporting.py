@@ -7,6 +7,7 @@ are timed, so that a time budget leaves them out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -100,14 +101,19 @@ class RunReporting:
         lora = [self.lora.summary()] if self.lora is not None else []  # trainable against total parameters
         self.log.announce(summary, self.log_dir / "config.json", lora + self.notices)
 
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """Evaluations see the weight average when the run keeps one (weight_average.py)."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
+
     def _close(self) -> None:
         self.log.close()
 
     def _evaluate(self) -> EvalResult:
         started = time.perf_counter()
-        result = self.task.evaluate(
-            self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
-        )
+        with self._averaged():
+            result = self.task.evaluate(
+                self.model, self.eval_set, self.train_cfg.eval_batches, self.device, self.precision.dtype
+            )
         self.excluded_seconds += time.perf_counter() - started
         self.last_eval = result
         scalars = {"val/loss": result.loss, "val/bpb": result.bits_per_byte, "val/exact_match": result.exact_match}
@@ -118,9 +124,10 @@ class RunReporting:
         """Score --eval_task with the unwrapped model (no DDP, no recompiles for its varying shapes;
         under FSDP2 it is the sharded module, so every rank takes part, as its forward needs)."""
         started = time.perf_counter()
-        result = self.choice_task.evaluate(
-            self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype
-        )
+        with self._averaged():
+            result = self.choice_task.evaluate(
+                self.plain_model, self.data_cfg.batch_size, self.device, self.precision.dtype
+            )
         self.excluded_seconds += time.perf_counter() - started
         self.last_task = result
         self.log.scalars(self.progress.step, {"val/task_acc": result.acc, "val/task_acc_norm": result.acc_norm})

@@ -61,6 +61,7 @@ from gptlab.training.sizing import TimedOn, check_sizable, size_to_budget
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
+from gptlab.training.weight_average import WeightAverage, refuse_average_with, saved_average, trained_state
 
 
 def train(
@@ -140,6 +141,7 @@ class Trainer(RunReporting, RunClock):
         self.notices += [notice] if notice else []
         checkpoint = load_checkpoint(resume) if resume is not None else None
         check_divides(data_cfg.batch_size, self.world.world_size)
+        refuse_average_with(train_cfg, self.world.fsdp)
         if train_cfg.size_to_budget is not None:  # before any data is read
             check_sizable(self.model_cfg, train_cfg, self.world, fine_tuning=init_weights is not None)
         self.grad_accum_steps = accumulation_steps(
@@ -202,6 +204,7 @@ class Trainer(RunReporting, RunClock):
         self.resumed = resume is not None
         if checkpoint is not None:
             self._resume(resume, checkpoint)
+        self.average = self._weight_average(resume, checkpoint)  # None without ema_decay
         self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
         self.budget: BudgetPlan | None = None
         if train_cfg.time_budget is not None:  # counts from this invocation's first step
@@ -227,7 +230,7 @@ class Trainer(RunReporting, RunClock):
         if not self.world.fsdp:
             load_weights(self.plain_model, self._resumed_weights(checkpoint, path), path)
         else:
-            distributed.load_full_model_state(self.plain_model, checkpoint.model_state, self.world)
+            distributed.load_full_model_state(self.plain_model, trained_state(checkpoint, path), self.world)
         with restoring(path, "optimizer"):
             distributed.load_full_optimizer_state(
                 self.plain_model, self.optimizer, checkpoint.optimizer_state, self.world
@@ -249,8 +252,18 @@ class Trainer(RunReporting, RunClock):
         """The checkpoint's weights; for a LoRA run this run's base with the checkpoint's adapters."""
         if self.lora is None:
             refuse_without_lora(checkpoint.extra, path)
-            return checkpoint.model_state
+            return trained_state(checkpoint, path)
         return self.lora.resume_state(checkpoint, path, self.plain_model.state_dict())
+
+    def _weight_average(self, path: Path | None, checkpoint: Checkpoint | None) -> WeightAverage | None:
+        """With ema_decay, the average of the weights: the resumed run's own, or starting at the weights."""
+        if self.train_cfg.ema_decay is None:
+            return None
+        average = WeightAverage(self.plain_model, self.train_cfg.ema_decay)
+        saved = saved_average(checkpoint.extra, path) if checkpoint is not None else None
+        if saved is not None:
+            average.load(checkpoint.model_state, int(saved["updates"]), path)
+        return average
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -377,6 +390,8 @@ class Trainer(RunReporting, RunClock):
             self.device,
             self.train_cfg.grad_clip,
         )
+        if self.average is not None:
+            self.average.update()
         self.throughput.stop(result.tokens)
         self.progress.step += 1
         self.progress.epoch_batches_done += 1
@@ -411,6 +426,8 @@ class Trainer(RunReporting, RunClock):
             extra = progress.to_extra()
             if self.lora is not None:  # the adapters alone, or the merged model (training/lora.py)
                 model_state = self.lora.checkpoint_state(model_state, extra)
+            if self.average is not None:  # the average as the model, the trained weights for resuming
+                model_state = self.average.checkpoint_state(model_state, extra)
             save_checkpoint(
                 path,
                 self.plain_model,
