@@ -1,5 +1,7 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
+    python benchmarks/ablation.py --walk compute --budget 10m [--seeds 1 2] [--rows N]
+    python benchmarks/ablation.py --walk small --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk size --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk regularisation --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk data --budget 10m [--seeds 1 2] [--rows N]
@@ -8,7 +10,7 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Eight walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Nine walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
@@ -19,7 +21,8 @@ vocabulary that walk chose and tries QK-norm, zero-initialised projections and w
 learns from; `regularisation` starts from the preset that walk chose and tries less dropout, a
 higher learning rate for the AdamW half and more weight decay; `size` starts from today's preset and
 tries smaller models, for a machine that sees less than one epoch in the budget; `small` tries the learning
-rates of the smaller model that preset, sized to the budget, trains on such a machine. Each row applies one change to the
+rates of the smaller model that preset, sized to the budget, trains on such a machine; `compute` asks what
+that small model, bound by compute rather than by the text, should spend its steps on. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
 held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
@@ -159,7 +162,6 @@ SMALL_WALK = [
     Change("Muon lr 0.02 → 0.03", {"muon_lr": 0.03}),
     Change("AdamW lr 0.004 → 0.008 at 128 wide (embeddings, head, norms)", {"learning_rate": 0.004}),
 ]
-BEFORE_SMALL_WALK = {"learning_rate": 0.002}
 # The sized cpu-10min after that walk, on the same EPYC (4 x 128 at 9,400-10,400 tokens/s, 3.8
 # epochs, its evaluations still falling at the end): a model that small is bound by compute, not by
 # the text, so what it spends its steps on may differ from the 6 x 256 the recipe was tuned on.
@@ -169,8 +171,11 @@ COMPUTE_WALK = [
     Change("context 256 → 128 tokens, batch 16 → 32 sequences", {"seq_len": 128, "batch_size": 32}),
     Change("size_to_budget 1.5 → 1.2 tokens per parameter", {"size_to_budget": 1.2}),
 ]
+# What the compute walk kept, as it was at its start.
+BEFORE_COMPUTE_WALK = {"dropout": 0.05, "tie_embeddings": False}
+BEFORE_SMALL_WALK = {**BEFORE_COMPUTE_WALK, "learning_rate": 0.002}
 # What the size walk led to, off again at its start: the preset's size as configured.
-BEFORE_SIZE_WALK = {"size_to_budget": None}
+BEFORE_SIZE_WALK = {**BEFORE_COMPUTE_WALK, "size_to_budget": None}
 # What the regularisation walk changed, as it was at its start.
 BEFORE_REGULARISATION_WALK = {**BEFORE_SIZE_WALK, "dropout": 0.1, "learning_rate": 0.002, "weight_decay": 0.1}
 # What the data walk kept, off again at its start.
@@ -226,7 +231,11 @@ WALKS = {
     "size": Walk("cpu-10min's size on a slower CPU", "cpu-10min", BEFORE_SIZE_WALK, SIZE_WALK, "ablation-size"),
     "small": Walk("the sized cpu-10min's learning rates", "cpu-10min", BEFORE_SMALL_WALK, SMALL_WALK, "ablation-small"),
     "compute": Walk(
-        "what the compute-bound cpu-10min spends its steps on", "cpu-10min", {}, COMPUTE_WALK, "ablation-compute"
+        "what the compute-bound cpu-10min spends its steps on",
+        "cpu-10min",
+        BEFORE_COMPUTE_WALK,
+        COMPUTE_WALK,
+        "ablation-compute",
     ),
 }
 

@@ -19,7 +19,7 @@ VOCAB = 64  # even: the output head can take a split layout
 VARIANTS = {
     "gpt2": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=True),
     "llama-like": dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False),
-    "cpu-10min": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=False),
+    "cpu-10min": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=True),
     "sinusoidal": dict(
         pos_encoding="sinusoidal", norm="layernorm", activation="relu2", bias=False, tie_embeddings=True
     ),

@@ -9,6 +9,10 @@ weights_only=True)` reads it and loading never unpickles arbitrary objects:
      "model": state_dict, "optimizer": state_dict | None, "step": int, "epoch": int,
      "rng": {"torch": ByteTensor, "cuda": [ByteTensor] | None, "numpy": dict, "python": dict},
      "gptlab_version": str, "extra": dict}
+
+"extra" holds where the run stands (progress.py), a LoRA run's settings (lora.py) and, for a run
+that keeps a weight average, the trained weights beside the average that "model" then holds
+(weight_average.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ this invocation's training time: a resumed budgeted run starts a fresh budget an
 its step (exact resume holds for unbudgeted runs only, since the plan depends on the clock).
 With size_to_budget, the model's size is chosen for the budget before training (sizing.py), and
 the seconds spent timing candidate sizes come out of the budget.
+With ema_decay the run keeps a moving average of its weights (weight_average.py), which its
+evaluations measure and its checkpoints hold as the model.
 Under torchrun every rank runs this loop on its share of each batch; only rank 0 writes files,
 and a checkpoint keeps every rank's random generators.
 Ctrl-C stops the run once the step in progress is done and saves a checkpoint (stop_request.py).
