@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -291,6 +292,47 @@ def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, mon
         benchmarks.read_text()
         == f"# Benchmarks\n\nnotes kept\n\n<!-- ablation-test:start -->\n{text}<!-- ablation-test:end -->\n"
     )
+
+
+# ---- benchmarks/weight_average.py: averages of one run, paired -----------------------------------
+WEIGHT_AVERAGE = ROOT / "benchmarks" / "weight_average.py"
+
+
+def load_weight_average(monkeypatch):
+    load_speedrun(monkeypatch)  # weight_average.py imports it by name
+    return load_script(WEIGHT_AVERAGE, monkeypatch)
+
+
+def test_weight_average_refuses_a_decay_outside_0_to_1_in_one_line(tmp_path, capsys, monkeypatch):
+    script = load_weight_average(monkeypatch)
+    main = functools.partial(script.main, parser=script.build_parser(), run=script.run)
+    assert_refused_in_one_line(main, tmp_path, capsys, ["--decays", "0.9", "1.5"], "--decays must lie between 0 and 1")
+
+
+def test_weight_average_evaluates_the_trained_weights_and_each_average_of_one_run(tmp_path, monkeypatch):
+    script = load_weight_average(monkeypatch)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(
+        "tokenizer:\n  type: char\nmodel: {embed_dim: 32, n_heads: 2, num_layers: 1, seq_len: 16, dropout: 0.0}\n"
+        "data: {batch_size: 8}\ntrain: {epochs: 1000, warmup_steps: 2, learning_rate: 0.01, eval_interval: 50, "
+        "eval_batches: 1, ema_decay: 0.5}\n"
+    )
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    report = tmp_path / "w.md"
+    args = ["--preset", str(preset), "--budget", "2s", "--decays", "1e-7", "0.9", "--no_progress",
+            "--train_data", str(tmp_path / "t.txt"), "--val_data", str(tmp_path / "t.txt"), "--test_data",
+            str(tmp_path / "t.txt"), "--work_dir", str(tmp_path / "w"), "--report", str(report), "--no_benchmarks"]  # fmt: skip
+
+    rows = script.run(script.build_parser().parse_args(args))
+
+    (_, trained_val, trained_test), (_, near_zero_val, _), (_, averaged_val, averaged_test) = rows
+    assert trained_val == trained_test  # the same text twice
+    assert near_zero_val == pytest.approx(trained_val, abs=1e-4)  # an average that forgets at once is the weights
+    assert averaged_val != pytest.approx(trained_val, abs=1e-4)  # one that remembers is not
+    assert averaged_val == averaged_test
+    table = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3 and table[1].startswith("| the trained weights | ")
+    assert "average, decay 0.9 (" in table[3]
 
 
 def test_a_marked_section_is_replaced_and_everything_around_it_kept(tmp_path, monkeypatch):
