@@ -154,3 +154,15 @@ def test_the_refusal_names_fsdp_too() -> None:
 
     with pytest.raises(GptlabError, match="drop --fsdp"):
         refuse_average_with(TrainConfig(ema_decay=0.9), fsdp=True)
+
+
+def test_a_checkpoint_with_a_damaged_average_is_refused_in_one_line(workdir: Path, capsys) -> None:
+    assert main(train_args(workdir, "parts", "--ema_decay", "0.9", "--max_steps", "5")) == 0
+    path = find_latest(workdir / "parts", "exp")
+    raw = torch.load(path, weights_only=True)
+    raw["extra"][EXTRA_KEY] = {"decay": 0.9}  # no trained weights
+    torch.save(raw, path)
+    capsys.readouterr()
+    assert main(train_args(workdir, "parts", "--ema_decay", "0.9", "--resume", "auto")) != 0
+    err = capsys.readouterr().err.strip()
+    assert "damaged weight_average entry" in err and len(err.splitlines()) == 1, err

@@ -19,12 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
+
+if TYPE_CHECKING:
+    from gptlab.training.checkpoint import Checkpoint
 
 EXTRA_KEY = "weight_average"
 
@@ -94,14 +98,14 @@ def saved_average(extra: Mapping[str, Any], path: str | Path) -> dict[str, Any] 
     return entry
 
 
-def trained_state(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights a run resumes from: a checkpoint.Checkpoint's model weights, or the trained
+def trained_state(checkpoint: Checkpoint, path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights a run resumes from: the checkpoint's model weights, or the trained
     weights beside them when its run kept an average (its model weights are then the average)."""
     saved = saved_average(checkpoint.extra, path)
     return checkpoint.model_state if saved is None else saved["trained"]
 
 
-def refuse_average_with(train_cfg: Any, fsdp: bool) -> None:
+def refuse_average_with(train_cfg: TrainConfig, fsdp: bool) -> None:
     """A weight average is kept for whole, unsharded models trained in full: GptlabError otherwise."""
     if train_cfg.ema_decay is None:
         return
