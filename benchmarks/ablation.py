@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from speedrun import (  # noqa: E402
     RunResult,
     add_benchmarks_flags,
     checked_budget,
+    command_line,
     describe_budget,
     run_once,
     update_section,
@@ -288,12 +288,11 @@ def apply(preset: Preset, change: Change) -> Preset:
 
 
 def report(rows: list[Row], walk: Walk, kept: Preset, args: argparse.Namespace, budget_s: float) -> str:
-    command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     seeds = ", ".join(str(seed) for seed in args.seeds)
     lines = [
         f"## Ablation: {walk.title} ({describe_budget(budget_s)} a row)",
         "",
-        f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__}, "
+        f"{command_line('ablation.py')}, "
         f"{torch.get_num_threads()} threads, seeds {seeds}. Each row changes one thing in the best recipe "
         "so far (the last kept row), trains for the budget and is evaluated on the whole validation text "
         '(mean over the seeds). A change is kept if it lowers bits per byte. "best / last seen" are the '

@@ -207,15 +207,20 @@ def update_section(path: Path, name: str, text: str) -> None:
     write_atomic(path, new.encode("utf-8"))
 
 
+def command_line(script: str) -> str:
+    """The start of a report: the command that wrote it, the date and torch's version."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+    return f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__}"
+
+
 def report(runs: list[RunResult], args: argparse.Namespace, budget_s: float, image: str) -> str:
     """The Markdown section: setup, per-run table, per-recipe summary, improvement, plot, samples."""
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     by_recipe = {name: [r.bpb for r in runs if r.recipe == name] for name in recipes}
-    command = "python benchmarks/speedrun.py " + " ".join(sys.argv[1:])
     lines = [
         f"## Speedrun: {describe_budget(budget_s)} of training per run",
         "",
-        f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__} on "
+        f"{command_line('speedrun.py')} on "
         f"{platform.machine()} ({os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads), device "
         f"{args.device}. Training text: {args.train_data.name} ({args.train_data.stat().st_size / 1e6:.2f} MB); "
         f"validation: the whole of {args.val_data.name} ({args.val_data.stat().st_size / 1e3:.0f} KB). Each run trains "

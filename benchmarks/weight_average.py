@@ -14,7 +14,6 @@ ends as the same average; the table gives each one's decay at the last step.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from speedrun import (  # noqa: E402
     SHAKESPEARE,
     add_benchmarks_flags,
     checked_budget,
+    command_line,
     describe_budget,
     main,
     parse_overrides,
@@ -127,11 +127,10 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 
 
 def report(rows: list[tuple[str, float, float]], args: argparse.Namespace, budget_s: float, trained: str) -> str:
-    command = "python benchmarks/weight_average.py " + " ".join(sys.argv[1:])
     lines = [
         f"## Weight average: which decay ({args.preset}, {describe_budget(budget_s)}, one run)",
         "",
-        f"Command: `{command}`, run on {datetime.date.today()} with torch {torch.__version__}, "
+        f"{command_line('weight_average.py')}, "
         f"{torch.get_num_threads()} threads, seed {args.seed}: one run ({trained}), every row evaluated on the "
         "whole validation and held-out texts once it was over. Δ is against the trained weights.",
         "",
