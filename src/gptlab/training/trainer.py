@@ -46,11 +46,7 @@ from gptlab.training.checkpoint import Checkpoint, capture_rng_state, load_check
 from gptlab.training.checkpoint_fields import restoring
 from gptlab.training.compiling import compiled
 from gptlab.training.lora import lora_run, refuse_without_lora
-from gptlab.training.metrics import (
-    EvalResult,
-    Throughput,
-    device_peak_flops,
-)
+from gptlab.training.metrics import EvalResult, Throughput, device_peak_flops
 from gptlab.training.multiple_choice import ChoiceResult, ChoiceTask
 from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, total_steps
 from gptlab.training.precision import Precision
@@ -63,7 +59,7 @@ from gptlab.training.sizing import TimedOn, check_sizable, size_to_budget
 from gptlab.training.step import NonFiniteLoss, optimizer_step
 from gptlab.training.stop_request import StopRequest
 from gptlab.training.tasks import task_for
-from gptlab.training.weight_average import WeightAverage, refuse_average_with, saved_average, trained_state
+from gptlab.training.weight_average import refuse_average_with, resumed_average, trained_state
 
 
 def train(
@@ -206,7 +202,7 @@ class Trainer(RunReporting, RunClock):
         self.resumed = resume is not None
         if checkpoint is not None:
             self._resume(resume, checkpoint)
-        self.average = self._weight_average(resume, checkpoint)  # None without ema_decay
+        self.average = resumed_average(self.plain_model, train_cfg.ema_decay, checkpoint, resume)  # None without ema
         self.planned_steps = self.total_steps  # the schedule's plan; re-estimated every step under a time budget
         self.budget: BudgetPlan | None = None
         if train_cfg.time_budget is not None:  # counts from this invocation's first step
@@ -256,16 +252,6 @@ class Trainer(RunReporting, RunClock):
             refuse_without_lora(checkpoint.extra, path)
             return trained_state(checkpoint, path)
         return self.lora.resume_state(checkpoint, path, self.plain_model.state_dict())
-
-    def _weight_average(self, path: Path | None, checkpoint: Checkpoint | None) -> WeightAverage | None:
-        """With ema_decay, the average of the weights: the resumed run's own, or starting at the weights."""
-        if self.train_cfg.ema_decay is None:
-            return None
-        average = WeightAverage(self.plain_model, self.train_cfg.ema_decay)
-        saved = saved_average(checkpoint.extra, path) if checkpoint is not None else None
-        if saved is not None:
-            average.load(checkpoint.model_state, int(saved["updates"]), path)
-        return average
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -105,6 +105,20 @@ def trained_state(checkpoint: Checkpoint, path: str | Path) -> dict[str, torch.T
     return checkpoint.model_state if saved is None else saved["trained"]
 
 
+def resumed_average(
+    model: nn.Module, decay: float | None, checkpoint: Checkpoint | None, path: Path | None
+) -> WeightAverage | None:
+    """With a decay, the average of `model`'s weights: the one `checkpoint` saved (read from `path`)
+    when the run resumes one that kept it, or else one starting at the weights; None without a decay."""
+    if decay is None:
+        return None
+    average = WeightAverage(model, decay)
+    saved = saved_average(checkpoint.extra, path) if checkpoint is not None else None
+    if saved is not None:
+        average.load(checkpoint.model_state, int(saved["updates"]), path)
+    return average
+
+
 def refuse_average_with(train_cfg: TrainConfig, fsdp: bool) -> None:
     """A weight average is kept for whole, unsharded models trained in full: GptlabError otherwise."""
     if train_cfg.ema_decay is None:
