@@ -1,5 +1,6 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
+    python benchmarks/ablation.py --walk schedule --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk compute --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk small --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk size --budget 10m [--seeds 1 2] [--rows N]
@@ -10,7 +11,7 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Nine walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Ten walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
@@ -22,7 +23,8 @@ learns from; `regularisation` starts from the preset that walk chose and tries l
 higher learning rate for the AdamW half and more weight decay; `size` starts from today's preset and
 tries smaller models, for a machine that sees less than one epoch in the budget; `small` tries the learning
 rates of the smaller model that preset, sized to the budget, trains on such a machine; `compute` asks what
-that small model, bound by compute rather than by the text, should spend its steps on. Each row applies one change to the
+that small model, bound by compute rather than by the text, should spend its steps on; `schedule` tries the
+learning rate's decay. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
 held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
@@ -171,6 +173,11 @@ COMPUTE_WALK = [
     Change("context 256 → 128 tokens, batch 16 → 32 sequences", {"seq_len": 128, "batch_size": 32}),
     Change("size_to_budget 1.5 → 1.2 tokens per parameter", {"size_to_budget": 1.2}),
 ]
+# The preset after the compute walk, with its weight average: the schedule's shape.
+SCHEDULE_WALK = [
+    Change("cosine → warmup-stable-decay (the last 40 % of the steps)", {"lr_schedule": "wsd", "decay_fraction": 0.4}),
+    Change("floor 0.1 → 0 of the peak", {"min_lr_ratio": 0.0}),
+]
 # What the compute walk kept, as it was at its start.
 BEFORE_COMPUTE_WALK = {"dropout": 0.05, "tie_embeddings": False}
 BEFORE_SMALL_WALK = {**BEFORE_COMPUTE_WALK, "learning_rate": 0.002}
@@ -230,6 +237,7 @@ WALKS = {
     ),
     "size": Walk("cpu-10min's size on a slower CPU", "cpu-10min", BEFORE_SIZE_WALK, SIZE_WALK, "ablation-size"),
     "small": Walk("the sized cpu-10min's learning rates", "cpu-10min", BEFORE_SMALL_WALK, SMALL_WALK, "ablation-small"),
+    "schedule": Walk("cpu-10min's learning-rate schedule", "cpu-10min", {}, SCHEDULE_WALK, "ablation-schedule"),
     "compute": Walk(
         "what the compute-bound cpu-10min spends its steps on",
         "cpu-10min",

@@ -208,6 +208,18 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert lrs[100] == pytest.approx(1e-4) and lr_at(500, 100, cfg) == pytest.approx(1e-4)
 
 
+def test_wsd_schedule_holds_the_peak_then_decays_in_a_straight_line_to_the_floor():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1, lr_schedule="wsd", decay_fraction=0.3)
+    lrs = [lr_at(step, 100, cfg) for step in range(101)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10:70] == pytest.approx([1e-3] * 60)  # stable until the last 30 steps
+    assert lrs[70:] == pytest.approx([1e-3 - 9e-4 * (s - 70) / 30 for s in range(70, 101)])
+    assert lrs[100] == pytest.approx(1e-4) and lr_at(500, 100, cfg) == pytest.approx(1e-4)
+    # A decay longer than the steps after warmup starts right after warmup.
+    whole = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.0, lr_schedule="wsd", decay_fraction=1.0)
+    assert lr_at(10, 100, whole) == pytest.approx(1e-3) and lr_at(55, 100, whole) == pytest.approx(5e-4)
+
+
 def test_total_steps_is_capped_by_max_steps():
     assert total_steps(epochs=3, batches_per_epoch=10, max_steps=None) == 30
     assert total_steps(epochs=3, batches_per_epoch=10, max_steps=7) == 7

@@ -140,6 +140,16 @@ def test_budgeted_schedule_ends_at_the_floor_when_the_budget_ends(
     assert result.final_checkpoint.exists() and load_checkpoint(result.final_checkpoint).step == expected_steps
 
 
+def test_budgeted_wsd_schedule_decays_over_the_budgets_last_steps(tmp_path, clock, one_thread):
+    result = budgeted_run(tmp_path, time_budget=20.0, lr_schedule="wsd", decay_fraction=0.5)
+    assert (result.stopped_reason, result.steps) == ("time_budget", 20)
+    lrs = logged_lrs(tmp_path)
+    floor = MIN_LR_RATIO * PEAK
+    # The last step is step 19: the decay takes its last 10 steps (round(0.5 * 19)), in equal strides.
+    assert lrs[2:9] == pytest.approx([PEAK] * 7)
+    assert lrs[9:] == pytest.approx([PEAK + (floor - PEAK) * (s - 9) / 10 for s in range(9, 20)])
+
+
 def test_budget_longer_than_the_step_plan_ends_at_the_floor_too(tmp_path, clock, one_thread):
     result = budgeted_run(tmp_path, time_budget=1000.0, max_steps=6)
     assert (result.stopped_reason, result.steps) == ("max_steps", 6)

@@ -129,8 +129,16 @@ class TrainConfig(_Config):
 
     epochs: int = Field(100, gt=0, description="Passes over the training windows.")
     learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor, as a fraction of the peak.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The schedule's floor, as a fraction of the peak.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "wsd"] = Field(
+        "cosine",
+        description="After warmup: cosine, a half cosine from the peak down to the floor; wsd "
+        "(warmup-stable-decay), the peak until the last decay_fraction of the steps, then a straight line to the floor.",
+    )
+    decay_fraction: float = Field(
+        0.3, gt=0, le=1, description="With lr_schedule wsd: the share of the run's steps spent decaying."
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only.")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)

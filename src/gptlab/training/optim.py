@@ -166,17 +166,24 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Learning rate for the 0-based optimizer `step` of a run of `total` steps.
 
     Linear warmup to cfg.learning_rate over cfg.warmup_steps (step 0 already moves the weights),
-    then a half cosine down to cfg.min_lr_ratio * cfg.learning_rate, reached at step `total`.
+    then down to cfg.min_lr_ratio * cfg.learning_rate, reached at step `total`: along a half cosine,
+    or with lr_schedule "wsd" held at the peak until the last cfg.decay_fraction of the steps and
+    then along a straight line. Under a time budget `total` is an estimate until the end nears,
+    which the stable phase of wsd does not depend on.
     A pure function of its arguments, so a schedule can be planned (or replayed) anywhere.
     """
     peak = cfg.learning_rate
     floor = cfg.min_lr_ratio * peak
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
-    decay_steps = total - cfg.warmup_steps
-    if decay_steps <= 0 or step >= total:
+    if step >= total:
         return floor
-    progress = (step - cfg.warmup_steps) / decay_steps  # 0 -> 1
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, total - round(cfg.decay_fraction * total))
+        if step < decay_start:
+            return peak
+        return peak + (floor - peak) * (step - decay_start) / (total - decay_start)
+    progress = (step - cfg.warmup_steps) / (total - cfg.warmup_steps)  # 0 -> 1
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
