@@ -54,3 +54,21 @@ def test_a_cpu_orthogonalises_in_bfloat16_only_where_it_is_measured_faster(monke
     model = random_gpt(vocab_size=64)
     optimizers = optim.build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers
     assert isinstance(optimizers["muon"], Muon) and optimizers["muon"].ns_dtype == ns_dtype
+
+
+def test_momentum_warmup_rises_from_085_to_095_and_each_step_uses_the_groups_momentum():
+    cfg = TrainConfig(optimizer="muon", muon_momentum_warmup=100, learning_rate=1e-3, warmup_steps=0)
+    momenta = [optim.muon_momentum_at(step, cfg) for step in (0, 50, 99, 100, 5000)]
+    assert momenta == pytest.approx([0.85, 0.90, 0.949, 0.95, 0.95])
+    assert optim.muon_momentum_at(0, TrainConfig(optimizer="muon")) == 0.95  # no warmup: torch's momentum
+
+    optimizer = optim.build_optimizer(random_gpt(vocab_size=64), cfg, torch.device("cpu"))
+    assert [g["momentum"] for g in optimizer.optimizers["muon"].param_groups] == [0.85]
+    lr = optim.apply_schedule(optimizer, 50, 1000, cfg)
+    assert lr == optim.lr_at(50, 1000, cfg)
+    assert [g["momentum"] for g in optimizer.optimizers["muon"].param_groups] == [pytest.approx(0.90)]
+    assert all(g["betas"] == (cfg.beta1, cfg.beta2) for g in optimizer.optimizers["adamw"].param_groups)
+    # The step reads the group's momentum: at 0.85 it is torch's Muon at 0.85, not at its 0.95.
+    for ours, theirs in zip(steps(Muon, SHAPES, momentum=0.85), steps(torch.optim.Muon, SHAPES, momentum=0.85)):
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(steps(Muon, SHAPES, momentum=0.85)[0], steps(Muon, SHAPES)[0])

@@ -204,6 +204,12 @@ class TrainConfig(_Config):
         "adamw", description="adamw, or muon for the blocks' 2-D weights (AdamW for the rest)."
     )
     muon_lr: float = Field(0.02, gt=0, description="Peak learning rate of Muon (with --optimizer muon).")
+    muon_momentum_warmup: int = Field(
+        0,
+        ge=0,
+        description="With --optimizer muon: raise Muon's momentum from 0.85 to 0.95 over this many first steps "
+        "(modded-nanogpt); 0 keeps 0.95 throughout.",
+    )
     peak_flops: float | None = Field(
         None,
         gt=0,

@@ -1,5 +1,5 @@
-"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW), the learning-rate schedule and
-its plan under a time budget."""
+"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW), the learning-rate schedule (and
+Muon's momentum warmup) and its plan under a time budget."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from gptlab.config import TrainConfig
 from gptlab.device import fast_bf16
 from gptlab.errors import GptlabError
 from gptlab.training.muon import Muon
+
+MUON_MOMENTUM = 0.95  # torch.optim.Muon's default
+MUON_START_MOMENTUM = 0.85  # where muon_momentum_warmup starts it
 
 
 class OptimizerSet:
@@ -84,6 +87,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     muon = Muon(
         [{"params": hidden, "lr_ratio": cfg.muon_lr / cfg.learning_rate}],
         lr=cfg.muon_lr,
+        momentum=muon_momentum_at(0, cfg),
         weight_decay=cfg.weight_decay,
         ns_dtype=torch.bfloat16 if fast_bf16(device) else torch.float32,
     )
@@ -185,6 +189,26 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return peak + (floor - peak) * (step - decay_start) / (total - decay_start)
     progress = (step - cfg.warmup_steps) / (total - cfg.warmup_steps)  # 0 -> 1
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's momentum for the 0-based `step`: from 0.85 up to 0.95 along a straight line over the
+    first cfg.muon_momentum_warmup steps, then 0.95. Early on, when the weights and so the gradients
+    change fastest, a shorter memory follows them more closely."""
+    if step >= cfg.muon_momentum_warmup:
+        return MUON_MOMENTUM
+    return MUON_START_MOMENTUM + (MUON_MOMENTUM - MUON_START_MOMENTUM) * step / cfg.muon_momentum_warmup
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer | OptimizerSet, step: int, total: int, cfg: TrainConfig) -> float:
+    """Set the learning rate of `step` of a run of `total` steps (lr_at), and Muon's momentum
+    (muon_momentum_at) if the optimizer has Muon; return the learning rate."""
+    lr = lr_at(step, total, cfg)
+    set_lr(optimizer, lr)
+    if isinstance(optimizer, OptimizerSet) and "muon" in optimizer.optimizers:
+        for group in optimizer.optimizers["muon"].param_groups:
+            group["momentum"] = muon_momentum_at(step, cfg)
+    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer | OptimizerSet, lr: float) -> None:

@@ -48,7 +48,7 @@ from gptlab.training.compiling import compiled
 from gptlab.training.lora import lora_run, refuse_without_lora
 from gptlab.training.metrics import EvalResult, Throughput, device_peak_flops
 from gptlab.training.multiple_choice import ChoiceResult, ChoiceTask
-from gptlab.training.optim import BudgetPlan, build_optimizer, lr_at, set_lr, total_steps
+from gptlab.training.optim import BudgetPlan, apply_schedule, build_optimizer, total_steps
 from gptlab.training.precision import Precision
 from gptlab.training.progress import RunProgress, check_resumable
 from gptlab.training.reporting import RunReporting
@@ -365,8 +365,7 @@ class Trainer(RunReporting, RunClock):
     def _train_step(self, micro_batches) -> None:
         self.in_step = True
         self.throughput.start()
-        lr = lr_at(self.progress.step, self._schedule_total(), self.train_cfg)
-        set_lr(self.optimizer, lr)
+        lr = apply_schedule(self.optimizer, self.progress.step, self._schedule_total(), self.train_cfg)
         self.last_lr = lr
         result = optimizer_step(
             self.model,
