@@ -186,8 +186,10 @@ SCHEDULE_WALK = [
         {"num_layers": 6, "embed_dim": 160, "learning_rate": 0.0064},
     ),
 ]
+# What the schedule walk kept, as it was at its start.
+BEFORE_SCHEDULE_WALK = {"lr_schedule": "cosine", "muon_momentum_warmup": 0}
 # What the compute walk kept, as it was at its start.
-BEFORE_COMPUTE_WALK = {"dropout": 0.05, "tie_embeddings": False}
+BEFORE_COMPUTE_WALK = {**BEFORE_SCHEDULE_WALK, "dropout": 0.05, "tie_embeddings": False}
 BEFORE_SMALL_WALK = {**BEFORE_COMPUTE_WALK, "learning_rate": 0.002}
 # What the size walk led to, off again at its start: the preset's size as configured.
 BEFORE_SIZE_WALK = {**BEFORE_COMPUTE_WALK, "size_to_budget": None}
@@ -248,7 +250,7 @@ WALKS = {
     "schedule": Walk(
         "cpu-10min's schedule, Muon's momentum and depth",
         "cpu-10min",
-        SCHEDULE_WALK_SIZE,
+        {**BEFORE_SCHEDULE_WALK, **SCHEDULE_WALK_SIZE},
         SCHEDULE_WALK,
         "ablation-schedule",
     ),
