@@ -188,8 +188,8 @@ SCHEDULE_WALK = [
 ]
 # What the schedule walk kept, as it was at its start.
 BEFORE_SCHEDULE_WALK = {"lr_schedule": "cosine", "muon_momentum_warmup": 0}
-# What the compute walk kept, as it was at its start.
-BEFORE_COMPUTE_WALK = {**BEFORE_SCHEDULE_WALK, "dropout": 0.05, "tie_embeddings": False}
+# What the compute walk kept, as it was at its start (before the weight average, measured after it).
+BEFORE_COMPUTE_WALK = {**BEFORE_SCHEDULE_WALK, "dropout": 0.05, "tie_embeddings": False, "ema_decay": None}
 BEFORE_SMALL_WALK = {**BEFORE_COMPUTE_WALK, "learning_rate": 0.002}
 # What the size walk led to, off again at its start: the preset's size as configured.
 BEFORE_SIZE_WALK = {**BEFORE_COMPUTE_WALK, "size_to_budget": None}

@@ -252,6 +252,15 @@ def load_ablation(monkeypatch):
     return load_script(ABLATION, monkeypatch)
 
 
+def test_every_ablation_walk_starts_and_changes_into_valid_configs(monkeypatch):
+    ablation = load_ablation(monkeypatch)  # a misspelt field would otherwise surface after a 10-minute row
+    for walk in ablation.WALKS.values():
+        start = ablation.apply(load_preset(walk.base), ablation.Change("", walk.base_values, walk.base_tokenizer))
+        build_configs(start.values)
+        for change in walk.changes:
+            build_configs(ablation.apply(start, change).values)
+
+
 def test_ablation_keeps_a_change_only_when_it_lowers_bits_per_byte(tmp_path, monkeypatch):
     ablation = load_ablation(monkeypatch)
     baseline = tmp_path / "tiny.yaml"  # a learning rate too small to learn anything in the budget
