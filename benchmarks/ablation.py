@@ -1,5 +1,6 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
+    python benchmarks/ablation.py --walk modded --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk schedule --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk compute --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk small --budget 10m [--seeds 1 2] [--rows N]
@@ -11,7 +12,7 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Ten walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Eleven walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
@@ -24,7 +25,9 @@ higher learning rate for the AdamW half and more weight decay; `size` starts fro
 tries smaller models, for a machine that sees less than one epoch in the budget; `small` tries the learning
 rates of the smaller model that preset, sized to the budget, trains on such a machine; `compute` asks what
 that small model, bound by compute rather than by the text, should spend its steps on; `schedule` tries the
-learning rate's decay, Muon's momentum warmup, and more layers at the parameters the sizing chose. Each row applies one change to the
+learning rate's decay, Muon's momentum warmup, and more layers at the parameters the sizing chose; `modded`
+tries two of modded-nanogpt's architecture changes on that preset: a soft cap on the logits and value
+embeddings. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
 held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
@@ -186,6 +189,13 @@ SCHEDULE_WALK = [
         {"num_layers": 6, "embed_dim": 160, "learning_rate": 0.0064},
     ),
 ]
+# modded-nanogpt's changes that cost almost no compute, on the preset after the schedule walk at
+# the size that walk set.
+MODDED_WALK = [
+    Change("logits soft-capped at 15 (15 tanh(logits / 15))", {"logit_softcap": 15.0}),
+    Change("value embeddings: 1 table, added to the values of layers 1 and 4", {"value_embeddings": 1}),
+    Change("value embeddings: 2 tables, one for every layer", {"value_embeddings": 2}),
+]
 # What the schedule walk kept, as it was at its start.
 BEFORE_SCHEDULE_WALK = {"lr_schedule": "cosine", "muon_momentum_warmup": 0}
 # What the compute walk kept, as it was at its start (before the weight average, measured after it).
@@ -253,6 +263,13 @@ WALKS = {
         {**BEFORE_SCHEDULE_WALK, **SCHEDULE_WALK_SIZE},
         SCHEDULE_WALK,
         "ablation-schedule",
+    ),
+    "modded": Walk(
+        "modded-nanogpt's logit soft cap and value embeddings",
+        "cpu-10min",
+        SCHEDULE_WALK_SIZE,
+        MODDED_WALK,
+        "ablation-modded",
     ),
     "compute": Walk(
         "what the compute-bound cpu-10min spends its steps on",

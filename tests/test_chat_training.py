@@ -118,17 +118,22 @@ def test_long_conversations_are_cut_with_a_warning(tokenizer):
 
 
 # ---- rows for new tokens ----------------------------------------------------------------------------
-@pytest.mark.parametrize(("tie", "rows"), [(True, 50), (False, 50), (True, 60)])
-def test_new_token_rows_are_the_mean_and_leave_old_logits_alone(tie, rows):
+@pytest.mark.parametrize(("tie", "rows", "value_tables"), [(True, 50, 0), (False, 50, 0), (True, 60, 0), (True, 50, 1)])
+def test_new_token_rows_are_the_mean_and_leave_old_logits_alone(tie, rows, value_tables):
     torch.manual_seed(0)
-    config = ModelConfig(embed_dim=16, n_heads=2, num_layers=1, seq_len=8, tgt_vocab_size=rows, tie_embeddings=tie)
+    config = ModelConfig(
+        embed_dim=16, n_heads=2, num_layers=2, seq_len=8, tgt_vocab_size=rows, tie_embeddings=tie,
+        value_embeddings=value_tables,
+    )  # fmt: skip
     model = GPT(config).eval()
     new_ids = [50, 51, 52, 53]
     grown_cfg, state = with_new_token_rows(model.state_dict(), config, new_ids, trained_rows=50)
     assert grown_cfg.tgt_vocab_size == max(rows, 54)
     grown = GPT(grown_cfg).eval()
     grown.load_state_dict(state)
-    for old, table in ((model.wte.weight, grown.wte.weight), (model.lm_head.weight, grown.lm_head.weight)):
+    tables = [(model.wte, grown.wte), (model.lm_head, grown.lm_head), *zip(model.value_embeds, grown.value_embeds)]
+    assert len(tables) == 2 + value_tables
+    for old, table in ((old.weight, new.weight) for old, new in tables):
         assert torch.allclose(table[new_ids], old[:50].mean(dim=0).expand(4, -1))  # each table its own mean
     x = torch.randint(0, 50, (2, 8))
     with torch.no_grad():

@@ -27,6 +27,9 @@ VARIANTS = {
         pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=False, qk_norm=True
     ),
     "qk-norm, learned": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=True),
+    "value embeddings, soft cap": dict(
+        pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=2.0
+    ),
 }
 
 

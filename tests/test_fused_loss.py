@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig
 from gptlab.device import autocast
 from gptlab.models import GPT
-from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
+from gptlab.models.fused_loss import IGNORE_INDEX, cap_logits, linear_cross_entropy
 
 
 def problem(rows=70, width=16, vocab=50, seed=0):
@@ -39,6 +39,32 @@ def test_loss_and_gradients_equal_the_plain_path(chunk_rows):
     got = loss_and_grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows), hidden, weight, targets)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [16, 1000])
+def test_a_soft_cap_gives_the_loss_and_gradients_of_the_capped_logits(chunk_rows):
+    hidden, weight, targets = problem()  # logits of spread ~4: a cap of 3 bends most of them
+
+    def capped(h, w, t):
+        return F.cross_entropy(cap_logits(F.linear(h, w), 3.0), t, ignore_index=IGNORE_INDEX)
+
+    want = loss_and_grads(capped, hidden, weight, targets)
+    got = loss_and_grads(
+        lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows, softcap=3.0), hidden, weight, targets
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (want[0] - plain(hidden, weight, targets)).abs() > 0.1  # the cap changed the loss
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, softcap=3.0), want[0])
+
+
+def test_cap_logits_bounds_the_logits_and_leaves_small_ones_almost_as_they_are():
+    logits = torch.tensor([-1e4, -30.0, -0.01, 0.0, 0.01, 30.0, 1e4])
+    capped = cap_logits(logits, 15.0)
+    assert capped.abs().max() < 15.0 + 1e-5 and torch.equal(capped.sign(), logits.sign())
+    torch.testing.assert_close(capped[2:5], logits[2:5], rtol=1e-6, atol=0)
+    assert cap_logits(logits, None) is logits
 
 
 def test_the_upstream_gradient_scales_the_result():
@@ -92,6 +118,25 @@ def test_gpt_without_logits_trains_like_the_plain_loss(dtype, tied):
     torch.testing.assert_close(got, want, **tolerance)
     for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, **tolerance, msg=name)
+
+
+def test_a_capped_gpt_trains_alike_on_both_paths_and_its_logits_stay_under_the_cap():
+    config = ModelConfig(
+        embed_dim=32, num_layers=2, n_heads=4, seq_len=16, tgt_vocab_size=97, dropout=0.0, logit_softcap=0.5
+    )
+    torch.manual_seed(0)
+    plain_model = GPT(config)
+    with torch.no_grad():
+        plain_model.wte.weight.mul_(10)  # logits of spread ~1: the cap of 0.5 bends most of them
+    fused_model = copy.deepcopy(plain_model)
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    logits, want = plain_model(x, y)
+    _, got = fused_model(x, y, return_logits=False)
+    assert 0.4 < logits.abs().max() <= 0.5
+    want.backward(), got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_fp16_gradients_keep_their_precision_over_many_positions():

@@ -29,6 +29,11 @@ SIZED = dict(
 )  # the tiny tokenizer's
 
 
+def test_the_ladder_keeps_value_embeddings_where_the_layers_can_take_them():
+    preset = ModelConfig(embed_dim=256, num_layers=6, n_heads=4, value_embeddings=3)
+    assert [cfg.value_embeddings for cfg in ladder(preset)] == [3, 2, 2, 2, 2, 2]
+
+
 def test_the_ladder_takes_layers_then_width_and_keeps_heads_whole_and_even():
     preset = ModelConfig(embed_dim=256, num_layers=6, n_heads=4, pos_encoding="rope")
     assert [shape(cfg) for cfg in ladder(preset)] == ["6 x 256", "4 x 256", "4 x 192", "4 x 128", "4 x 96", "4 x 64"]

@@ -60,6 +60,18 @@ class ModelConfig(_Config):
         description="Start the projections that write into the residual stream at zero: each block "
         "begins as the identity.",
     )
+    logit_softcap: float | None = Field(
+        None,
+        gt=0,
+        description="GPT: squash the output logits smoothly into (-c, c), c * tanh(logits / c), as Gemma 2 and "
+        "modded-nanogpt do; None leaves them as they are.",
+    )
+    value_embeddings: int = Field(
+        0,
+        ge=0,
+        description="GPT: this many extra token tables whose rows are added to the attention values, table j in "
+        "layer j and in layer num_layers - N + j (modded-nanogpt's value embeddings); 0 for none.",
+    )
     # Encoder-decoder only (model=transformer); seq_len is then the longest target.
     num_encoder_layers: int | None = Field(None, gt=0, description="Transformer encoder depth; None means num_layers.")
     num_decoder_layers: int | None = Field(None, gt=0, description="Transformer decoder depth; None means num_layers.")
@@ -87,6 +99,13 @@ class ModelConfig(_Config):
             raise ValueError(f"n_heads ({self.n_heads}) must divide embed_dim ({self.embed_dim})")
         if self.pos_encoding == "rope" and (self.embed_dim // self.n_heads) % 2:
             raise ValueError("rope needs an even head size (embed_dim / n_heads)")
+        if self.model == "transformer" and (self.logit_softcap is not None or self.value_embeddings):
+            raise ValueError("logit_softcap and value_embeddings are for GPTs (model: gpt), not the Transformer")
+        if 2 * self.value_embeddings > self.num_layers:
+            raise ValueError(
+                f"value_embeddings ({self.value_embeddings}) feeds two layers each: at most num_layers / 2 "
+                f"({self.num_layers // 2})"
+            )
         return self
 
     @property

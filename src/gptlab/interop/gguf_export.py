@@ -26,6 +26,7 @@ from gptlab.files import atomic_path
 from gptlab.interop.hf_tokenizer import ByteLevelBPE, as_byte_level_bpe
 from gptlab.models import GPT
 from gptlab.models.blocks import swiglu_hidden_dim
+from gptlab.models.gpt import EXTRAS_OFF
 from gptlab.tokenizers.base import BOS, EOS, PAD, UNK, Tokenizer
 from gptlab.tokenizers.bpe import GPT2_PATTERN, GPT4_PATTERN
 from gptlab.tokenizers.byte_level import token_to_text
@@ -43,8 +44,8 @@ PRE_TOKENIZERS = {
 }
 # The fields that decide the architecture, and the values each llama.cpp architecture needs.
 NEEDS = {
-    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "qk_norm": False},
-    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "qk_norm": False},
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", **EXTRAS_OFF},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", **EXTRAS_OFF},
 }
 Q8_BLOCK = 32  # values per q8_0 block: a row must be a multiple of it
 

@@ -23,14 +23,15 @@ from gptlab.interop.hf_tokenizer import hf_tokenizer_files
 from gptlab.interop.staging import check_output_dir, staged_directory
 from gptlab.models import GPT
 from gptlab.models.blocks import swiglu_hidden_dim
+from gptlab.models.gpt import EXTRAS_OFF
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.chat import end_of_turn_id, has_chat_template
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 # The fields that decide the architecture, and the values each one needs.
 _NEEDS = {
-    GPT2: {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "qk_norm": False},
-    LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "qk_norm": False},
+    GPT2: {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", **EXTRAS_OFF},
+    LLAMA: {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", **EXTRAS_OFF},
 }
 
 

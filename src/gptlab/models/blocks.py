@@ -121,12 +121,20 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeTables | None = None, kv_cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        rope: RopeTables | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens; their keys and
-        values are stored in slot `layer` of the cache and they attend to every slot before them."""
+        values are stored in slot `layer` of the cache and they attend to every slot before them.
+        value_embed (B, T, C), when given, is added to the values (GPT's value embeddings)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        if value_embed is not None:
+            v = v + value_embed
         hs = C // self.n_heads
         q, k, v = (t.view(B, T, self.n_heads, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm_eps is not None:
@@ -216,7 +224,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeTables | None = None, kv_cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        rope: RopeTables | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        value_embed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, kv_cache, layer)  # (B, T, C)
+        x = x + self.attn(self.norm_1(x), rope, kv_cache, layer, value_embed)  # (B, T, C)
         return x + self.mlp(self.norm_2(x))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab.models.blocks import activate, apply_rotary, normalize_heads
+from gptlab.models.fused_loss import cap_logits
 from gptlab.models.gpt import GPT
 from gptlab.models.kv_cache import KVCache
 from gptlab.models.matvec import MatVecLinear
@@ -100,6 +101,7 @@ class DecodeStep:
         rope = model.rotary(1, start, positions) if model.rotary is not None else None
         if rope is not None and positions is not None:
             rope = tuple(table[:, None] for table in rope)  # (B, 1, 1, 1, hs/2): over q|k and the heads
+        values = [table(ids).view(B, nh, 1, hs) for table in model.value_embeds]
         for i, layer in enumerate(self.layers):
             # Each row holds q, k and v side by side, each the heads of one position: (B, 3, nh, 1, hs).
             qkv = layer.qkv(layer.norm_1(x)).view(B, 3, nh, 1, hs)
@@ -112,9 +114,12 @@ class DecodeStep:
                 if self.qk_norm_eps is not None:
                     qk = normalize_heads(qk, self.qk_norm_eps)
                 q, k = apply_rotary(qk, rope).unbind(1)
+            table = model.value_table(i)
+            if table is not None:
+                v = v + values[table]
             k, v = cache.store(i, k, v)  # (B, nh, S, hs): every slot so far
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, nh, 1, hs)
             x = x + layer.proj(y.reshape(B, nh * hs))
             x = x + layer.mlp_proj(layer.activate(layer.fc(layer.norm_2(x))))
         cache.advance(1)
-        return self.head(self.norm_f(x))  # (B, V)
+        return cap_logits(self.head(self.norm_f(x)), model.config.logit_softcap)  # (B, V)

@@ -7,7 +7,8 @@ linear_cross_entropy never holds more than `chunk_rows` rows of logits: for each
 computes the logits, their share of the loss, and at once their gradient (softmax - one-hot),
 which it turns into the gradients of the hidden states and of the head's weight before moving on.
 Backward then only scales those gradients. The result equals
-F.cross_entropy(F.linear(hidden, weight), targets) up to float rounding.
+F.cross_entropy(F.linear(hidden, weight), targets) up to float rounding (with a soft cap, of the
+capped logits, cap_logits).
 
 Measured on this project's 2-core CPU (benchmarks/train_bench.py, BENCHMARKS.md): for 16,384
 tokens and a 50,304-token vocabulary, the head and loss peak at 1.3 GB above their inputs instead
@@ -26,18 +27,30 @@ IGNORE_INDEX = -100
 ROWS_PER_SLICE = 2048
 
 
+def cap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logits squashed smoothly into (-cap, cap): cap * tanh(logits / cap), about the identity
+    well inside the cap (Gemma 2, modded-nanogpt). A model cannot then push a few logits far
+    past the rest; None leaves the logits as they are."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the logits hidden @ weight.T against targets, never materialised.
+    """Mean cross-entropy of the logits cap_logits(hidden @ weight.T, softcap) against targets,
+    never materialised.
 
     hidden (N, C), weight (V, C), targets (N,) with IGNORE_INDEX for positions without a target.
-    Under autocast the products run in its dtype, and the softmax and the loss in float32.
+    Under autocast the products run in its dtype, and the cap, the softmax and the loss in float32.
     """
     rows = chunk_rows or ROWS_PER_SLICE
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, rows)
-    loss, _, _ = _loss_and_gradients(hidden, weight, targets, rows, with_gradients=False)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, rows, softcap)
+    loss, _, _ = _loss_and_gradients(hidden, weight, targets, rows, softcap, with_gradients=False)
     return loss
 
 
@@ -45,8 +58,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Computes the gradients during the forward pass, slice by slice; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows):
-        loss, grad_hidden, grad_weight = _loss_and_gradients(hidden, weight, targets, rows, with_gradients=True)
+    def forward(ctx, hidden, weight, targets, rows, softcap):
+        loss, grad_hidden, grad_weight = _loss_and_gradients(
+            hidden, weight, targets, rows, softcap, with_gradients=True
+        )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -54,10 +69,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = grad_weight * grad_loss if grad_weight.numel() else None  # a frozen head has none
-        return grad_hidden * grad_loss, grad_weight, None, None
+        return grad_hidden * grad_loss, grad_weight, None, None, None
 
 
-def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
+def _loss_and_gradients(hidden, weight, targets, rows, softcap, with_gradients):
     """The mean loss and, if asked, its gradients with respect to hidden and weight."""
     counted = targets != IGNORE_INDEX  # (N,)
     count = counted.sum().clamp(min=1)  # a batch with nothing to count gives 0 loss, not NaN
@@ -70,6 +85,9 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
         h, y, keep = hidden[start : start + rows], targets[start : start + rows], counted[start : start + rows]
         y = y.clamp(min=0)  # an ignored position reads any real column; `keep` zeroes its share
         logits = (h @ weight.t()).float()  # (rows, V): the only logits in memory
+        if softcap is not None:
+            squashed = torch.tanh(logits / softcap)  # kept: the cap's derivative is 1 - squashed²
+            logits = softcap * squashed
         log_probs = torch.log_softmax(logits, dim=-1)
         total -= (log_probs.gather(1, y[:, None]).squeeze(1) * keep).sum()
         if not with_gradients:
@@ -80,6 +98,8 @@ def _loss_and_gradients(hidden, weight, targets, rows, with_gradients):
         # are zeroed in the narrow (rows, C) operands, 20x cheaper than in the (rows, V) logits.
         grad_logits = log_probs.exp_()
         grad_logits[torch.arange(len(y), device=y.device), y] -= 1
+        if softcap is not None:
+            grad_logits.mul_(1 - squashed.square_())  # through the cap: d(c tanh(z / c)) / dz
         grad_logits = grad_logits.to(weight.dtype)  # under autocast the products cast it anyway
         row_scale = (keep / count)[:, None]  # (rows, 1)
         grad_hidden[start : start + rows] = (grad_logits @ weight).float().mul_(row_scale).to(hidden.dtype)

@@ -13,16 +13,28 @@ from gptlab.errors import GptlabError
 from gptlab.models.base import LanguageModel, position_encoding
 from gptlab.models.blocks import Block, make_norm
 from gptlab.models.dropout import Dropout
-from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
+from gptlab.models.fused_loss import IGNORE_INDEX, cap_logits, linear_cross_entropy
 from gptlab.models.kv_cache import KVCache
+
+# Our options that neither GPT-2 nor Llama has, at the values that turn them off: a model must
+# have these to export to transformers or llama.cpp.
+EXTRAS_OFF = {"qk_norm": False, "logit_softcap": None, "value_embeddings": 0}
 
 
 class GPT(LanguageModel):
-    """Token embedding, positional encoding, `num_layers` pre-norm blocks, final norm, head."""
+    """Token embedding, positional encoding, `num_layers` pre-norm blocks, final norm, head.
+
+    Options from modded-nanogpt: value embeddings (config.value_embeddings), token tables whose
+    rows are added to the attention values of the first and last layers, parameters that cost a
+    lookup instead of a product; and a soft cap on the logits (config.logit_softcap).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.tgt_vocab_size, config.embed_dim)
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(config.tgt_vocab_size, config.embed_dim) for _ in range(config.value_embeddings)
+        )
         self.wpe, self.rotary = position_encoding(config, config.seq_len)
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
@@ -71,16 +83,20 @@ class GPT(LanguageModel):
             x = x + self.wpe(T, start_pos, positions)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.drop(x)
         rope = self.rotary(T, start_pos, positions) if self.rotary is not None else None
+        values = [table(idx) for table in self.value_embeds]  # (B, T, C) each
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, kv_cache, layer)  # (B, T, C)
+            table = self.value_table(layer)
+            x = block(x, rope, kv_cache, layer, None if table is None else values[table])  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm_f(x)
+        softcap = self.config.logit_softcap
         if targets is not None and not return_logits:
-            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)  # (B, T, V)
+            flat = x.flatten(0, 1)
+            return None, linear_cross_entropy(flat, self.lm_head.weight, targets.flatten(), softcap=softcap)
+        logits = cap_logits(self.lm_head(x), softcap)  # (B, T, V)
         if targets is None:
             return logits, None
         # The loss in float32 even under autocast: a bf16 log-softmax over V classes loses digits.
@@ -88,6 +104,17 @@ class GPT(LanguageModel):
         flat = targets.flatten()
         summed = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return logits, summed / (flat != IGNORE_INDEX).sum().clamp(min=1)
+
+    def value_table(self, layer: int) -> int | None:
+        """Which value-embedding table feeds `layer`: table j feeds layer j and layer
+        num_layers - N + j (N tables), so the first and the last layers get one each; None for
+        the layers between."""
+        tables, depth = len(self.value_embeds), self.config.num_layers
+        if layer < tables:
+            return layer
+        if layer >= depth - tables:
+            return layer - (depth - tables)
+        return None
 
     def check_positions(self, start_pos: int, T: int) -> None:
         """GptlabError unless positions start_pos .. start_pos+T-1 lie within the context."""

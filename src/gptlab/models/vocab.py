@@ -15,15 +15,17 @@ import torch
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
-# The GPT's tables indexed by token id: the input embedding and the output head (one matrix when tied).
+# The GPT's tables indexed by token id: the input embedding and the output head (one matrix when
+# tied), and any value-embedding tables (value_embeds.<j>.weight).
 TOKEN_TABLES = ("wte.weight", "lm_head.weight")
+VALUE_TABLES = "value_embeds."
 
 
 def with_new_token_rows(
     state: Mapping[str, torch.Tensor], config: ModelConfig, new_ids: Sequence[int], trained_rows: int
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A GPT's config and weights with the rows of `new_ids` set to the mean of its first
-    `trained_rows` rows (the ids its tokenizer had), in the embedding and the output head.
+    `trained_rows` rows (the ids its tokenizer had), in every table indexed by token id.
     The tables grow when an id lies past their end (config.tgt_vocab_size grows with them);
     an id already inside them (a table rounded up) reuses that spare row. Tied tables stay one
     tensor. Every other row and weight is unchanged."""
@@ -38,8 +40,9 @@ def with_new_token_rows(
     grown = max(rows, new_ids[-1] + 1)
     out = dict(state)
     tied = config.tie_embeddings
-    for name in TOKEN_TABLES:
-        if name not in state or (tied and name == "lm_head.weight"):
+    tables = [name for name in state if name in TOKEN_TABLES or name.startswith(VALUE_TABLES)]
+    for name in tables:
+        if tied and name == "lm_head.weight":
             continue
         old = state[name]  # (rows, C)
         table = torch.cat([old, old.new_zeros(grown - old.size(0), old.size(1))])  # (grown, C)

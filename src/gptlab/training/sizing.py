@@ -49,9 +49,12 @@ MAX_TIMED_STEPS = 10
 
 def smaller(cfg: ModelConfig) -> ModelConfig | None:
     """The next rung of the ladder below `cfg`: two thirds of its layers (not under MIN_LAYERS),
-    else the next smaller of WIDTHS that makes whole heads of even size, else None."""
+    else the next smaller of WIDTHS that makes whole heads of even size, else None. Value
+    embeddings keep their count where the fewer layers can take it (two layers a table)."""
     if cfg.num_layers > MIN_LAYERS:
-        return validated(ModelConfig, {**cfg.model_dump(), "num_layers": max(MIN_LAYERS, cfg.num_layers * 2 // 3)})
+        layers = max(MIN_LAYERS, cfg.num_layers * 2 // 3)
+        tables = min(cfg.value_embeddings, layers // 2)
+        return validated(ModelConfig, {**cfg.model_dump(), "num_layers": layers, "value_embeddings": tables})
     for width in sorted(WIDTHS, reverse=True):
         if width < cfg.embed_dim and width % cfg.n_heads == 0 and width // cfg.n_heads % 2 == 0:
             return validated(ModelConfig, {**cfg.model_dump(), "embed_dim": width})
