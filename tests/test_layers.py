@@ -233,7 +233,7 @@ def test_the_ignore_index_is_defined_once():
         and isinstance(node.operand, ast.Constant)
         and node.operand.value == 100
     )
-    assert literals == ["gptlab/models/fused_loss.py:23"]
+    assert len(literals) == 1 and literals[0].startswith("gptlab/models/fused_loss.py:")
 
 
 def test_no_subcommand_imports_the_command_line_package(graph):
