@@ -47,9 +47,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-# fp32: under bf16 autocast the CPU attention form is chosen by timing in each process
-# (models/attention_choice.py), and at this tiny size the choice can differ between two processes,
-# which changes the rounding; these tests are about what a run replays, not about that choice.
+# fp32: on a CPU with fast bf16 (a Zen 4 EPYC), `--dtype auto` trains in bf16, and there two
+# processes were seen to differ in rounding from the first step (what each process chooses for
+# itself: the attention form is timed, models/attention_choice.py, and bf16 kernels may reduce
+# in another order); these tests are about what a run replays, not about those choices.
 def train_args(tmp: Path, run: str, steps: int, *extra: str) -> list[str]:
     return [
         "train", "--tokenizer", str(ROOT / "toy_data" / "tiny_sp"), "--train_data", str(tmp / "train.txt"),
