@@ -101,7 +101,7 @@ class DecodeStep:
         rope = model.rotary(1, start, positions) if model.rotary is not None else None
         if rope is not None and positions is not None:
             rope = tuple(table[:, None] for table in rope)  # (B, 1, 1, 1, hs/2): over q|k and the heads
-        values = [table(ids).view(B, nh, 1, hs) for table in model.value_embeds]
+        values = model.layer_values(ids)  # (B, C) or None a layer
         for i, layer in enumerate(self.layers):
             # Each row holds q, k and v side by side, each the heads of one position: (B, 3, nh, 1, hs).
             qkv = layer.qkv(layer.norm_1(x)).view(B, 3, nh, 1, hs)
@@ -114,9 +114,8 @@ class DecodeStep:
                 if self.qk_norm_eps is not None:
                     qk = normalize_heads(qk, self.qk_norm_eps)
                 q, k = apply_rotary(qk, rope).unbind(1)
-            table = model.value_table(i)
-            if table is not None:
-                v = v + values[table]
+            if values[i] is not None:
+                v = v + values[i].view(B, nh, 1, hs)
             k, v = cache.store(i, k, v)  # (B, nh, S, hs): every slot so far
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, nh, 1, hs)
             x = x + layer.proj(y.reshape(B, nh * hs))

@@ -83,10 +83,9 @@ class GPT(LanguageModel):
             x = x + self.wpe(T, start_pos, positions)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.drop(x)
         rope = self.rotary(T, start_pos, positions) if self.rotary is not None else None
-        values = [table(idx) for table in self.value_embeds]  # (B, T, C) each
+        values = self.layer_values(idx)
         for layer, block in enumerate(self.blocks):
-            table = self.value_table(layer)
-            x = block(x, rope, kv_cache, layer, None if table is None else values[table])  # (B, T, C)
+            x = block(x, rope, kv_cache, layer, values[layer])  # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only:
@@ -104,6 +103,13 @@ class GPT(LanguageModel):
         flat = targets.flatten()
         summed = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return logits, summed / (flat != IGNORE_INDEX).sum().clamp(min=1)
+
+    def layer_values(self, idx: torch.Tensor) -> list[torch.Tensor | None]:
+        """For each layer, the value embeddings of token ids idx (..., C) from the table that
+        feeds it (value_table), or None; each table is looked up once."""
+        looked_up = [table(idx) for table in self.value_embeds]
+        tables = (self.value_table(layer) for layer in range(self.config.num_layers))
+        return [None if table is None else looked_up[table] for table in tables]
 
     def value_table(self, layer: int) -> int | None:
         """Which value-embedding table feeds `layer`: table j feeds layer j and layer
