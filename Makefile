@@ -10,7 +10,7 @@ SEQ2SEQ_DIR := runs/demo-seq2seq
 CHAT_DIR := runs/demo-chat
 CHAT_BUDGET ?= 5m
 
-.PHONY: demo demo-seq2seq demo-chat speedrun ablation test test-gguf test-slow lint clean
+.PHONY: demo demo-seq2seq demo-chat speedrun ablation test test-gguf test-cuda test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ LLAMA_CPP ?= llama-cpp-python==0.3.36
 test-gguf: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install -q "$(LLAMA_CPP)"
 	$(BIN)/python -m pytest -m llama_cpp
+
+# The CUDA paths (bf16, fp16, compile, the decode step, resume) on a machine with an NVIDIA GPU;
+# in the default suite they skip where there is none.
+test-cuda: $(VENV)/.installed
+	$(BIN)/python -m pytest -m cuda -rs
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow
