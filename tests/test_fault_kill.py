@@ -47,10 +47,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-# fp32: on a CPU with fast bf16 (a Zen 4 EPYC), `--dtype auto` trains in bf16, and there two
-# processes were seen to differ in rounding from the first step (what each process chooses for
-# itself: the attention form is timed, models/attention_choice.py, and bf16 kernels may reduce
-# in another order); these tests are about what a run replays, not about those choices.
+# fp32, named: `--dtype auto` measures the CPU's bf16 speed, which tests/conftest.py pins to "slow"
+# in this process only; the processes these tests start measure for themselves, so on a CPU with
+# fast bf16 (a Zen 4 EPYC) they trained in bf16 and this process in fp32 (5.7e-5 apart at step 1).
 def train_args(tmp: Path, run: str, steps: int, *extra: str) -> list[str]:
     return [
         "train", "--tokenizer", str(ROOT / "toy_data" / "tiny_sp"), "--train_data", str(tmp / "train.txt"),
