@@ -26,3 +26,14 @@ def cl100k_file() -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == CL100K_SHA256, f"{path} is not tiktoken's cl100k_base (sha256 {digest})"
     return path
+
+
+TOY_DATA = Path(__file__).resolve().parents[1] / "toy_data"
+
+
+def write_toy_texts(folder: Path) -> Path:
+    """train.txt (the first 20,000 characters of the toy corpus) and eval.txt (5,000 of its test
+    text) written into `folder`, for end-to-end runs on tiny data; returns `folder`."""
+    (folder / "train.txt").write_text(read_text(TOY_DATA / "tiny_sp_train.txt", 20_000), encoding="utf-8")
+    (folder / "eval.txt").write_text(read_text(TOY_DATA / "tiny_sp_test.txt", 5_000), encoding="utf-8")
+    return folder

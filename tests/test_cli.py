@@ -16,10 +16,11 @@ import torch
 from gptlab.cli import main
 from gptlab.training import load_checkpoint
 
+from data_files import write_toy_texts
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 TRAIN_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
-EVAL_TEXT = ROOT / "toy_data" / "tiny_sp_test.txt"
 TINY_MODEL = ["--embed_dim", "32", "--num_layers", "1", "--n_heads", "2", "--seq_len", "16", "--batch_size", "8"]
 
 
@@ -51,10 +52,7 @@ def tiny_train_args(tmp: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("cli")
-    (tmp / "train.txt").write_text(TRAIN_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    (tmp / "eval.txt").write_text(EVAL_TEXT.read_text(encoding="utf-8")[:5_000], encoding="utf-8")
-    return tmp
+    return write_toy_texts(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,13 @@ from gptlab.models.decode_step import DecodeStep
 from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
 from gptlab.training.run_files import read_step_log
 
+from data_files import write_toy_texts
 from helpers import random_gpt
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
-TRAIN_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
-EVAL_TEXT = ROOT / "toy_data" / "tiny_sp_test.txt"
 CUDA = torch.device("cuda")
 VOCAB = 96
 # Every option of the GPT the presets train, the two GPT-only extras included.
@@ -111,10 +110,7 @@ def test_the_decode_step_on_the_gpu_equals_the_full_forward(dtype):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("cuda")
-    (tmp / "train.txt").write_text(TRAIN_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    (tmp / "eval.txt").write_text(EVAL_TEXT.read_text(encoding="utf-8")[:5_000], encoding="utf-8")
-    return tmp
+    return write_toy_texts(tmp_path_factory.mktemp("cuda"))
 
 
 def train_args(tmp: Path, run: str, *extra: str) -> list[str]:
