@@ -16,7 +16,7 @@ from gptlab.generation import ready_for_generation
 from gptlab.models.attention_choice import causal_attention, explicit_causal_attention
 from gptlab.models.decode_step import DecodeStep
 from gptlab.models.fused_loss import IGNORE_INDEX, linear_cross_entropy
-from gptlab.training.run_files import read_step_log
+from gptlab.training.run_files import find_latest, read_step_log
 
 from data_files import write_toy_texts
 from helpers import random_gpt
@@ -114,7 +114,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def train_args(tmp: Path, run: str, *extra: str) -> list[str]:
-    """A small Muon-trained GPT with the cpu-10min options, on the GPU."""
+    """A small GPT with RoPE and QK-norm, trained with Muon on the GPU."""
     return [
         "train", "--tokenizer", str(TOKENIZER), "--train_data", str(tmp / "train.txt"),
         "--eval_data", str(tmp / "eval.txt"), "--device", "cuda", "--embed_dim", "64", "--num_layers", "2",
@@ -173,8 +173,14 @@ def test_a_resumed_run_on_the_gpu_follows_the_uninterrupted_one(workdir):
     assert max(abs(a - b) for a, b in zip(whole, parts)) < 1e-2
 
 
-def test_a_checkpoint_trained_on_the_gpu_generates_and_evaluates_there_and_on_the_cpu(workdir, capsys):
-    checkpoint = next((workdir / "bf16").glob("exp_e*.pth"))
+@pytest.fixture(scope="module")
+def checkpoint(workdir) -> Path:
+    """The final checkpoint of a bf16 run on the GPU."""
+    assert main(train_args(workdir, "checkpoint", "--dtype", "bf16", "--max_steps", "30")) == 0
+    return find_latest(workdir / "checkpoint", "exp")
+
+
+def test_a_checkpoint_trained_on_the_gpu_generates_and_evaluates_there_and_on_the_cpu(checkpoint, workdir, capsys):
     texts = []
     for device in ("cuda", "cuda", "cpu"):
         capsys.readouterr()
@@ -195,8 +201,7 @@ def test_a_checkpoint_trained_on_the_gpu_generates_and_evaluates_there_and_on_th
     assert bits["cuda"] == pytest.approx(bits["cpu"], abs=2e-2)  # bf16 on the GPU, float32 on the CPU
 
 
-def test_int8_on_the_gpu_is_refused_in_one_line(workdir, capsys):
-    checkpoint = next((workdir / "bf16").glob("exp_e*.pth"))
+def test_int8_on_the_gpu_is_refused_in_one_line(checkpoint, capsys):
     code = main(["generate", "--model_path", str(checkpoint), "--prompt", "The", "--dtype", "int8", "--device", "cuda"])
     assert code != 0
     err = capsys.readouterr().err
