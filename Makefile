@@ -65,12 +65,14 @@ speedrun: $(VENV)/.installed
 	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
 
 # How cpu-10min was chosen at its own budget: one change at a time, ABLATION_BUDGET per row, into
-# docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=repeat (the latest: dropout, weight decay
-# and width where the text is read five times), modded (a soft cap on the logits, value embeddings), schedule (the learning rate's decay, Muon's momentum warmup, depth at
-# equal parameters), compute (what the
-# small model sized to a slower machine spends its steps on), small (its learning rates), size (smaller models, for a slower machine), regularisation (dropout, weight decay, AdamW's learning rate), data (what each step learns from), sweeps (learning rate and vocabulary),
-# faster (what faster steps are best spent on), budget (from the first cpu-10min) or first
-# (`ABLATION_BUDGET=2m`: how the first was chosen).
+# docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=repeat (the latest: dropout, weight
+# decay and width where the text is read five times), modded (a soft cap on the logits, value
+# embeddings), schedule (the learning rate's decay, Muon's momentum warmup, depth at equal
+# parameters), compute (what the small model sized to a slower machine spends its steps on),
+# small (its learning rates), size (smaller models, for a slower machine), regularisation
+# (dropout, weight decay, AdamW's learning rate), data (what each step learns from), sweeps
+# (learning rate and vocabulary), faster (what faster steps are best spent on), budget (from the
+# first cpu-10min) or first (`ABLATION_BUDGET=2m`: how the first was chosen).
 ABLATION_BUDGET ?= 10m
 ABLATION_WALK ?= repeat
 ablation: $(VENV)/.installed
