@@ -8,7 +8,7 @@ import torch
 from gptlab import device
 from gptlab.config import TrainConfig
 from gptlab.training import optim
-from gptlab.training.muon import Muon
+from gptlab.training.muon import Muon, orthogonalise
 
 from helpers import random_gpt
 
@@ -41,6 +41,27 @@ def test_in_float32_it_is_torch_muon_without_the_bfloat16_rounding():
     for ours, theirs in zip(float32, steps(torch.optim.Muon, SHAPES)):
         assert not torch.equal(ours, theirs)
         torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)  # bf16 keeps 8 bits of mantissa
+
+
+REPEATED_SHAPES = [(48, 16), (16, 48), (48, 16), (24, 24), (16, 48), (24, 24), (48, 16)]  # a model's layers
+
+
+def test_same_shaped_matrices_stepped_together_give_torch_muons_step():
+    # Batched products may round as the single ones do (bitwise on the machines measured) or not.
+    for ours, theirs in zip(steps(Muon, REPEATED_SHAPES), steps(torch.optim.Muon, REPEATED_SHAPES)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_stack_is_orthogonalised_as_each_matrix_alone(shape, dtype):
+    generator = torch.Generator().manual_seed(0)
+    matrices = [scale * torch.randn(shape, generator=generator) for scale in (0.01, 1.0, 100.0)]  # norms apart
+    settings = ((3.4445, -4.775, 2.0315), 5, 1e-7, dtype)
+    alone = torch.stack([orthogonalise(matrix, *settings) for matrix in matrices])
+    together = orthogonalise(torch.stack(matrices), *settings)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert together.shape == (3, *shape)
 
 
 def test_unsupported_settings_are_refused():

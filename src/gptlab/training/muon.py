@@ -4,7 +4,10 @@ torch.optim.Muon orthogonalises every update in bfloat16: fast on GPUs and on CP
 BF16 or AMX, but on a CPU without them each bfloat16 matmul is emulated. For cpu-10min's 24 hidden
 matrices on a 2-core AVX2 EPYC, one step's iterations took 12.5 s in bfloat16 and 0.37 s in
 float32. This Muon is torch's (same hyperparameters, state and checkpoints) with the iteration in
-`ns_dtype`; in bfloat16 it computes exactly what torch's does (tests/test_muon.py).
+`ns_dtype`; in bfloat16 it computes exactly what torch's does (tests/test_muon.py). Matrices of one
+shape (the same matrix of every layer) are orthogonalised together, in batched products: the
+numbers of one at a time (bitwise where measured), from fewer and larger calls (cpu-10min's 4 x 192 in bf16 on a Zen 4: Muon's step took
+28-32 ms instead of 31-47, about 4 % of a training step).
 """
 
 from __future__ import annotations
@@ -18,17 +21,21 @@ def orthogonalise(
     update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """About U Vᵀ for update = U S Vᵀ: the quintic Newton–Schulz iteration of torch.optim.Muon
-    (Keller Jordan's coefficients push singular values towards 1 in few steps), in `dtype`."""
+    (Keller Jordan's coefficients push singular values towards 1 in few steps), in `dtype`; for one
+    matrix, or for a stack of same-shaped ones (each normalised and iterated on its own)."""
     a, b, c = coefficients
     x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
+    tall = update.size(-2) > update.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x xᵀ is the smaller one
-        x = x.T
-    x = x.div(x.norm().clamp(min=eps))  # spectral norm at most 1
+        x = x.mT
+    stacked = x.dim() == 3
+    norm = x.norm(dim=(-2, -1), keepdim=True) if stacked else x.norm()
+    x = x.div(norm.clamp(min=eps))  # spectral norm at most 1
+    add_product = torch.baddbmm if stacked else torch.addmm
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = add_product(x, add_product(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Muon):
@@ -46,6 +53,7 @@ class Muon(torch.optim.Muon):
             if group["adjust_lr_fn"] not in (None, "original"):
                 raise ValueError(f"adjust_lr_fn {group['adjust_lr_fn']!r} is not supported here")
             lr, momentum = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -55,8 +63,13 @@ class Muon(torch.optim.Muon):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-                rows, columns = param.shape
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-lr * math.sqrt(max(1, rows / columns)))  # torch's "original" scale
+                by_shape.setdefault(param.shape, []).append((param, update))
+            for (rows, columns), pairs in by_shape.items():
+                updates = torch.stack([update for _, update in pairs]) if len(pairs) > 1 else pairs[0][1]
+                updates = orthogonalise(
+                    updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                )
+                for (param, _), update in zip(pairs, updates if len(pairs) > 1 else [updates]):
+                    param.mul_(1 - lr * group["weight_decay"])
+                    param.add_(update, alpha=-lr * math.sqrt(max(1, rows / columns)))  # torch's "original" scale
         return None
