@@ -6,8 +6,8 @@ matrices on a 2-core AVX2 EPYC, one step's iterations took 12.5 s in bfloat16 an
 float32. This Muon is torch's (same hyperparameters, state and checkpoints) with the iteration in
 `ns_dtype`; in bfloat16 it computes exactly what torch's does (tests/test_muon.py). Matrices of one
 shape (the same matrix of every layer) are orthogonalised together, in batched products: the
-numbers of one at a time (bitwise where measured), from fewer and larger calls (cpu-10min's 4 x 192 in bf16 on a Zen 4: Muon's step took
-28-32 ms instead of 31-47, about 4 % of a training step).
+numbers of one at a time (bitwise where measured), from fewer and larger calls (cpu-10min's
+4 x 192 in bf16 on a Zen 4: Muon's step took 28-32 ms instead of 31-47, about 4 % of a step).
 """
 
 from __future__ import annotations
@@ -65,11 +65,15 @@ class Muon(torch.optim.Muon):
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 by_shape.setdefault(param.shape, []).append((param, update))
             for (rows, columns), pairs in by_shape.items():
-                updates = torch.stack([update for _, update in pairs]) if len(pairs) > 1 else pairs[0][1]
+                # A lone matrix keeps torch's unbatched products (and so its exact numbers).
                 updates = orthogonalise(
-                    updates, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
+                    torch.stack([update for _, update in pairs]) if len(pairs) > 1 else pairs[0][1],
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    self.ns_dtype,
                 )
-                for (param, _), update in zip(pairs, updates if len(pairs) > 1 else [updates]):
+                for (param, _), update in zip(pairs, updates.view(len(pairs), rows, columns)):
                     param.mul_(1 - lr * group["weight_decay"])
                     param.add_(update, alpha=-lr * math.sqrt(max(1, rows / columns)))  # torch's "original" scale
         return None
