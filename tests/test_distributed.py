@@ -25,9 +25,7 @@ TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 TRAIN_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
 
 
-# fp32, named: `--dtype auto` measures the CPU's bf16 speed, which tests/conftest.py pins to "slow"
-# in this process only; the processes these tests start measure for themselves, so on a CPU with
-# fast bf16 (a Zen 4 EPYC) they trained in bf16 and this process in fp32 (5.7e-5 apart at step 1).
+# fp32, named: these runs are replayed in processes of their own (see conftest.cpu_bf16_measured_slow).
 def train_args(tmp: Path, name: str, *extra: str) -> list[str]:
     return [
         "train", "--tokenizer", str(TOKENIZER), "--train_data", str(tmp / "train.txt"),

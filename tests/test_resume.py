@@ -25,16 +25,15 @@ TRAIN_TEXT = ROOT / "toy_data" / "tiny_sp_train.txt"
 STEPS = 300
 
 
-# fp32, named: `--dtype auto` measures the CPU's bf16 speed, which tests/conftest.py pins to "slow"
-# in this process only; the processes these tests start measure for themselves, so on a CPU with
-# fast bf16 (a Zen 4 EPYC) they trained in bf16 and this process in fp32 (5.7e-5 apart at step 1).
+# fp32, named: these runs are replayed in processes of their own (see conftest.cpu_bf16_measured_slow).
 def train_args(tmp: Path, run: str, *extra: str) -> list[str]:
     return [
         "train", "--tokenizer", str(TOKENIZER), "--train_data", str(tmp / "train.txt"),
         "--embed_dim", "32", "--num_layers", "2", "--n_heads", "2", "--seq_len", "16", "--batch_size", "4",
         "--dropout", "0.1", "--max_steps", str(STEPS), "--eval_interval", "1000", "--device", "cpu",
         "--save_every_steps", "10", "--keep_last", "2", "--experiment_name", "exp",
-        "--checkpoint_dir", str(tmp / run), "--log_dir", str(tmp / run / "runs"), "--no_progress", "--dtype", "fp32", *extra,
+        "--checkpoint_dir", str(tmp / run), "--log_dir", str(tmp / run / "runs"),
+        "--no_progress", "--dtype", "fp32", *extra,
     ]  # fmt: skip
 
 
