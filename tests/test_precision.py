@@ -98,6 +98,26 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_it_is_measured_faster(monkeypatch,
     assert precision.Precision("fp32", cpu).notice is None
 
 
+@pytest.mark.parametrize(
+    "speedup, resumed, kept",
+    [
+        (1.1, None, True),  # a fresh run: as measured
+        (0.9, None, False),
+        (0.9, True, True),  # a resumed run near the line: as it trained, whatever this measurement says
+        (1.5, False, False),
+        (0.02, True, False),  # emulated bf16 here (no AVX-512 BF16): measured, or the run would crawl
+    ],
+)
+def test_a_resumed_run_keeps_its_bf16_decision_unless_this_cpu_emulates_bf16(monkeypatch, speedup, resumed, kept):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
+    cpu = torch.device("cpu")
+    assert precision.kept_bf16_decision(cpu, resumed) is kept
+    auto = precision.Precision("auto", cpu, resumed)
+    assert auto.bf16_fast is kept and auto.dtype == (torch.bfloat16 if kept else torch.float32)
+    assert auto.notice.endswith("(its checkpoint says)") == (resumed is not None and resumed == kept)
+    assert precision.kept_bf16_decision(torch.device("cuda"), True) is None  # decided by the GPU, not recorded
+
+
 def test_cpu_bf16_speedup_is_measured_without_moving_the_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)
@@ -146,7 +166,7 @@ def fp16_scaling_on_cpu(monkeypatch):
     the scaling, unscaling, skipping and checkpointing of fp16 training, without a GPU."""
     import contextlib
 
-    monkeypatch.setattr(precision, "resolve_dtype", lambda name, device: torch.float16)
+    monkeypatch.setattr(precision, "resolve_dtype", lambda name, device, bf16_fast=None: torch.float16)
     monkeypatch.setattr(precision, "autocast", lambda device, dtype: contextlib.nullcontext())
     return precision.Precision
 

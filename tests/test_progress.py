@@ -24,7 +24,7 @@ def test_progress_round_trips_through_a_checkpoint(tmp_path):
     rng = capture_rng_state()
     progress = RunProgress(
         step=7, epoch=2, epoch_batches_done=3, tokens_seen=896, step_batch=16, train_tokens=1234,
-        grad_scaler={"scale": 2.0}, rank_rngs=[rng, rng],
+        grad_scaler={"scale": 2.0}, bf16_fast=True, rank_rngs=[rng, rng],
     )  # fmt: skip
     path = save_checkpoint(
         tmp_path / "c.pth", GPT(model_cfg), ByteTokenizer(), model_cfg, DatasetConfig(), TrainConfig(),
@@ -33,6 +33,7 @@ def test_progress_round_trips_through_a_checkpoint(tmp_path):
     back = RunProgress.from_checkpoint(load_checkpoint(path), batches_per_epoch=4)
     assert (back.step, back.epoch, back.epoch_batches_done, back.tokens_seen) == (7, 2, 3, 896)
     assert (back.step_batch, back.train_tokens, back.grad_scaler) == (16, 1234, {"scale": 2.0})
+    assert back.bf16_fast is True and RunProgress.recorded_bf16_fast(load_checkpoint(path)) is True
     assert back.rng is not None and len(back.rank_rngs) == 2
     assert back.start(batches_per_epoch=4) == (2, 3)  # mid-epoch: the same epoch, its 4th batch
     assert back.start(batches_per_epoch=3) == (3, 0)  # its last batch done: the next epoch

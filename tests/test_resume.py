@@ -112,6 +112,29 @@ def test_a_bf16_run_with_muon_resumes_exactly(workdir: Path) -> None:
     assert all(torch.equal(b.model_state[name], tensor) for name, tensor in a.model_state.items())
 
 
+def test_a_dtype_auto_run_resumes_in_the_precision_it_trained_in(workdir: Path, monkeypatch, capsys) -> None:
+    """A CPU near the line (bf16 measured 1.0-1.2x float32's speed) may decide the other way when
+    a resumed run measures again: the checkpoint's decision is kept, for autocast and for Muon."""
+    from gptlab import device
+    from gptlab.training import precision
+
+    def bf16_measures(speedup: float) -> None:
+        for module in (device, precision):
+            monkeypatch.setattr(module, "cpu_bf16_speedup", lambda: speedup)
+
+    flags = ("--warmup_steps", "0", "--min_lr_ratio", "1", "--dtype", "auto", "--optimizer", "muon")
+    bf16_measures(1.1)
+    assert main(train_args(workdir, "whole", *flags, "--max_steps", "60")) == 0
+    assert main(train_args(workdir, "parts", *flags, "--max_steps", "30")) == 0
+    bf16_measures(0.9)  # measured again here, fp32 would be chosen
+    capsys.readouterr()
+    assert main(train_args(workdir, "parts", *flags, "--max_steps", "60", "--resume", "auto")) == 0
+    assert "--dtype auto: bf16, as the run being resumed trained" in capsys.readouterr().out
+    whole, parts = (read_step_log(workdir / run / "runs" / "exp" / "metrics.jsonl") for run in ("whole", "parts"))
+    assert len(parts) == 60 and [e["loss"] for e in parts] == [e["loss"] for e in whole]  # bitwise
+    assert load_checkpoint(find_latest(workdir / "parts", "exp")).extra["bf16_fast"] is True
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh(workdir: Path, capsys) -> None:
     args = train_args(workdir, "fresh", "--resume", "auto", "--max_steps", "3", "--save_every_steps", "2")
     assert main(args) == 0

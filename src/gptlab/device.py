@@ -62,15 +62,17 @@ def configure_backend(device: torch.device) -> None:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, bf16_fast: bool | None = None) -> torch.dtype:
     """The autocast dtype for `name` ("auto", "fp32", "bf16", "fp16") on `device`.
 
     auto is bfloat16 on GPUs that support it and on CPUs whose bfloat16 matmuls are measured
-    faster than their float32 ones (cpu_bf16_speedup), float32 elsewhere. Raises GptlabError for
+    faster than their float32 ones (cpu_bf16_speedup; `bf16_fast`, when given, is that answer
+    already decided, e.g. by the run being resumed), float32 elsewhere. Raises GptlabError for
     a precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
     """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" and fast_bf16(device) else usual_dtype(device)
+        fast = fast_bf16(device) if bf16_fast is None else bf16_fast
+        return torch.bfloat16 if device.type == "cpu" and fast else usual_dtype(device)
     if name not in DTYPES:
         raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     dtype = DTYPES[name]

@@ -45,6 +45,8 @@ def check_fields(raw: dict[str, Any], path: Path) -> None:
             _count(extra[name], f"extra.{name}", path, minimum)
     if extra.get("grad_scaler") is not None and not isinstance(extra["grad_scaler"], dict):
         _bad(path, "extra.grad_scaler", "is not a dict")
+    if extra.get("bf16_fast") is not None and not isinstance(extra["bf16_fast"], bool):
+        _bad(path, "extra.bf16_fast", "is not true or false")
     ranks = extra.get("rank_rng")
     if ranks is not None:
         if not isinstance(ranks, list):

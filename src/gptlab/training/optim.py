@@ -56,14 +56,17 @@ class OptimizerSet:
             _load_keeping_settings(optimizer, saved[name])
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> OptimizerSet:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, bf16_fast: bool | None = None
+) -> OptimizerSet:
     """The optimizer cfg.optimizer names, over `model`'s parameters.
 
     adamw: AdamW with weight decay on matrices only (the model's configure_optimizer_groups).
     muon: Muon (torch.optim.Muon's orthogonalised momentum, 2-D weights only; training/muon.py)
     for the hidden matrices (attention and MLP weights), at cfg.muon_lr; AdamW at
     cfg.learning_rate for embeddings, the output head, norms and biases. The fused AdamW kernel is
-    used where torch has one for `device`.
+    used where torch has one for `device`. `bf16_fast`: whether bf16 is fast on this CPU, as a
+    resumed run decided it (None: measure).
     """
     speed = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     betas = (cfg.beta1, cfg.beta2)
@@ -89,7 +92,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         lr=cfg.muon_lr,
         momentum=muon_momentum_at(0, cfg),
         weight_decay=cfg.weight_decay,
-        ns_dtype=torch.bfloat16 if fast_bf16(device) else torch.float32,
+        ns_dtype=torch.bfloat16 if (fast_bf16(device) if bf16_fast is None else bf16_fast) else torch.float32,
     )
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=betas, **speed)
     return OptimizerSet({"muon": muon, "adamw": adamw})

@@ -10,6 +10,21 @@ import torch
 from gptlab.device import autocast, cpu_bf16_speedup, resolve_dtype
 from gptlab.training.optim import OptimizerSet
 
+EMULATED_BF16 = 0.5  # bf16 matmuls under half float32's speed: no AVX-512 BF16 or AMX (45-70x slower)
+
+
+def kept_bf16_decision(device: torch.device, resumed: bool | None) -> bool | None:
+    """Whether bf16 counts as fast on this CPU, for --dtype auto and Muon's iteration: as the run
+    being resumed decided it, so that a run whose CPU measures near the line (bf16 1.0-1.2x float32's
+    speed) resumes in the precision it trained in, bitwise; but measured again where this CPU emulates
+    bf16, where keeping a faster CPU's decision would crawl. None off a CPU (fast where supported)."""
+    if device.type != "cpu":
+        return None
+    speedup = cpu_bf16_speedup()
+    if resumed is None or speedup < EMULATED_BF16:
+        return speedup > 1
+    return resumed
+
 
 class Precision:
     """Autocast to the dtype TrainConfig.dtype names; with float16 (CUDA only) a GradScaler keeps
@@ -18,15 +33,20 @@ class Precision:
     The scaler's state travels in checkpoints, so a resumed fp16 run scales exactly as before.
     """
 
-    def __init__(self, dtype_name: str, device: torch.device):
+    def __init__(self, dtype_name: str, device: torch.device, resumed_bf16_fast: bool | None = None):
+        """`resumed_bf16_fast`: the bf16 decision that the run being resumed recorded (None: none)."""
         self.device = device
-        self.dtype = resolve_dtype(dtype_name, device)
+        self.bf16_fast = kept_bf16_decision(device, resumed_bf16_fast)  # what checkpoints record
+        self.dtype = resolve_dtype(dtype_name, device, self.bf16_fast)
         fp16 = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
-        self.notice = self._cpu_notice(dtype_name) if device.type == "cpu" else None  # a line for the log
+        kept = resumed_bf16_fast is not None and resumed_bf16_fast == self.bf16_fast
+        self.notice = self._cpu_notice(dtype_name, kept) if device.type == "cpu" else None  # a line for the log
 
-    def _cpu_notice(self, dtype_name: str) -> str | None:
+    def _cpu_notice(self, dtype_name: str, kept: bool) -> str | None:
         """What a CPU's measured bf16 speed decided, or a warning when bf16 was asked for and is slow."""
+        if dtype_name == "auto" and kept:
+            return f"--dtype auto: {self.name}, as the run being resumed trained (its checkpoint says)"
         speedup = cpu_bf16_speedup() if dtype_name in ("auto", "bf16") else None
         if dtype_name == "auto":
             return f"--dtype auto: {self.name} (this CPU's bf16 matmuls measured {speedup:.2g}x float32's speed)"

@@ -38,6 +38,9 @@ class RunProgress:
     step_batch: int | None = None
     train_tokens: int | None = None
     grad_scaler: dict[str, Any] | None = None  # Precision's loss-scaler state
+    # Whether bf16 was fast on the CPU that trained (device.fast_bf16): the precision of --dtype auto
+    # and of Muon's iteration, kept by a resumed run instead of measured again. None: not recorded.
+    bf16_fast: bool | None = None
     rng: dict[str, Any] | None = None  # the saving process's generators (capture_rng_state)
     rank_rngs: list[dict[str, Any]] | None = field(default=None, repr=False)  # every rank's, under torchrun
 
@@ -49,10 +52,16 @@ class RunProgress:
             "step_batch": self.step_batch,
             "train_tokens": self.train_tokens,
             "grad_scaler": self.grad_scaler,
+            "bf16_fast": self.bf16_fast,
         }
         if self.rank_rngs is not None:
             extra["rank_rng"] = self.rank_rngs
         return extra
+
+    @staticmethod
+    def recorded_bf16_fast(checkpoint: Checkpoint | None) -> bool | None:
+        """The bf16 decision a checkpoint recorded (None: no checkpoint, or one from before it was kept)."""
+        return None if checkpoint is None else checkpoint.extra.get("bf16_fast")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, batches_per_epoch: int) -> RunProgress:
@@ -68,6 +77,7 @@ class RunProgress:
             step_batch=int(extra.get("step_batch", checkpoint.data_config.batch_size)),
             train_tokens=int(extra["train_tokens"]) if extra.get("train_tokens") is not None else None,
             grad_scaler=extra.get("grad_scaler"),
+            bf16_fast=extra.get("bf16_fast"),
             rng=rng if isinstance(rng, dict) else None,
             rank_rngs=rank_rngs if isinstance(rank_rngs, list) else None,
         )

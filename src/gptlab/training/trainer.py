@@ -132,12 +132,12 @@ class Trainer(RunReporting, RunClock):
         self.model_cfg = resolve_vocab_size(model_cfg, tokenizer)
         self.data_cfg, self.train_cfg, self.tokenizer = data_cfg, train_cfg, tokenizer
         self.show_progress = progress and self.world.is_main
-        self.precision = Precision(train_cfg.dtype, self.device)
-        self.notices: list[str] = [self.precision.notice] if self.precision.notice else []
         self.checkpoint_dir = Path(train_cfg.checkpoint_dir)
         resume, notice = run_files.resolve_resume(resume, self.checkpoint_dir, train_cfg.experiment_name)
-        self.notices += [notice] if notice else []
         checkpoint = load_checkpoint(resume) if resume is not None else None
+        resumed_bf16_fast = RunProgress.recorded_bf16_fast(checkpoint)  # computed as it was
+        self.precision = Precision(train_cfg.dtype, self.device, resumed_bf16_fast)
+        self.notices: list[str] = [line for line in (self.precision.notice, notice) if line]
         check_divides(data_cfg.batch_size, self.world.world_size)
         refuse_average_with(train_cfg, self.world.fsdp)
         if train_cfg.size_to_budget is not None:  # before any data is read
@@ -180,7 +180,8 @@ class Trainer(RunReporting, RunClock):
             torch.manual_seed(train_cfg.seed + self.world.rank)
         self.flops_per_token = self.plain_model.flops_per_token()
         self.model = distributed.wrap_model(self.plain_model, self.world, self.device)
-        self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device)  # after FSDP's sharding
+        # After FSDP's sharding; Muon iterates in bf16 where the precision decided bf16 is fast.
+        self.optimizer = build_optimizer(self.plain_model, train_cfg, self.device, self.precision.bf16_fast)
         if train_cfg.compile:
             rows = data_cfg.batch_size // self.world.world_size
             self.model, notice = compiled(self.model, self.model_cfg, rows, self.device, self.precision.dtype)
@@ -408,6 +409,7 @@ class Trainer(RunReporting, RunClock):
             progress = replace(
                 self.progress,
                 grad_scaler=self.precision.state_dict(),
+                bf16_fast=self.precision.bf16_fast,
                 rank_rngs=rank_rngs if self.world.distributed else None,
             )
             extra = progress.to_extra()
