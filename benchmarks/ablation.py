@@ -1,5 +1,7 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
+    python benchmarks/ablation.py --walk shortlist --budget 10m [--seeds 1 2] [--rows N]
+    python benchmarks/ablation.py --walk repeat --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk modded --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk schedule --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk compute --budget 10m [--seeds 1 2] [--rows N]
@@ -12,7 +14,7 @@
     python benchmarks/ablation.py --walk budget --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
-Eleven walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
+Thirteen walks. `first` (the first recipe, 2 minutes a row) starts from `nanogpt-char` (nanoGPT's GPU
 recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and is measured at the
 budget the preset is sold for, 10 minutes, where a run repeats the training text several times
 (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster`
@@ -27,7 +29,9 @@ rates of the smaller model that preset, sized to the budget, trains on such a ma
 that small model, bound by compute rather than by the text, should spend its steps on; `schedule` tries the
 learning rate's decay, Muon's momentum warmup, and more layers at the parameters the sizing chose; `modded`
 tries two of modded-nanogpt's architecture changes on that preset: a soft cap on the logits and value
-embeddings. Each row applies one change to the
+embeddings; `repeat` tries dropout, weight decay and width where the text is read five times; `shortlist`
+checks at the real budget what benchmarks/step_sweep.py (28 changes at a fixed step count, on a GPU)
+found best. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
 held-out test.txt is never looked at here. A change is kept when its mean over the seeds lowers
@@ -205,8 +209,17 @@ REPEAT_WALK = [
     Change("weight decay 0.2 → 0.4", {"weight_decay": 0.4}),
     Change("4 × 256 instead of 4 × 192 (AdamW 0.004)", {"embed_dim": 256, "learning_rate": 0.004}),
 ]
+# The preset after the repeat walk, at the same size: the two changes that won on every seed of a
+# sweep at a fixed step count on a GPU (1,750 steps, what a fast Zen 4 takes in 10 minutes; 29 single
+# changes, 2-3 seeds each, many processes at once), checked here at the real budget on the CPU.
+SHORTLIST_WALK = [
+    Change("AdamW β1 0.9 → 0.8 (embeddings, head, norms)", {"beta1": 0.8}),
+    Change("Muon lr 0.02 → 0.015", {"muon_lr": 0.015}),
+]  # 2026-12-04, a Zen 4 (5.3 epochs): β1 0.8 kept (-0.014, both seeds), Muon 0.015 not (+0.005)
+# What the shortlist walk kept, as it was at its start (the walks before it trained with this).
+BEFORE_SHORTLIST_WALK = {"beta1": 0.9}
 # What the schedule walk kept, as it was at its start.
-BEFORE_SCHEDULE_WALK = {"lr_schedule": "cosine", "muon_momentum_warmup": 0}
+BEFORE_SCHEDULE_WALK = {**BEFORE_SHORTLIST_WALK, "lr_schedule": "cosine", "muon_momentum_warmup": 0}
 # What the compute walk kept, as it was at its start (before the weight average, measured after it).
 BEFORE_COMPUTE_WALK = {**BEFORE_SCHEDULE_WALK, "dropout": 0.05, "tie_embeddings": False, "ema_decay": None}
 BEFORE_SMALL_WALK = {**BEFORE_COMPUTE_WALK, "learning_rate": 0.002}
@@ -276,16 +289,23 @@ WALKS = {
     "modded": Walk(
         "modded-nanogpt's logit soft cap and value embeddings",
         "cpu-10min",
-        SCHEDULE_WALK_SIZE,
+        {**BEFORE_SHORTLIST_WALK, **SCHEDULE_WALK_SIZE},
         MODDED_WALK,
         "ablation-modded",
     ),
     "repeat": Walk(
         "cpu-10min when it reads the text five times: dropout, weight decay, width",
         "cpu-10min",
-        SCHEDULE_WALK_SIZE,
+        {**BEFORE_SHORTLIST_WALK, **SCHEDULE_WALK_SIZE},
         REPEAT_WALK,
         "ablation-repeat",
+    ),
+    "shortlist": Walk(
+        "cpu-10min: what a fixed-step sweep on a GPU shortlisted, at the real budget",
+        "cpu-10min",
+        {**BEFORE_SHORTLIST_WALK, **SCHEDULE_WALK_SIZE},
+        SHORTLIST_WALK,
+        "ablation-shortlist",
     ),
     "compute": Walk(
         "what the compute-bound cpu-10min spends its steps on",
