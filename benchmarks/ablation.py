@@ -30,7 +30,7 @@ that small model, bound by compute rather than by the text, should spend its ste
 learning rate's decay, Muon's momentum warmup, and more layers at the parameters the sizing chose; `modded`
 tries two of modded-nanogpt's architecture changes on that preset: a soft cap on the logits and value
 embeddings; `repeat` tries dropout, weight decay and width where the text is read five times; `shortlist`
-checks at the real budget what benchmarks/step_sweep.py (28 changes at a fixed step count, on a GPU)
+checks at the real budget what benchmarks/step_sweep.py (33 changes at a fixed step count, on a GPU)
 found best. Each row applies one change to the
 best recipe so far, trains it for --budget of wall-clock time on shakespeare/train.txt, once per
 seed, and evaluates it on the whole of val.txt (exactly as benchmarks/speedrun.py does); the
@@ -210,7 +210,7 @@ REPEAT_WALK = [
     Change("4 × 256 instead of 4 × 192 (AdamW 0.004)", {"embed_dim": 256, "learning_rate": 0.004}),
 ]
 # The preset after the repeat walk, at the same size: the two changes that won on every seed of a
-# sweep at a fixed step count on a GPU (1,750 steps, what a fast Zen 4 takes in 10 minutes; 29 single
+# sweep at a fixed step count on a GPU (1,750 steps, what a fast Zen 4 takes in 10 minutes; 28 single
 # changes, 2-3 seeds each, many processes at once), checked here at the real budget on the CPU.
 SHORTLIST_WALK = [
     Change("AdamW β1 0.9 → 0.8 (embeddings, head, norms)", {"beta1": 0.8}),
