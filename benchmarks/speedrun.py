@@ -288,6 +288,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
+def add_text_flags(parser: argparse.ArgumentParser) -> None:
+    """--train_data, --val_data and --test_data: Shakespeare's three texts unless named."""
+    parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
+    parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text")
+    parser.add_argument("--test_data", type=Path, default=SHAKESPEARE / "test.txt", help="held-out text")
+
+
 def add_benchmarks_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--benchmarks",

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
 from ablation import SCHEDULE_WALK_SIZE, Change  # noqa: E402
-from speedrun import ROOT, SHAKESPEARE, add_benchmarks_flags, command_line, update_section  # noqa: E402
+from speedrun import ROOT, add_benchmarks_flags, add_text_flags, command_line, update_section  # noqa: E402
 
 from gptlab.config import build_configs  # noqa: E402
 from gptlab.data import TokenDataset  # noqa: E402
@@ -177,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", type=int, default=1, help="runs at once, one process each (default: 1)")
     parser.add_argument("--rows", type=int, default=None, help="only the first N changes (default: all)")
     parser.add_argument("--device", default="cuda", help="cuda, cpu, ... (default: %(default)s)")
-    parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
-    parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text")
-    parser.add_argument("--test_data", type=Path, default=SHAKESPEARE / "test.txt", help="held-out text")
+    add_text_flags(parser)
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "step-sweep.md", help="Markdown file to write")
     add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "step-sweep", help="tokenizers, data, logs")

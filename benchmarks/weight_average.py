@@ -31,8 +31,8 @@ from gptlab.training.weight_average import WeightAverage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speedrun import (  # noqa: E402
     ROOT,
-    SHAKESPEARE,
     add_benchmarks_flags,
+    add_text_flags,
     checked_budget,
     command_line,
     describe_budget,
@@ -68,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.9, 0.95, 0.98, 0.99, 0.995, 0.998],
         help="the averages to keep (default: %(default)s)",
     )
-    parser.add_argument("--train_data", type=Path, default=SHAKESPEARE / "train.txt", help="training text")
-    parser.add_argument("--val_data", type=Path, default=SHAKESPEARE / "val.txt", help="validation text")
-    parser.add_argument("--test_data", type=Path, default=SHAKESPEARE / "test.txt", help="held-out text")
+    add_text_flags(parser)
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "weight-average.md", help="Markdown file")
     add_benchmarks_flags(parser)
     parser.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "weight-average", help="tokenizers, data")
