@@ -28,8 +28,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
 from ablation import SCHEDULE_WALK_SIZE, Change  # noqa: E402
@@ -210,8 +208,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.job is not None:  # a run of the sweep, in the process the sweep started for it
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.job is not None:  # a run of the sweep, in the process the sweep started for it (OMP_NUM_THREADS set)
         print(json.dumps(train_and_evaluate(json.loads(args.job))), flush=True)
         return 0
     return speedrun.main(argv, build_parser(), run)

@@ -71,8 +71,7 @@ def resolve_dtype(name: str, device: torch.device, bf16_fast: bool | None = None
     a precision the device cannot train in (fp16 off CUDA, bf16 on an old GPU or on MPS).
     """
     if name == "auto":
-        fast = fast_bf16(device) if bf16_fast is None else bf16_fast
-        return torch.bfloat16 if device.type == "cpu" and fast else usual_dtype(device)
+        return torch.bfloat16 if device.type == "cpu" and fast_bf16(device, bf16_fast) else usual_dtype(device)
     if name not in DTYPES:
         raise GptlabError(f"unknown dtype {name!r}; use auto, fp32, bf16 or fp16")
     dtype = DTYPES[name]
@@ -93,9 +92,12 @@ def usual_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 matmuls at least as fast as float32 ones: measured on a
-    CPU (cpu_bf16_speedup), assumed elsewhere."""
+def fast_bf16(device: torch.device, decided: bool | None = None) -> bool:
+    """Whether `device` computes bfloat16 matmuls at least as fast as float32 ones: `decided` where
+    that was decided already (by the run being resumed), else measured on a CPU (cpu_bf16_speedup),
+    assumed elsewhere."""
+    if decided is not None:
+        return decided
     return device.type != "cpu" or cpu_bf16_speedup() > 1
 
 

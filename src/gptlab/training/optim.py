@@ -92,7 +92,7 @@ def build_optimizer(
         lr=cfg.muon_lr,
         momentum=muon_momentum_at(0, cfg),
         weight_decay=cfg.weight_decay,
-        ns_dtype=torch.bfloat16 if (fast_bf16(device) if bf16_fast is None else bf16_fast) else torch.float32,
+        ns_dtype=torch.bfloat16 if fast_bf16(device, bf16_fast) else torch.float32,
     )
     adamw = torch.optim.AdamW(adamw_groups, lr=cfg.learning_rate, betas=betas, **speed)
     return OptimizerSet({"muon": muon, "adamw": adamw})

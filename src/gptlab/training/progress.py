@@ -77,7 +77,7 @@ class RunProgress:
             step_batch=int(extra.get("step_batch", checkpoint.data_config.batch_size)),
             train_tokens=int(extra["train_tokens"]) if extra.get("train_tokens") is not None else None,
             grad_scaler=extra.get("grad_scaler"),
-            bf16_fast=extra.get("bf16_fast"),
+            bf16_fast=cls.recorded_bf16_fast(checkpoint),
             rng=rng if isinstance(rng, dict) else None,
             rank_rngs=rank_rngs if isinstance(rank_rngs, list) else None,
         )
