@@ -67,8 +67,8 @@ speedrun: $(VENV)/.installed
 # How cpu-10min was chosen at its own budget: one change at a time, ABLATION_BUDGET per row, into
 # docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=refine (the latest: AdamW's β1 lower
 # still, 3 heads), shortlist (what a sweep at a fixed step count on a GPU shortlisted,
-# benchmarks/step_sweep.py), repeat (dropout, weight
-# decay and width where the text is read five times), modded (a soft cap on the logits, value
+# benchmarks/step_sweep.py), repeat (dropout, weight decay and width where the text is read
+# five times), modded (a soft cap on the logits, value
 # embeddings), schedule (the learning rate's decay, Muon's momentum warmup, depth at equal
 # parameters), compute (what the small model sized to a slower machine spends its steps on),
 # small (its learning rates), size (smaller models, for a slower machine), regularisation
