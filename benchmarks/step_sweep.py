@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
-from ablation import SCHEDULE_WALK_SIZE, Change  # noqa: E402
+from ablation import BEFORE_SHORTLIST_WALK, SCHEDULE_WALK_SIZE, Change  # noqa: E402
 from speedrun import ROOT, add_benchmarks_flags, add_text_flags, command_line, update_section  # noqa: E402
 
 from gptlab.config import build_configs  # noqa: E402
@@ -42,9 +42,17 @@ from gptlab.tokenizers import load_tokenizer  # noqa: E402
 
 PRESET = "cpu-10min"
 ADAMW_LR = SCHEDULE_WALK_SIZE["learning_rate"]
-# Every run: the walks' fixed size, steps instead of a budget, eager (a compile per process would
-# cost more than the run), evaluations rarer (only the whole-text one at the end is compared).
-FIXED = {**SCHEDULE_WALK_SIZE, "time_budget": None, "compile": False, "eval_interval": 250, "checkpoint_every": 1000}
+# Every run: the preset as the sweep ran (before the walks its winners led to: β1 0.9, as the
+# labels below say), the walks' fixed size, steps instead of a budget, eager (a compile per process
+# would cost more than the run), evaluations rarer (only the whole-text one at the end is compared).
+FIXED = {
+    **BEFORE_SHORTLIST_WALK,
+    **SCHEDULE_WALK_SIZE,
+    "time_budget": None,
+    "compile": False,
+    "eval_interval": 250,
+    "checkpoint_every": 1000,
+}
 BASELINE = "cpu-10min (the baseline)"
 CHANGES = [
     Change("Muon lr 0.02 → 0.015", {"muon_lr": 0.015}),

@@ -28,8 +28,8 @@ def test_every_change_of_the_sweep_makes_a_valid_config(monkeypatch):
     args = argparse.Namespace(steps=100, seeds=[1], device="cpu", work_dir=ROOT / "runs" / "unused")
     specs = sweep.job_specs(sweep.CHANGES, args)
     assert len(specs) == len(sweep.CHANGES) + 1 and specs[0]["label"] == sweep.BASELINE
-    for spec in specs:
-        build_configs({**load_preset(sweep.PRESET).values, **sweep.FIXED, **spec["values"]})
+    configs = [build_configs({**load_preset(sweep.PRESET).values, **sweep.FIXED, **spec["values"]}) for spec in specs]
+    assert configs[0][2].beta1 == 0.9  # the start the labels ("AdamW β1 0.9 → 0.8") and the published table name
     steps = {spec["label"]: spec["values"]["max_steps"] for spec in specs}
     assert steps[sweep.BASELINE] == 100 and steps["steps × 0.9"] == 90 and steps["steps × 1.1"] == 110
 
