@@ -354,10 +354,15 @@ def checked_budget(args: argparse.Namespace) -> float:
         raise GptlabError(f"--budget: {err}") from None
     if budget_s <= 0:
         raise GptlabError(f"--budget must be positive, got {args.budget!r}")
-    for path in (args.train_data, args.val_data, getattr(args, "test_data", None)):
+    check_texts(args.train_data, args.val_data, getattr(args, "test_data", None))
+    return budget_s
+
+
+def check_texts(*paths: Path | None) -> None:
+    """GptlabError, naming the flags that set them, if a given text is not a file."""
+    for path in paths:
         if path is not None and not path.is_file():
             raise GptlabError(f"{path} not found; pass --train_data/--val_data/--test_data")
-    return budget_s
 
 
 def run(args: argparse.Namespace) -> list[RunResult]:

@@ -194,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[dict]:
     if args.steps < 1 or args.parallel < 1:
         raise GptlabError(f"--steps and --parallel must be 1 or more, got {args.steps} and {args.parallel}")
-    for text in (args.train_data, args.val_data, args.test_data):
-        if not text.is_file():
-            raise GptlabError(f"no text at {text}")
+    speedrun.check_texts(args.train_data, args.val_data, args.test_data)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     speedrun.prepare_recipe(load_preset(PRESET), args.train_data, args.val_data, args.work_dir, args.test_data)
     specs = job_specs(CHANGES[: args.rows], args)

@@ -53,7 +53,10 @@ def test_each_change_is_compared_with_the_baseline_of_its_own_seed(monkeypatch):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--steps", "0"], "--steps and --parallel must be 1 or more"), (["--test_data", "/nonexistent"], "no text at")],
+    [
+        (["--steps", "0"], "--steps and --parallel must be 1 or more"),
+        (["--test_data", "/nonexistent"], "/nonexistent not found; pass --train_data/--val_data/--test_data"),
+    ],
 )
 def test_step_sweep_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
     sweep = load_step_sweep(monkeypatch)
