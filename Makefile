@@ -65,8 +65,9 @@ speedrun: $(VENV)/.installed
 	$(BIN)/python benchmarks/speedrun.py --budget $(BUDGET) --seeds 1 2 --no_progress
 
 # How cpu-10min was chosen at its own budget: one change at a time, ABLATION_BUDGET per row, into
-# docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=lighter (the latest: a narrower MLP,
-# Muon's momentum warmup over 600 steps, AdamW's β1 0.6), refine (AdamW's β1 lower still, 3 heads),
+# docs/ablation-<walk>.md and BENCHMARKS.md. ABLATION_WALK=unclipped (the latest: no gradient
+# clipping), lighter (a narrower MLP, Muon's momentum warmup over 600 steps,
+# AdamW's β1 0.6), refine (AdamW's β1 lower still, 3 heads),
 # shortlist (what a sweep at a fixed step count on a GPU shortlisted,
 # benchmarks/step_sweep.py), repeat (dropout, weight decay and width where the text is read
 # five times), modded (a soft cap on the logits, value
@@ -77,7 +78,7 @@ speedrun: $(VENV)/.installed
 # (learning rate and vocabulary), faster (what faster steps are best spent on), budget (from the
 # first cpu-10min) or first (`ABLATION_BUDGET=2m`: how the first was chosen).
 ABLATION_BUDGET ?= 10m
-ABLATION_WALK ?= lighter
+ABLATION_WALK ?= unclipped
 ablation: $(VENV)/.installed
 	$(BIN)/python benchmarks/ablation.py --walk $(ABLATION_WALK) --budget $(ABLATION_BUDGET) --no_progress
 
