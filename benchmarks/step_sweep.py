@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speedrun  # noqa: E402
-from ablation import BEFORE_SHORTLIST_WALK, SCHEDULE_WALK_SIZE, Change  # noqa: E402
+from ablation_walks import BEFORE_SHORTLIST_WALK, SCHEDULE_WALK_SIZE, Change  # noqa: E402
 from speedrun import ROOT, add_benchmarks_flags, add_text_flags, command_line, update_section  # noqa: E402
 
 from gptlab.config import build_configs  # noqa: E402
