@@ -189,7 +189,7 @@ LIGHTER_WALK = [
 ]  # 2026-12-05, a Zen 4 (5.5 epochs): none kept (+0.021, +0.003, +0.018; each worse on both seeds)
 # The preset after the lighter walk (the same as after the refine walk), at the same size: the row of
 # the step sweep left that costs nothing and won there on both seeds (at β1 0.9), no gradient
-# clipping (-0.004). (AdamW's rate halved, -0.010 on one seed of two there, is not yet measured here.)
+# clipping (-0.004). (AdamW's rate halved, -0.010 on one seed of two there, is measured in the next walk.)
 UNCLIPPED_WALK = [
     Change("no gradient clipping (it was at norm 1.0)", {"grad_clip": 0.0}),
 ]
@@ -199,7 +199,7 @@ UNCLIPPED_WALK = [
 WIDER_WALK = [
     Change("MLP 5 × wide instead of 4 ×", {"expansion_factor": 5}),
     Change("AdamW lr × 0.5 (embeddings, head, norms)", {"learning_rate": 0.002 * 256 / 192}),
-]
+]  # 2026-12-05, a Zen 4 (5.6 epochs): neither kept (+0.017, worse on both seeds; +0.005, a tie and a loss)
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
