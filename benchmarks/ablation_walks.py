@@ -206,7 +206,7 @@ WIDER_WALK = [
 # (-0.003 at β1 0.9; 25 % instead of 40 % lost 0.006 on both, so the trend points to a longer decay).
 DECAY_WALK = [
     Change("decay over the last 60 % of the steps (was 40 %)", {"decay_fraction": 0.6}),
-]
+]  # 2026-12-05, a Zen 4 (5.5 epochs): not kept (+0.0025, worse on both seeds)
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
