@@ -1,6 +1,6 @@
 """The walks of benchmarks/ablation.py: what each row changes in `cpu-10min`, and why it was tried.
 
-Eighteen walks, in the order they were made. `first` (the first recipe, 2 minutes a row) starts from
+Twenty walks, in the order they were made. `first` (the first recipe, 2 minutes a row) starts from
 `nanogpt-char` (nanoGPT's GPU recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and
 is measured at the budget the preset is sold for, 10 minutes, where a run repeats the training text several
 times (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster` starts
@@ -19,7 +19,8 @@ times; `shortlist` checks at the real budget what benchmarks/step_sweep.py (33 c
 count, on a GPU) found best; `refine` lowers AdamW's β1 once more and tries 3 heads of 64; `lighter` tries
 a narrower MLP, Muon's momentum warmup over more steps and β1 lower still; `unclipped` trains without
 gradient clipping; `wider` tries an MLP 5 × wide and AdamW's rate halved; `decay` decays the learning
-rate over 60 % of the run.
+rate over 60 % of the run; `context` tries a context of 512 and a head untied from the embeddings; `unet` tries U-net skip
+connections.
 
 Each walk starts from the preset as it is today with the values it had when the walk was made (the
 BEFORE_* dictionaries below put back what later walks changed), so that every walk still runs as it ran.
@@ -207,6 +208,21 @@ WIDER_WALK = [
 DECAY_WALK = [
     Change("decay over the last 60 % of the steps (was 40 %)", {"decay_fraction": 0.6}),
 ]  # 2026-12-05, a Zen 4 (5.5 epochs): not kept (+0.0025, worse on both seeds)
+# The preset after the decay walk (the same as after the refine walk), at the same size: two changes
+# that need no code. A context of 512 with batch 8 (the same 4,096 tokens a step): 256 beat 128 twice
+# (-0.006 at 4 x 256, +0.010 for 128 at 4 x 128), so is longer better still, at 10 % more attention
+# work a token? And the head untied from the embeddings: tied won at 4 x 128 on a slow machine (3.1
+# epochs, -0.023), where the second table was a quarter of the parameters; at 4 x 192 it is a sixth.
+CONTEXT_WALK = [
+    Change("context 256 → 512, batch 16 → 8 (the same tokens a step)", {"seq_len": 512, "batch_size": 8}),
+    Change("output head untied from the embeddings", {"tie_embeddings": False}),
+]
+# The preset after the context walk (the same as after the refine walk), at the same size: U-net skip
+# connections (modded-nanogpt), two learned weights that hand layers 1 and 2's outputs to the inputs of
+# layers 4 and 3: a later layer reads what an early one wrote, at no cost in steps.
+UNET_WALK = [
+    Change("U-net skips: layers 1 and 2's outputs into layers 4 and 3 (learned weights)", {"unet_skips": True}),
+]
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
@@ -306,6 +322,20 @@ WALKS = {
         {**BEFORE_REFINE_WALK, **SCHEDULE_WALK_SIZE},
         REFINE_WALK,
         "ablation-refine",
+    ),
+    "unet": Walk(
+        "cpu-10min with U-net skip connections",
+        "cpu-10min",
+        SCHEDULE_WALK_SIZE,
+        UNET_WALK,
+        "ablation-unet",
+    ),
+    "context": Walk(
+        "cpu-10min with a context of 512, and with its head untied",
+        "cpu-10min",
+        SCHEDULE_WALK_SIZE,
+        CONTEXT_WALK,
+        "ablation-context",
     ),
     "decay": Walk(
         "cpu-10min with its learning rate decayed over 60 % of the run",

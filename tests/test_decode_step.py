@@ -30,6 +30,7 @@ VARIANTS = {
     "value embeddings, soft cap": dict(
         pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=2.0
     ),
+    "u-net skips": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, unet_skips=True),
 }
 
 

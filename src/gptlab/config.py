@@ -72,6 +72,11 @@ class ModelConfig(_Config):
         description="GPT: this many extra token tables whose rows are added to the attention values, table j in "
         "layer j and in layer num_layers - N + j (modded-nanogpt's value embeddings); 0 for none.",
     )
+    unet_skips: bool = Field(
+        False,
+        description="GPT: U-net skip connections (modded-nanogpt): the output of layer j of the first half is "
+        "added, times a learned weight that starts at 1, to the input of layer num_layers - 1 - j.",
+    )
     # Encoder-decoder only (model=transformer); seq_len is then the longest target.
     num_encoder_layers: int | None = Field(None, gt=0, description="Transformer encoder depth; None means num_layers.")
     num_decoder_layers: int | None = Field(None, gt=0, description="Transformer decoder depth; None means num_layers.")
@@ -99,8 +104,10 @@ class ModelConfig(_Config):
             raise ValueError(f"n_heads ({self.n_heads}) must divide embed_dim ({self.embed_dim})")
         if self.pos_encoding == "rope" and (self.embed_dim // self.n_heads) % 2:
             raise ValueError("rope needs an even head size (embed_dim / n_heads)")
-        if self.model == "transformer" and (self.logit_softcap is not None or self.value_embeddings):
-            raise ValueError("logit_softcap and value_embeddings are for GPTs (model: gpt), not the Transformer")
+        if self.model == "transformer" and (self.logit_softcap is not None or self.value_embeddings or self.unet_skips):
+            raise ValueError(
+                "logit_softcap, value_embeddings and unet_skips are for GPTs (model: gpt), not the Transformer"
+            )
         if 2 * self.value_embeddings > self.num_layers:
             raise ValueError(
                 f"value_embeddings ({self.value_embeddings}) feeds two layers each: at most num_layers / 2 "

@@ -102,7 +102,9 @@ class DecodeStep:
         if rope is not None and positions is not None:
             rope = tuple(table[:, None] for table in rope)  # (B, 1, 1, 1, hs/2): over q|k and the heads
         values = model.layer_values(ids)  # (B, C) or None a layer
+        outputs: list[torch.Tensor] = []  # the first half's, for the U-net skips
         for i, layer in enumerate(self.layers):
+            x = model.add_skip(x, i, outputs)
             # Each row holds q, k and v side by side, each the heads of one position: (B, 3, nh, 1, hs).
             qkv = layer.qkv(layer.norm_1(x)).view(B, 3, nh, 1, hs)
             if rope is None:
@@ -120,5 +122,6 @@ class DecodeStep:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, nh, 1, hs)
             x = x + layer.proj(y.reshape(B, nh * hs))
             x = x + layer.mlp_proj(layer.activate(layer.fc(layer.norm_2(x))))
+            model.keep_for_skip(x, i, outputs)
         cache.advance(1)
         return cap_logits(self.head(self.norm_f(x)), model.config.logit_softcap)  # (B, V)

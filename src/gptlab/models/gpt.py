@@ -18,7 +18,7 @@ from gptlab.models.kv_cache import KVCache
 
 # Our options that neither GPT-2 nor Llama has, at the values that turn them off: a model must
 # have these to export to transformers or llama.cpp.
-EXTRAS_OFF = {"qk_norm": False, "logit_softcap": None, "value_embeddings": 0}
+EXTRAS_OFF = {"qk_norm": False, "logit_softcap": None, "value_embeddings": 0, "unet_skips": False}
 
 
 class GPT(LanguageModel):
@@ -26,7 +26,8 @@ class GPT(LanguageModel):
 
     Options from modded-nanogpt: value embeddings (config.value_embeddings), token tables whose
     rows are added to the attention values of the first and last layers, parameters that cost a
-    lookup instead of a product; and a soft cap on the logits (config.logit_softcap).
+    lookup instead of a product; a soft cap on the logits (config.logit_softcap); and U-net skip
+    connections (config.unet_skips), which hand the first half's outputs to the second half's inputs.
     """
 
     def __init__(self, config: ModelConfig):
@@ -38,6 +39,9 @@ class GPT(LanguageModel):
         self.wpe, self.rotary = position_encoding(config, config.seq_len)
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        # One learned weight per skip (none with one layer); at 1, as modded-nanogpt starts them.
+        skips = config.num_layers // 2 if config.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(skips)) if skips else None
         self.norm_f = make_norm(config)
         self.lm_head = self.output_head(self.wte)
         self.apply(self._init_weights)
@@ -84,8 +88,10 @@ class GPT(LanguageModel):
         x = self.drop(x)
         rope = self.rotary(T, start_pos, positions) if self.rotary is not None else None
         values = self.layer_values(idx)
+        outputs: list[torch.Tensor] = []  # the first half's, for the U-net skips
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, kv_cache, layer, values[layer])  # (B, T, C)
+            x = block(self.add_skip(x, layer, outputs), rope, kv_cache, layer, values[layer])  # (B, T, C)
+            self.keep_for_skip(x, layer, outputs)
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only:
@@ -121,6 +127,19 @@ class GPT(LanguageModel):
         if layer >= depth - tables:
             return layer - (depth - tables)
         return None
+
+    def add_skip(self, x: torch.Tensor, layer: int, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The input of `layer`: x, plus, with unet_skips and in the second half, the output of its
+        mirror layer j = num_layers - 1 - layer (outputs[j], kept by keep_for_skip) times its weight."""
+        mirror = self.config.num_layers - 1 - layer
+        if self.skip_weights is None or mirror >= len(self.skip_weights):
+            return x
+        return x + self.skip_weights[mirror] * outputs[mirror]
+
+    def keep_for_skip(self, x: torch.Tensor, layer: int, outputs: list[torch.Tensor]) -> None:
+        """With unet_skips, append the output x of a layer of the first half to outputs."""
+        if self.skip_weights is not None and layer < len(self.skip_weights):
+            outputs.append(x)
 
     def check_positions(self, start_pos: int, T: int) -> None:
         """GptlabError unless positions start_pos .. start_pos+T-1 lie within the context."""
