@@ -19,8 +19,8 @@ times; `shortlist` checks at the real budget what benchmarks/step_sweep.py (33 c
 count, on a GPU) found best; `refine` lowers AdamW's β1 once more and tries 3 heads of 64; `lighter` tries
 a narrower MLP, Muon's momentum warmup over more steps and β1 lower still; `unclipped` trains without
 gradient clipping; `wider` tries an MLP 5 × wide and AdamW's rate halved; `decay` decays the learning
-rate over 60 % of the run; `context` tries a context of 512 and a head untied from the embeddings; `unet` tries U-net skip
-connections.
+rate over 60 % of the run; `context` tries a context of 512 and a head untied from the embeddings; `unet`
+tries U-net skip connections.
 
 Each walk starts from the preset as it is today with the values it had when the walk was made (the
 BEFORE_* dictionaries below put back what later walks changed), so that every walk still runs as it ran.
@@ -216,7 +216,7 @@ DECAY_WALK = [
 CONTEXT_WALK = [
     Change("context 256 → 512, batch 16 → 8 (the same tokens a step)", {"seq_len": 512, "batch_size": 8}),
     Change("output head untied from the embeddings", {"tie_embeddings": False}),
-]
+]  # 2026-12-05, a Zen 4: neither kept (+0.017, seeds 1.857 and 1.784, 18 % fewer tokens/s; +0.053, both worse)
 # The preset after the context walk (the same as after the refine walk), at the same size: U-net skip
 # connections (modded-nanogpt), two learned weights that hand layers 1 and 2's outputs to the inputs of
 # layers 4 and 3: a later layer reads what an early one wrote, at no cost in steps.

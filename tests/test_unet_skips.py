@@ -27,7 +27,9 @@ def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("layers, fed", [(1, [None]), (2, [None, 0]), (4, [None, None, 1, 0]), (5, [None] * 3 + [1, 0])])
+@pytest.mark.parametrize(
+    "layers, fed", [(1, [None]), (2, [None, 0]), (4, [None, None, 1, 0]), (5, [None] * 3 + [1, 0])]
+)
 def test_layer_j_of_the_first_half_feeds_layer_num_layers_minus_1_minus_j(layers, fed):
     model = tiny_model(num_layers=layers, unet_skips=True)
     assert (0 if model.skip_weights is None else len(model.skip_weights)) == layers // 2
