@@ -222,7 +222,7 @@ CONTEXT_WALK = [
 # layers 4 and 3: a later layer reads what an early one wrote, at no cost in steps.
 UNET_WALK = [
     Change("U-net skips: layers 1 and 2's outputs into layers 4 and 3 (learned weights)", {"unet_skips": True}),
-]
+]  # 2026-12-05, a Zen 4 (5.3 epochs): not kept (+0.015, worse on both seeds)
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
