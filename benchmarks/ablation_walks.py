@@ -219,7 +219,7 @@ CONTEXT_WALK = [
 ]  # 2026-12-05, a Zen 4: neither kept (+0.017, seeds 1.857 and 1.784, 18 % fewer tokens/s; +0.053, both worse)
 # The preset after the context walk (the same as after the refine walk), at the same size: U-net skip
 # connections (modded-nanogpt), two learned weights that hand layers 1 and 2's outputs to the inputs of
-# layers 4 and 3: a later layer reads what an early one wrote, at no cost in steps.
+# layers 4 and 3: a later layer reads what an early one wrote, for two weights and two additions.
 UNET_WALK = [
     Change("U-net skips: layers 1 and 2's outputs into layers 4 and 3 (learned weights)", {"unet_skips": True}),
 ]  # 2026-12-05, a Zen 4 (5.3 epochs): not kept (+0.015, worse on both seeds)
