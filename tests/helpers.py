@@ -1,5 +1,5 @@
 """Stand-ins for tests: a tokenizer independent of the real kinds (for training and checkpoints),
-and small GPTs with random weights (for exports)."""
+small GPTs with random weights (for exports), and tiny GPTs as initialised (for model options)."""
 
 import torch
 
@@ -46,3 +46,42 @@ def random_gpt(vocab_size: int, seed: int = 0, **fields) -> GPT:
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+TINY_VOCAB = 40
+
+
+def tiny_gpt(seed: int = 0, **fields) -> GPT:
+    """A 4 × 32 GPT over TINY_VOCAB ids with a context of 16, as initialised, in eval mode."""
+    torch.manual_seed(seed)
+    values = dict(embed_dim=32, n_heads=4, num_layers=4, seq_len=16, tgt_vocab_size=TINY_VOCAB, dropout=0.0)
+    return GPT(ModelConfig(**(values | fields))).eval()
+
+
+def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    """Token ids (B, T) below TINY_VOCAB, the same for the same seed."""
+    return torch.randint(0, TINY_VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def full_and_cached_logits(model: GPT, idx: torch.Tensor, prefill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ids idx (B, T) from one full forward, and from a KV cache fed the first
+    `prefill` ids at once, then one id at a time."""
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = model.new_kv_cache(idx.size(0))
+        pieces = [model(idx[:, :prefill], kv_cache=cache)[0]]
+        pieces += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(prefill, idx.size(1))]
+    return full, torch.cat(pieces, dim=1)
+
+
+def assert_causal_and_learning(model: GPT, idx: torch.Tensor, changed_at: int = 9) -> None:
+    """Changing the id at `changed_at` leaves the logits before it alone, and one training step's
+    backward pass gives every parameter a gradient (left on the parameters for further checks)."""
+    changed = idx.clone()
+    changed[:, changed_at] = (changed[:, changed_at] + 1) % model.config.tgt_vocab_size
+    with torch.no_grad():
+        before = model(idx)[0][:, :changed_at]
+        torch.testing.assert_close(model(changed)[0][:, :changed_at], before, rtol=0, atol=1e-6)
+    _, loss = model.train()(idx, torch.roll(idx, -1, dims=1))
+    loss.backward()
+    assert all(param.grad.abs().sum() > 0 for param in model.parameters())

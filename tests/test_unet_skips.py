@@ -9,29 +9,18 @@ from pydantic import ValidationError
 
 from gptlab.cli import main
 from gptlab.config import ModelConfig
-from gptlab.models import GPT
 from gptlab.training.optim import hidden_matrices
 
 from data_files import write_toy_texts
-
-VOCAB = 40
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    values = dict(embed_dim=32, n_heads=4, num_layers=4, seq_len=16, tgt_vocab_size=VOCAB, dropout=0.0)
-    return GPT(ModelConfig(**(values | overrides))).eval()
-
-
-def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+from helpers import TINY_VOCAB as VOCAB
+from helpers import assert_causal_and_learning, full_and_cached_logits, random_ids, tiny_gpt
 
 
 @pytest.mark.parametrize(
     "layers, fed", [(1, [None]), (2, [None, 0]), (4, [None, None, 1, 0]), (5, [None] * 3 + [1, 0])]
 )
 def test_layer_j_of_the_first_half_feeds_layer_num_layers_minus_1_minus_j(layers, fed):
-    model = tiny_model(num_layers=layers, unet_skips=True)
+    model = tiny_gpt(num_layers=layers, unet_skips=True)
     assert (0 if model.skip_weights is None else len(model.skip_weights)) == layers // 2
     outputs = [torch.full((1, 32), 10.0**j) for j in range(layers // 2)]  # which output was added shows
     added = [(model.add_skip(torch.zeros(1, 32), layer, outputs)[0, 0].item()) for layer in range(layers)]
@@ -39,8 +28,8 @@ def test_layer_j_of_the_first_half_feeds_layer_num_layers_minus_1_minus_j(layers
 
 
 def test_skips_weighted_zero_compute_exactly_the_model_without_them():
-    plain = tiny_model()
-    with_skips = tiny_model(unet_skips=True)
+    plain = tiny_gpt()
+    with_skips = tiny_gpt(unet_skips=True)
     with_skips.load_state_dict(plain.state_dict() | {"skip_weights": torch.zeros(2)})
     idx = random_ids(2, 16)
     with torch.no_grad():
@@ -49,36 +38,26 @@ def test_skips_weighted_zero_compute_exactly_the_model_without_them():
 
 
 def test_the_skips_change_the_output_keep_it_causal_and_learn():
-    plain, model = tiny_model(), tiny_model(unet_skips=True)
+    plain, model = tiny_gpt(), tiny_gpt(unet_skips=True)
     assert torch.equal(model.skip_weights, torch.ones(2))
     idx = random_ids(2, 16)
     with torch.no_grad():
         assert not torch.allclose(model(idx)[0], plain(idx)[0], atol=1e-3)
-        changed = idx.clone()
-        changed[:, 9] = (changed[:, 9] + 1) % VOCAB
-        torch.testing.assert_close(model(changed)[0][:, :9], model(idx)[0][:, :9], rtol=0, atol=1e-6)
-    _, loss = model.train()(idx, random_ids(2, 16, seed=2))
-    loss.backward()
-    assert all(param.grad.abs().sum() > 0 for param in model.parameters())
+    assert_causal_and_learning(model, idx)
     assert (model.skip_weights.grad != 0).all()
 
 
 def test_a_kv_cache_gives_the_full_forwards_logits():
-    model = tiny_model(num_layers=5, unet_skips=True, qk_norm=True)
+    model = tiny_gpt(num_layers=5, unet_skips=True, qk_norm=True)
     with torch.no_grad():
         model.skip_weights.copy_(torch.tensor([0.5, -2.0]))
     idx = random_ids(2, 12)
-    with torch.no_grad():
-        full = model(idx)[0]
-        cache = model.new_kv_cache(2)
-        pieces = [model(idx[:, :5], kv_cache=cache)[0]] + [
-            model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)
-        ]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    full, cached = full_and_cached_logits(model, idx, prefill=5)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
 def test_the_skip_weights_go_to_adamw_without_weight_decay():
-    model = tiny_model(unet_skips=True)
+    model = tiny_gpt(unet_skips=True)
     assert id(model.skip_weights) not in {id(p) for p in hidden_matrices(model)}
     groups = model.configure_optimizer_groups(weight_decay=0.1)
     (undecayed,) = [group for group in groups if group["weight_decay"] == 0.0]

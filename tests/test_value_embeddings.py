@@ -6,20 +6,10 @@ import torch
 from pydantic import ValidationError
 
 from gptlab.config import ModelConfig
-from gptlab.models import GPT
 from gptlab.training.optim import hidden_matrices
 
-VOCAB = 40
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    values = dict(embed_dim=32, n_heads=4, num_layers=4, seq_len=16, tgt_vocab_size=VOCAB, dropout=0.0)
-    return GPT(ModelConfig(**(values | overrides))).eval()
-
-
-def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+from helpers import TINY_VOCAB as VOCAB
+from helpers import assert_causal_and_learning, full_and_cached_logits, random_ids, tiny_gpt
 
 
 @pytest.mark.parametrize(
@@ -27,14 +17,14 @@ def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     [(0, 4, [None] * 4), (1, 4, [0, None, None, 0]), (2, 4, [0, 1, 0, 1]), (2, 6, [0, 1, None, None, 0, 1])],
 )
 def test_table_j_feeds_layer_j_and_the_jth_of_the_last_layers(tables, layers, fed):
-    model = tiny_model(value_embeddings=tables, num_layers=layers)
+    model = tiny_gpt(value_embeddings=tables, num_layers=layers)
     assert len(model.value_embeds) == tables
     assert [model.value_table(layer) for layer in range(layers)] == fed
 
 
 def test_zero_tables_compute_exactly_the_model_without_them():
-    plain = tiny_model(value_embeddings=0)
-    with_tables = tiny_model(value_embeddings=2)
+    plain = tiny_gpt(value_embeddings=0)
+    with_tables = tiny_gpt(value_embeddings=2)
     state = plain.state_dict() | {f"value_embeds.{j}.weight": torch.zeros(VOCAB, 32) for j in range(2)}
     with_tables.load_state_dict(state)
     idx = random_ids(2, 16)
@@ -43,37 +33,27 @@ def test_zero_tables_compute_exactly_the_model_without_them():
 
 
 def test_the_tables_change_the_output_keep_it_causal_and_learn():
-    model = tiny_model(value_embeddings=1)
+    model = tiny_gpt(value_embeddings=1)
     idx = random_ids(2, 16)
     before = model(idx)[0].detach()
     with torch.no_grad():
         model.value_embeds[0].weight.add_(torch.randn_like(model.value_embeds[0].weight))
         assert not torch.allclose(model(idx)[0], before, atol=1e-3)
-        changed = idx.clone()
-        changed[:, 9] = (changed[:, 9] + 1) % VOCAB
-        torch.testing.assert_close(model(changed)[0][:, :9], model(idx)[0][:, :9], rtol=0, atol=1e-6)
-    _, loss = model.train()(idx, random_ids(2, 16, seed=2))
-    loss.backward()
-    assert all(param.grad.abs().sum() > 0 for param in model.parameters())
+    assert_causal_and_learning(model, idx)
     rows_used = model.value_embeds[0].weight.grad.abs().sum(dim=1) > 0
     assert torch.equal(rows_used, torch.isin(torch.arange(VOCAB), idx))  # a lookup: only the rows read learn
 
 
 def test_a_kv_cache_gives_the_full_forwards_logits():
-    model = tiny_model(value_embeddings=2, logit_softcap=3.0, qk_norm=True)
+    model = tiny_gpt(value_embeddings=2, logit_softcap=3.0, qk_norm=True)
     idx = random_ids(2, 12)
-    with torch.no_grad():
-        full = model(idx)[0]
-        cache = model.new_kv_cache(2)
-        pieces = [model(idx[:, :5], kv_cache=cache)[0]] + [
-            model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 12)
-        ]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    full, cached = full_and_cached_logits(model, idx, prefill=5)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     assert full.abs().max() < 3.0
 
 
 def test_muon_leaves_the_tables_to_adamw():
-    model = tiny_model(value_embeddings=1)
+    model = tiny_gpt(value_embeddings=1)
     hidden = {id(p) for p in hidden_matrices(model)}
     assert id(model.value_embeds[0].weight) not in hidden and len(hidden) == 4 * 4  # qkv, proj, fc, proj a layer
 
