@@ -87,6 +87,7 @@ class DecodeStep:
         ]
         self.norm_f, self.head = normalize(model.norm_f), product(model.lm_head)
         self.qk_norm_eps = model.config.norm_eps if model.config.qk_norm else None  # None: no QK-norm
+        self.unet_skips = model.skip_weights is not None  # without skips, no method calls a layer
 
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the token ids (B,) that follow each row's cached slots; they take
@@ -104,7 +105,8 @@ class DecodeStep:
         values = model.layer_values(ids)  # (B, C) or None a layer
         outputs: list[torch.Tensor] = []  # the first half's, for the U-net skips
         for i, layer in enumerate(self.layers):
-            x = model.add_skip(x, i, outputs)
+            if self.unet_skips:
+                x = model.add_skip(x, i, outputs)
             # Each row holds q, k and v side by side, each the heads of one position: (B, 3, nh, 1, hs).
             qkv = layer.qkv(layer.norm_1(x)).view(B, 3, nh, 1, hs)
             if rope is None:
@@ -122,6 +124,7 @@ class DecodeStep:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)  # (B, nh, 1, hs)
             x = x + layer.proj(y.reshape(B, nh * hs))
             x = x + layer.mlp_proj(layer.activate(layer.fc(layer.norm_2(x))))
-            model.keep_for_skip(x, i, outputs)
+            if self.unet_skips:
+                model.keep_for_skip(x, i, outputs)
         cache.advance(1)
         return cap_logits(self.head(self.norm_f(x)), model.config.logit_softcap)  # (B, V)
