@@ -13,6 +13,8 @@ from gptlab.errors import GptlabError
 from gptlab.models import GPT, blocks
 from gptlab.models.blocks import LearnedPositions, RotaryEmbedding, SinusoidalPositions, apply_rotary
 
+from helpers import assert_causal_and_learning
+
 
 def tiny_config(**overrides) -> ModelConfig:
     values = dict(embed_dim=32, n_heads=4, num_layers=2, seq_len=16, tgt_vocab_size=40, dropout=0.0)
@@ -307,15 +309,7 @@ def test_qk_norm_normalises_each_heads_query_and_key_to_unit_rms(monkeypatch):
 
 
 def test_a_qk_norm_model_is_causal_and_every_parameter_gets_a_gradient():
-    model = tiny_model(qk_norm=True).train()
-    logits, loss = model(random_ids(2, 16), random_ids(2, 16, seed=2))
-    loss.backward()
-    assert all(param.grad.abs().sum() > 0 for param in model.parameters())
-    idx = random_ids(1, 10)
-    changed = idx.clone()
-    changed[0, 6] = (changed[0, 6] + 1) % 40
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(changed)[0][:, :6], model(idx)[0][:, :6], rtol=0, atol=1e-6)
+    assert_causal_and_learning(tiny_model(qk_norm=True), random_ids(2, 16), changed_at=6)
 
 
 def test_zero_initialised_projections_start_every_block_as_the_identity():
