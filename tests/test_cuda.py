@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "toy_data" / "tiny_sp"
 CUDA = torch.device("cuda")
 VOCAB = 96
-# Every option of the GPT the presets train, the three GPT-only extras included.
+# Every option of the GPT the presets train, the GPT-only extras included.
 CPU_10MIN_LIKE = dict(
     pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=15.0,
-    unet_skips=True,
+    unet_skips=True, smear=True,
 )  # fmt: skip
 
 

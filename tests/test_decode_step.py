@@ -31,6 +31,7 @@ VARIANTS = {
         pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=2.0
     ),
     "u-net skips": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, unet_skips=True),
+    "smear": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, smear=True),
 }
 
 

@@ -218,6 +218,7 @@ def test_outtype_belongs_to_gguf_only(checkpoint, tmp_path):
         (LLAMA_LAYOUT | dict(logit_softcap=30.0), "logit_softcap=30.0 has no llama.cpp (GGUF) equivalent"),
         (GPT2_LAYOUT | dict(value_embeddings=1), "value_embeddings=1 has no llama.cpp (GGUF) equivalent"),
         (LLAMA_LAYOUT | dict(unet_skips=True), "unet_skips=True has no llama.cpp (GGUF) equivalent"),
+        (GPT2_LAYOUT | dict(smear=True), "smear=True has no llama.cpp (GGUF) equivalent"),
     ],
 )
 def test_a_layout_llama_cpp_lacks_is_refused_and_nothing_written(small_bpe, tmp_path, fields, message):

@@ -146,6 +146,7 @@ def test_tiktoken_kind_exports_with_its_own_ids(corpus, tmp_path):
         (LLAMA_LAYOUT | dict(logit_softcap=30.0), "logit_softcap"),
         (GPT2_LAYOUT | dict(value_embeddings=1), "value_embeddings"),
         (LLAMA_LAYOUT | dict(unet_skips=True), "unet_skips"),
+        (GPT2_LAYOUT | dict(smear=True), "smear"),
     ],
 )
 def test_a_model_without_transformers_equivalent_names_the_field_and_safetensors_works(

@@ -65,7 +65,7 @@ def test_the_skip_weights_go_to_adamw_without_weight_decay():
 
 
 def test_the_transformer_refuses_them():
-    with pytest.raises(ValidationError, match="unet_skips are for GPTs"):
+    with pytest.raises(ValidationError, match="unet_skips and smear are for GPTs"):
         ModelConfig(embed_dim=32, n_heads=4, tgt_vocab_size=VOCAB, model="transformer", unet_skips=True)
 
 

@@ -77,6 +77,11 @@ class ModelConfig(_Config):
         description="GPT: U-net skip connections (modded-nanogpt): the output of layer j of the first half is "
         "added, times a learned weight that starts at 1, to the input of layer num_layers - 1 - j.",
     )
+    smear: bool = Field(
+        False,
+        description="GPT: add to each token's embedding its predecessor's, times a learned gate that starts at 0 "
+        "(modded-nanogpt's smear): every layer sees the previous token without attention having to find it.",
+    )
     # Encoder-decoder only (model=transformer); seq_len is then the longest target.
     num_encoder_layers: int | None = Field(None, gt=0, description="Transformer encoder depth; None means num_layers.")
     num_decoder_layers: int | None = Field(None, gt=0, description="Transformer decoder depth; None means num_layers.")
@@ -104,9 +109,10 @@ class ModelConfig(_Config):
             raise ValueError(f"n_heads ({self.n_heads}) must divide embed_dim ({self.embed_dim})")
         if self.pos_encoding == "rope" and (self.embed_dim // self.n_heads) % 2:
             raise ValueError("rope needs an even head size (embed_dim / n_heads)")
-        if self.model == "transformer" and (self.logit_softcap is not None or self.value_embeddings or self.unet_skips):
+        gpt_only = self.logit_softcap is not None or self.value_embeddings or self.unet_skips or self.smear
+        if self.model == "transformer" and gpt_only:
             raise ValueError(
-                "logit_softcap, value_embeddings and unet_skips are for GPTs (model: gpt), not the Transformer"
+                "logit_softcap, value_embeddings, unet_skips and smear are for GPTs (model: gpt), not the Transformer"
             )
         if 2 * self.value_embeddings > self.num_layers:
             raise ValueError(

@@ -88,6 +88,7 @@ class DecodeStep:
         self.norm_f, self.head = normalize(model.norm_f), product(model.lm_head)
         self.qk_norm_eps = model.config.norm_eps if model.config.qk_norm else None  # None: no QK-norm
         self.unet_skips = model.skip_weights is not None  # without skips, no method calls a layer
+        self.smear = model.smear_gate is not None
 
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the token ids (B,) that follow each row's cached slots; they take
@@ -97,6 +98,8 @@ class DecodeStep:
         model.check_positions(start, 1)
         positions = cache.start(1)  # (B, 1) for left-padded rows, else None
         x = model.wte(ids)  # (B, C)
+        if self.smear:
+            x = model.smear(x[:, None], cache, positions)[:, 0]
         if model.wpe is not None:
             x = x + model.wpe(1, start, positions).flatten(0, -2)  # (1, C) or (B, C)
         rope = model.rotary(1, start, positions) if model.rotary is not None else None

@@ -18,7 +18,10 @@ from gptlab.models.kv_cache import KVCache
 
 # Our options that neither GPT-2 nor Llama has, at the values that turn them off: a model must
 # have these to export to transformers or llama.cpp.
-EXTRAS_OFF = {"qk_norm": False, "logit_softcap": None, "value_embeddings": 0, "unet_skips": False}
+EXTRAS_OFF = {"qk_norm": False, "logit_softcap": None, "value_embeddings": 0, "unet_skips": False, "smear": False}
+# The smear's gate reads this many channels of a token's embedding (modded-nanogpt's choice): enough
+# to tell a token that wants its predecessor from one that does not, at the cost of a dot product.
+SMEAR_GATE_CHANNELS = 12
 
 
 class GPT(LanguageModel):
@@ -26,8 +29,9 @@ class GPT(LanguageModel):
 
     Options from modded-nanogpt: value embeddings (config.value_embeddings), token tables whose
     rows are added to the attention values of the first and last layers, parameters that cost a
-    lookup instead of a product; a soft cap on the logits (config.logit_softcap); and U-net skip
-    connections (config.unet_skips), which hand the first half's outputs to the second half's inputs.
+    lookup instead of a product; a soft cap on the logits (config.logit_softcap); U-net skip
+    connections (config.unet_skips), which hand the first half's outputs to the second half's inputs;
+    and the smear (config.smear), which adds to each token's embedding its predecessor's.
     """
 
     def __init__(self, config: ModelConfig):
@@ -42,6 +46,10 @@ class GPT(LanguageModel):
         # One learned weight per skip (none with one layer); at 1, as modded-nanogpt starts them.
         skips = config.num_layers // 2 if config.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(skips)) if skips else None
+        # The smear's strength and gate, at 0: the model starts as the one without it.
+        gate_channels = min(SMEAR_GATE_CHANNELS, config.embed_dim)
+        self.smear_strength = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.smear_gate = nn.Parameter(torch.zeros(gate_channels)) if config.smear else None
         self.norm_f = make_norm(config)
         self.lm_head = self.output_head(self.wte)
         self.apply(self._init_weights)
@@ -83,6 +91,8 @@ class GPT(LanguageModel):
         self.check_positions(start_pos, T)
         positions = kv_cache.start(T) if kv_cache is not None else None  # (B, T) for padded rows
         x = self.wte(idx)  # (B, T, C)
+        if self.smear_gate is not None:
+            x = self.smear(x, kv_cache, positions)
         if self.wpe is not None:
             x = x + self.wpe(T, start_pos, positions)  # (T, C) broadcast over the batch, or (B, T, C)
         x = self.drop(x)
@@ -140,6 +150,24 @@ class GPT(LanguageModel):
         """With unet_skips, append the output x of a layer of the first half to outputs."""
         if self.skip_weights is not None and layer < len(self.skip_weights):
             outputs.append(x)
+
+    def smear(self, x: torch.Tensor, kv_cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings x (B, T, C), each plus its predecessor's times a gate in (0, strength)
+        that its own first channels open: every layer then knows the previous token, which an
+        induction head would otherwise spend a layer of attention finding (modded-nanogpt's smear).
+
+        After a kv_cache's slots the first predecessor is the cache's last token (this call keeps
+        the new last one there); a text's first token, position 0, has none, nor has a left-padded
+        row's first real token (positions (B, T) from the cache, 0 there).
+        """
+        first = x.new_zeros(x[:, :1].shape) if kv_cache is None or kv_cache.length == 0 else kv_cache.last_embedding
+        if kv_cache is not None:
+            kv_cache.last_embedding = x[:, -1:]  # (B, 1, C)
+        previous = torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C)
+        opened = torch.sigmoid(x[..., : self.smear_gate.numel()] @ self.smear_gate)  # (B, T)
+        if positions is not None:
+            opened = opened * (positions > 0)
+        return x + self.smear_strength * opened[..., None] * previous
 
     def check_positions(self, start_pos: int, T: int) -> None:
         """GptlabError unless positions start_pos .. start_pos+T-1 lie within the context."""

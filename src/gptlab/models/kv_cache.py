@@ -39,11 +39,13 @@ class KVCache:
         self.length = 0
         self.pad: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # the attention mask of the chunk being run
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the last slot's token, for GPT.smear
         self.reset(pad)
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Empty the cache (the tensors are reused); `pad` (B,) counts each row's leading <PAD> slots."""
         self.length = 0
+        self.last_embedding = None
         if pad is not None and not bool(pad.any()):
             pad = None  # no row is padded: take the cheaper unmasked paths
         self.pad = None if pad is None else pad.to(device=self.keys.device, dtype=torch.long)
