@@ -66,7 +66,8 @@ speedrun: $(VENV)/.installed
 
 # How cpu-10min was chosen at its own budget: one change at a time, ABLATION_BUDGET per row, into
 # docs/ablation-<walk>.md and BENCHMARKS.md; the walks are listed in benchmarks/ablation_walks.py.
-# ABLATION_WALK=unet (the latest: U-net skip connections), context (a context of 512, the head
+# ABLATION_WALK=smear (the latest: each token's embedding plus its predecessor's, at a
+# context of 256 and of 512), unet (U-net skip connections), context (a context of 512, the head
 # untied), decay (the learning rate decayed over 60 % of the run), wider (an MLP
 # 5 × wide, AdamW's rate halved), unclipped (no gradient
 # clipping), lighter (a narrower MLP, Muon's momentum warmup over 600 steps,
@@ -81,7 +82,7 @@ speedrun: $(VENV)/.installed
 # (learning rate and vocabulary), faster (what faster steps are best spent on), budget (from the
 # first cpu-10min) or first (`ABLATION_BUDGET=2m`: how the first was chosen).
 ABLATION_BUDGET ?= 10m
-ABLATION_WALK ?= unet
+ABLATION_WALK ?= smear
 ablation: $(VENV)/.installed
 	$(BIN)/python benchmarks/ablation.py --walk $(ABLATION_WALK) --budget $(ABLATION_BUDGET) --no_progress
 

@@ -1,6 +1,6 @@
 """Ablation: how `cpu-10min` was chosen, one change at a time, in validation bits per byte.
 
-    python benchmarks/ablation.py --walk unet --budget 10m [--seeds 1 2] [--rows N]
+    python benchmarks/ablation.py --walk smear --budget 10m [--seeds 1 2] [--rows N]
     python benchmarks/ablation.py --walk first --budget 2m [--seeds 1]
 
 --walk names one of the walks of benchmarks/ablation_walks.py (the lists of changes, with why each was

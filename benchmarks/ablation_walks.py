@@ -1,6 +1,6 @@
 """The walks of benchmarks/ablation.py: what each row changes in `cpu-10min`, and why it was tried.
 
-Twenty walks, in the order they were made. `first` (the first recipe, 2 minutes a row) starts from
+Twenty-one walks, in the order they were made. `first` (the first recipe, 2 minutes a row) starts from
 `nanogpt-char` (nanoGPT's GPU recipe for Shakespeare-char); `budget` starts from that first `cpu-10min` and
 is measured at the budget the preset is sold for, 10 minutes, where a run repeats the training text several
 times (2-minute rows never finish one epoch, so they cannot see what regularisation does); `faster` starts
@@ -20,7 +20,8 @@ count, on a GPU) found best; `refine` lowers AdamW's β1 once more and tries 3 h
 a narrower MLP, Muon's momentum warmup over more steps and β1 lower still; `unclipped` trains without
 gradient clipping; `wider` tries an MLP 5 × wide and AdamW's rate halved; `decay` decays the learning
 rate over 60 % of the run; `context` tries a context of 512 and a head untied from the embeddings; `unet`
-tries U-net skip connections.
+tries U-net skip connections; `smear` adds to each token's embedding its predecessor's, at a context of 256
+and of 512.
 
 Each walk starts from the preset as it is today with the values it had when the walk was made (the
 BEFORE_* dictionaries below put back what later walks changed), so that every walk still runs as it ran.
@@ -223,6 +224,16 @@ CONTEXT_WALK = [
 UNET_WALK = [
     Change("U-net skips: layers 1 and 2's outputs into layers 4 and 3 (learned weights)", {"unet_skips": True}),
 ]  # 2026-12-05, a Zen 4 (5.3 epochs): not kept (+0.015, worse on both seeds)
+# The preset after the unet walk (the same as after the refine walk), at the same size: the smear
+# (modded-nanogpt), each token's embedding plus its predecessor's through a learned gate, two
+# parameters and an addition. The context walk's 512 row fell steeply on two seeds of three, as if a
+# copying head (an induction head: a previous-token head, then one that attends after earlier copies
+# of the current token) formed on some seeds only; the smear hands every layer the previous token, the
+# first half of that circuit. So the smear at 256, then at 512 with batch 8.
+SMEAR_WALK = [
+    Change("smear: each token's embedding plus its predecessor's (learned gate)", {"smear": True}),
+    Change("smear, context 256 → 512, batch 16 → 8", {"smear": True, "seq_len": 512, "batch_size": 8}),
+]
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
@@ -322,6 +333,13 @@ WALKS = {
         {**BEFORE_REFINE_WALK, **SCHEDULE_WALK_SIZE},
         REFINE_WALK,
         "ablation-refine",
+    ),
+    "smear": Walk(
+        "cpu-10min with the smear, at a context of 256 and of 512",
+        "cpu-10min",
+        SCHEDULE_WALK_SIZE,
+        SMEAR_WALK,
+        "ablation-smear",
     ),
     "unet": Walk(
         "cpu-10min with U-net skip connections",
