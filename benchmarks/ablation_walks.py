@@ -233,7 +233,7 @@ UNET_WALK = [
 SMEAR_WALK = [
     Change("smear: each token's embedding plus its predecessor's (learned gate)", {"smear": True}),
     Change("smear, context 256 → 512, batch 16 → 8", {"smear": True, "seq_len": 512, "batch_size": 8}),
-]
+]  # 2026-12-05, an AMX Xeon (6.0 epochs): neither kept (+0.014, both worse; +0.004, seeds 1.822 and 1.775)
 # What the refine walk kept, as it was at its start.
 BEFORE_REFINE_WALK = {"beta1": 0.8}
 # What the shortlist walk kept, as it was at its start (the walks before it trained with this).
