@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from gptlab.errors import GptlabError
 from gptlab.training import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speedrun import ROOT  # noqa: E402
+from speedrun import main as run_main  # noqa: E402
+
 VAL_TEXT = ROOT / "data" / "shakespeare" / "val.txt"
 
 
@@ -110,13 +113,8 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except GptlabError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    """Parse argv, run; a GptlabError is one line on stderr and exit status 1."""
+    return run_main(argv, build_parser(), run)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Stand-ins for tests: a tokenizer independent of the real kinds (for training and checkpoints),
 small GPTs with random weights (for exports), and tiny GPTs as initialised (for model options)."""
 
+from pathlib import Path
+
 import torch
 
+from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.models import GPT
 from gptlab.tokenizers.base import SPECIAL_TOKENS, Tokenizer
+
+from data_files import write_toy_texts
 
 
 class ByteTokenizer(Tokenizer):
@@ -85,3 +90,26 @@ def assert_causal_and_learning(model: GPT, idx: torch.Tensor, changed_at: int = 
     _, loss = model.train()(idx, torch.roll(idx, -1, dims=1))
     loss.backward()
     assert all(param.grad.abs().sum() > 0 for param in model.parameters())
+
+
+def train_with_an_option(tmp_path: Path, flag: str) -> tuple[Path, dict]:
+    """A 2 x 32 GPT with Llama's norm and activation and one option of ours (`flag`, e.g. --smear),
+    trained for 4 steps from the command line: its checkpoint's path and saved contents."""
+    workdir = write_toy_texts(tmp_path)
+    tokenizer = Path(__file__).resolve().parents[1] / "toy_data" / "tiny_sp"
+    train = ["train", "--tokenizer", str(tokenizer), "--train_data", str(workdir / "train.txt")]
+    tiny = ["--embed_dim", "32", "--num_layers", "2", "--n_heads", "2", "--seq_len", "16", "--batch_size", "8"]
+    where = ["--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path / "runs"), "--experiment_name", "option"]
+    options = ["--norm", "rmsnorm", "--activation", "swiglu", flag, "--max_steps", "4", "--no_progress"]
+    assert main([*train, *tiny, *where, *options]) == 0
+    checkpoint = tmp_path / "option_e1.pth"
+    return checkpoint, torch.load(checkpoint, weights_only=True)
+
+
+def assert_hf_export_refused(checkpoint: Path, tmp_path: Path, capsys, option: str) -> None:
+    """`gptlab export --format hf` of `checkpoint` fails in one line that names `option`, writing nothing."""
+    capsys.readouterr()
+    out = tmp_path / "hf"
+    assert main(["export", "--model_path", str(checkpoint), "--format", "hf", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"error: {option}=True")
+    assert not out.exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from test_presets import ROOT, load_script
+from test_presets import ROOT, load_script, load_speedrun
 from torch import nn
 
 from gptlab.config import DatasetConfig, TrainConfig
@@ -37,6 +37,7 @@ class Uniform(nn.Module):
 
 
 def load_induction(monkeypatch):
+    load_speedrun(monkeypatch)  # induction.py imports it by name
     return load_script(ROOT / "benchmarks" / "induction.py", monkeypatch)
 
 

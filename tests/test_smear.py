@@ -1,8 +1,6 @@
 """The smear (modded-nanogpt): each token's embedding plus its predecessor's, times a learned gate
 that starts at 0; in training, after a KV cache, with left-padded rows and in DecodeStep."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -12,9 +10,15 @@ from gptlab.config import ModelConfig
 from gptlab.models.decode_step import DecodeStep
 from gptlab.training.optim import hidden_matrices
 
-from data_files import write_toy_texts
 from helpers import TINY_VOCAB as VOCAB
-from helpers import assert_causal_and_learning, full_and_cached_logits, random_ids, tiny_gpt
+from helpers import (
+    assert_causal_and_learning,
+    assert_hf_export_refused,
+    full_and_cached_logits,
+    random_ids,
+    tiny_gpt,
+    train_with_an_option,
+)
 
 
 def smeared_gpt(**fields):
@@ -92,20 +96,8 @@ def test_the_transformer_refuses_it():
 
 
 def test_trained_from_the_command_line_it_generates_past_its_context_and_refuses_a_foreign_export(tmp_path, capsys):
-    workdir = write_toy_texts(tmp_path)
-    tokenizer = Path(__file__).resolve().parents[1] / "toy_data" / "tiny_sp"
-    train = ["train", "--tokenizer", str(tokenizer), "--train_data", str(workdir / "train.txt")]
-    tiny = ["--embed_dim", "32", "--num_layers", "2", "--n_heads", "2", "--seq_len", "16", "--batch_size", "8"]
-    where = ["--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path / "runs"), "--experiment_name", "smear"]
-    llama_like = ["--norm", "rmsnorm", "--activation", "swiglu", "--smear"]  # Llama's, but for the smear
-    assert main([*train, *tiny, *where, *llama_like, "--max_steps", "4", "--no_progress"]) == 0
-    checkpoint = tmp_path / "smear_e1.pth"
-    saved = torch.load(checkpoint, weights_only=True)
+    checkpoint, saved = train_with_an_option(tmp_path, "--smear")
     assert saved["model_config"]["smear"] and saved["model"]["smear_gate"].shape == (12,)
     # 40 tokens after a context of 16: the window restarts (a new cache) on the way.
     assert main(["generate", "--model_path", str(checkpoint), "--prompt", "to be", "--length", "40"]) == 0
-    capsys.readouterr()
-    out = tmp_path / "hf"
-    assert main(["export", "--model_path", str(checkpoint), "--format", "hf", "--out", str(out)]) == 1
-    assert capsys.readouterr().err.strip().startswith("error: smear=True")
-    assert not out.exists()
+    assert_hf_export_refused(checkpoint, tmp_path, capsys, "smear")

@@ -1,8 +1,6 @@
 """U-net skip connections (modded-nanogpt): the output of each layer of the first half is added,
 times a learned weight, to the input of its mirror layer in the second half."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -11,9 +9,15 @@ from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.training.optim import hidden_matrices
 
-from data_files import write_toy_texts
 from helpers import TINY_VOCAB as VOCAB
-from helpers import assert_causal_and_learning, full_and_cached_logits, random_ids, tiny_gpt
+from helpers import (
+    assert_causal_and_learning,
+    assert_hf_export_refused,
+    full_and_cached_logits,
+    random_ids,
+    tiny_gpt,
+    train_with_an_option,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,19 +74,7 @@ def test_the_transformer_refuses_them():
 
 
 def test_trained_from_the_command_line_they_generate_and_refuse_a_foreign_export(tmp_path, capsys):
-    workdir = write_toy_texts(tmp_path)
-    tokenizer = Path(__file__).resolve().parents[1] / "toy_data" / "tiny_sp"
-    train = ["train", "--tokenizer", str(tokenizer), "--train_data", str(workdir / "train.txt")]
-    tiny = ["--embed_dim", "32", "--num_layers", "2", "--n_heads", "2", "--seq_len", "16", "--batch_size", "8"]
-    where = ["--checkpoint_dir", str(tmp_path), "--log_dir", str(tmp_path / "runs"), "--experiment_name", "skips"]
-    llama_like = ["--norm", "rmsnorm", "--activation", "swiglu", "--unet_skips"]  # Llama's, but for the skips
-    assert main([*train, *tiny, *where, *llama_like, "--max_steps", "4", "--no_progress"]) == 0
-    checkpoint = tmp_path / "skips_e1.pth"
-    saved = torch.load(checkpoint, weights_only=True)
+    checkpoint, saved = train_with_an_option(tmp_path, "--unet_skips")
     assert saved["model_config"]["unet_skips"] and saved["model"]["skip_weights"].shape == (1,)
     assert main(["generate", "--model_path", str(checkpoint), "--prompt", "to be", "--length", "5"]) == 0
-    capsys.readouterr()
-    out = tmp_path / "hf"
-    assert main(["export", "--model_path", str(checkpoint), "--format", "hf", "--out", str(out)]) == 1
-    assert capsys.readouterr().err.strip().startswith("error: unet_skips=True")
-    assert not out.exists()
+    assert_hf_export_refused(checkpoint, tmp_path, capsys, "unet_skips")
