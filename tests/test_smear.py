@@ -1,16 +1,12 @@
 """The smear (modded-nanogpt): each token's embedding plus its predecessor's, times a learned gate
 that starts at 0; in training, after a KV cache, with left-padded rows and in DecodeStep."""
 
-import pytest
 import torch
-from pydantic import ValidationError
 
 from gptlab.cli import main
-from gptlab.config import ModelConfig
 from gptlab.models.decode_step import DecodeStep
 from gptlab.training.optim import hidden_matrices
 
-from helpers import TINY_VOCAB as VOCAB
 from helpers import (
     assert_causal_and_learning,
     assert_hf_export_refused,
@@ -88,11 +84,6 @@ def test_its_two_parameters_go_to_adamw_without_weight_decay():
     assert not smear & {id(p) for p in hidden_matrices(model)}
     (undecayed,) = [group for group in model.configure_optimizer_groups(weight_decay=0.1) if not group["weight_decay"]]
     assert smear <= {id(p) for p in undecayed["params"]}
-
-
-def test_the_transformer_refuses_it():
-    with pytest.raises(ValidationError, match="smear are for GPTs"):
-        ModelConfig(embed_dim=32, n_heads=4, tgt_vocab_size=VOCAB, model="transformer", smear=True)
 
 
 def test_trained_from_the_command_line_it_generates_past_its_context_and_refuses_a_foreign_export(tmp_path, capsys):

@@ -3,13 +3,10 @@ times a learned weight, to the input of its mirror layer in the second half."""
 
 import pytest
 import torch
-from pydantic import ValidationError
 
 from gptlab.cli import main
-from gptlab.config import ModelConfig
 from gptlab.training.optim import hidden_matrices
 
-from helpers import TINY_VOCAB as VOCAB
 from helpers import (
     assert_causal_and_learning,
     assert_hf_export_refused,
@@ -66,11 +63,6 @@ def test_the_skip_weights_go_to_adamw_without_weight_decay():
     groups = model.configure_optimizer_groups(weight_decay=0.1)
     (undecayed,) = [group for group in groups if group["weight_decay"] == 0.0]
     assert any(p is model.skip_weights for p in undecayed["params"])
-
-
-def test_the_transformer_refuses_them():
-    with pytest.raises(ValidationError, match="unet_skips and smear are for GPTs"):
-        ModelConfig(embed_dim=32, n_heads=4, tgt_vocab_size=VOCAB, model="transformer", unet_skips=True)
 
 
 def test_trained_from_the_command_line_they_generate_and_refuse_a_foreign_export(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Value embeddings (modded-nanogpt): token tables added to the attention values of the first
-and last layers; and the limits of the two GPT-only options (value embeddings, logit soft cap)."""
+and last layers; and the limits of the GPT-only options (value embeddings, logit soft cap, U-net skips, smear)."""
 
 import pytest
 import torch
@@ -64,6 +64,8 @@ def test_muon_leaves_the_tables_to_adamw():
         (dict(num_layers=4, value_embeddings=3), r"value_embeddings \(3\) feeds two layers each: at most .* \(2\)"),
         (dict(model="transformer", value_embeddings=1), "are for GPTs"),
         (dict(model="transformer", logit_softcap=30.0), "are for GPTs"),
+        (dict(model="transformer", unet_skips=True), "unet_skips and smear are for GPTs"),
+        (dict(model="transformer", smear=True), "smear are for GPTs"),
         (dict(logit_softcap=0.0), "greater than 0"),
     ],
 )
