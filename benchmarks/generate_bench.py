@@ -10,15 +10,21 @@ exactly --tokens new tokens (--gpt2_tokens for GPT-2's shape), with gptlab's wei
 --dtypes. Timed:
   - gptlab: `generate_token_ids` (preallocated KV cache, sampling on the device) on the model
     made `ready_for_generation`, as `gptlab generate --dtype D` does (fp32: each matrix shape in
-    the layout measured fastest; int8: int8 weights, gptlab.models.int8);
+    the layout measured fastest; int8: int8 weights, gptlab.models.int8), with the decoding step
+    it picks ("step": native, the step in C of gptlab.models.native_step, or DecodeStep); where that
+    is native, also the same weights made ready and decoded as without it ("DecodeStep tok/s":
+    layouts measured for PyTorch's products, the eager DecodeStep);
   - HF: `model.generate(use_cache=True, do_sample=False, max_new_tokens=N, min_new_tokens=N)` in
     fp32 (and in bf16 when --dtypes asks for bf16); the int8 rows compare with HF's fp32 run;
   - optionally (--no_cache_repeats) gptlab without cache: a forward pass over the whole text per step;
-and gptlab's linear-layer floor: the speed of a step that did nothing but gptlab's products of
-one token's vector by every weight matrix, which at batch 1 read all the weights every token.
+and gptlab's linear-layer floor: the speed of a step that did nothing but PyTorch's products of
+one token's vector by every weight matrix, in the layouts measured fastest for them (as DecodeStep
+computes them), which at batch 1 read all the weights every token. The native step computes its
+products itself, so it can pass this floor.
 "same as HF" counts the greedy tokens equal to HF's in the same dtype. For int8 that column gives
 instead the change in validation bits per byte on a trained --checkpoint (fp32 -> int8), when one
-is given. After each size, the layout chosen for each matrix shape, with every candidate's time.
+is given. After each size, the layout chosen for each matrix shape (for DecodeStep), with every
+candidate's time.
 Each time is the best of --repeats runs (the machine may be shared; the best run is the least
 disturbed). Both sides get the same number of threads: all cores by default, as torch sets it.
 """
@@ -29,6 +35,7 @@ import argparse
 import copy
 import math
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +43,12 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.device import weights_dtype
 from gptlab.generation import generate_token_ids, ready_for_generation
-from gptlab.models import GPT
+from gptlab.models import GPT, native_step
 from gptlab.models.decode_step import product
 from gptlab.models.int8 import Int8Linear
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import LAYOUTS
+from gptlab.models.native_step import NativeDecodeStep, decode_step
 
 POSITIONS = 1024
 GPT2_VOCAB = 50257
@@ -87,6 +95,17 @@ def make_models(layers: int, width: int, heads: int, vocab: int, device: torch.d
 def run_ours(model: GPT, prompt: list[int], n: int) -> list[int]:
     cfg = SampleConfig(greedy=True, max_new_tokens=n)
     return [step[0] for step in generate_token_ids(model, [prompt], cfg, pad_id=0)]
+
+
+def without_native_step():
+    """Generation as on a machine without a C compiler: ready_for_generation measures the layouts
+    for PyTorch's products and DecodeStep decodes (models/native_step.py)."""
+    return mock.patch.object(native_step, "native_library", lambda: None)
+
+
+def run_ours_eager(model: GPT, prompt: list[int], n: int) -> list[int]:
+    with without_native_step():
+        return run_ours(model, prompt, n)
 
 
 @torch.inference_mode()
@@ -227,8 +246,8 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, greedy, n_positions {POSITIONS}\n"
     )
     header = "| model | weights | gptlab tok/s | HF tok/s | gptlab / HF | gptlab / HF fp32 | linear-layer floor tok/s "
-    header += "| gptlab / floor | no-cache tok/s | same as HF (int8: bpb change) |"
-    print(header + "\n" + "|---" * 10 + "|")
+    header += "| gptlab / floor | step | DecodeStep tok/s | no-cache tok/s | same as HF (int8: bpb change) |"
+    print(header + "\n" + "|---" * 12 + "|")
     layout_tables = []
     for size in args.sizes:
         layers, width, heads, vocab = SIZES[size]
@@ -242,6 +261,12 @@ def main() -> None:
             # What `gptlab generate --dtype` does to a loaded model; HF's generate takes the model as it is.
             ours = ready_for_generation(copy.deepcopy(ours_fp32), weights_dtype(dtype_name, device))
             runs = {"ours": lambda ours=ours: run_ours(ours, prompt, n)}
+            native = isinstance(decode_step(ours), NativeDecodeStep)
+            eager_model = ours
+            if native:  # the same weights, made ready and decoded as without the native step: what it gains
+                with without_native_step():
+                    eager_model = ready_for_generation(copy.deepcopy(ours_fp32), weights_dtype(dtype_name, device))
+                runs["eager"] = lambda eager_model=eager_model: run_ours_eager(eager_model, prompt, n)
             hf = None
             if dtype_name != "int8":  # HF has no int8 path of its own here: int8 rows compare with HF fp32
                 hf = copy.deepcopy(hf_fp32).to(weights_dtype(dtype_name, device))
@@ -250,7 +275,7 @@ def main() -> None:
             timed = best_times(repeats, runs, device)
             ours_s, ours_tokens = timed["ours"]
             if dtype_name == "fp32":
-                hf_fp32_tok_s, ready_fp32 = n / timed["hf"][0], ours
+                hf_fp32_tok_s, ready_fp32 = n / timed["hf"][0], eager_model
             hf_tok_s = n / timed["hf"][0] if hf is not None else hf_fp32_tok_s
             vs_fp32 = f"{n / ours_s / hf_fp32_tok_s:.2f}x" if hf_fp32_tok_s else "-"
             no_cache = "-"
@@ -261,12 +286,16 @@ def main() -> None:
                 no_cache = f"{n / slow_s:,.0f}"
             # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
             same = quality if hf is None else f"{sum(a == b for a, b in zip(ours_tokens, timed['hf'][1]))}/{n}"
-            floor = linear_floor_tokens_per_s(ours)
+            floor = linear_floor_tokens_per_s(eager_model)  # PyTorch's products in the layouts measured fastest
+            eager = "-"
+            if native:
+                eager = f"{n / timed['eager'][0]:,.0f}"
             hf_cell = f"{hf_tok_s:,.0f}" if hf_tok_s else "-"
             ratio = f"{hf_tok_s and n / ours_s / hf_tok_s:.2f}x" if hf_tok_s else "-"
             print(
                 f"| {label} | {dtype_name} | {n / ours_s:,.0f} | {hf_cell}{' (fp32)' if hf is None else ''} "
-                f"| {ratio} | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} | {no_cache} | {same} |",
+                f"| {ratio} | {vs_fp32} | {floor:,.0f} | {n / ours_s / floor:.2f} | {'native' if native else 'DecodeStep'} "
+                f"| {eager} | {no_cache} | {same} |",
                 flush=True,
             )
         if ready_fp32 is not None and device.type == "cpu":

@@ -5,6 +5,8 @@ import signal
 import pytest
 import torch
 
+from gptlab.models import native_step
+
 
 @pytest.fixture(autouse=True, scope="session")
 def ctrl_c_reaches_the_tests():
@@ -53,3 +55,10 @@ def knows_test_tokenizer(monkeypatch):
         return ByteTokenizer.from_files(files) if kind == ByteTokenizer.kind else real(kind, files)
 
     monkeypatch.setattr(checkpoint_module, "tokenizer_from_files", from_files)
+
+
+@pytest.fixture
+def eager_decoding(monkeypatch):
+    """Decode as on a machine without a C compiler: DecodeStep, and the layouts measured for
+    PyTorch's products (ready_for_generation keeps nn.Linear's where the native step decodes)."""
+    monkeypatch.setattr(native_step, "native_library", lambda: None)

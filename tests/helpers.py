@@ -1,5 +1,6 @@
 """Stand-ins for tests: a tokenizer independent of the real kinds (for training and checkpoints),
-small GPTs with random weights (for exports), and tiny GPTs as initialised (for model options)."""
+small GPTs with random weights (for exports), tiny GPTs as initialised (for model options) and
+perturbed ones of every kind (for decoding steps)."""
 
 from pathlib import Path
 
@@ -61,6 +62,40 @@ def tiny_gpt(seed: int = 0, **fields) -> GPT:
     torch.manual_seed(seed)
     values = dict(embed_dim=32, n_heads=4, num_layers=4, seq_len=16, tgt_vocab_size=TINY_VOCAB, dropout=0.0)
     return GPT(ModelConfig(**(values | fields))).eval()
+
+
+DECODE_VOCAB = 64  # even: the output head can take a split layout
+
+DECODE_VARIANTS = {  # every kind of GPT a decoding step must compute
+    "gpt2": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=True),
+    "llama-like": dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False),
+    "cpu-10min": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=True),
+    "sinusoidal": dict(
+        pos_encoding="sinusoidal", norm="layernorm", activation="relu2", bias=False, tie_embeddings=True
+    ),
+    "qk-norm, rope": dict(
+        pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=False, qk_norm=True
+    ),
+    "qk-norm, learned": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=True),
+    "value embeddings, soft cap": dict(
+        pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=2.0
+    ),
+    "u-net skips": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, unet_skips=True),
+    "smear": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, smear=True),
+}
+
+
+def perturbed_gpt(seed: int = 0, **fields) -> GPT:
+    """A 2 × 32 GPT over DECODE_VOCAB ids with a context of 40, its weights spread wider than at
+    initialisation, in eval mode: for comparing ways of computing a decoding step."""
+    torch.manual_seed(seed)
+    values = dict(embed_dim=32, n_heads=4, num_layers=2, seq_len=40, tgt_vocab_size=DECODE_VOCAB, dropout=0.0)
+    config = ModelConfig(**(values | fields))
+    model = GPT(config).eval()
+    with torch.no_grad():  # a bigger spread than the small init, so that differences show
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
 
 
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:

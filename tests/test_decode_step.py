@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import ready_for_generation
 from gptlab.models import GPT
@@ -13,36 +12,9 @@ from gptlab.models.decode_step import DecodeStep
 from gptlab.models.lora import apply_lora
 from gptlab.models.matvec import MatVecLinear
 
+from helpers import DECODE_VARIANTS, DECODE_VOCAB, perturbed_gpt
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-VOCAB = 64  # even: the output head can take a split layout
-
-VARIANTS = {
-    "gpt2": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, tie_embeddings=True),
-    "llama-like": dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False),
-    "cpu-10min": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=True),
-    "sinusoidal": dict(
-        pos_encoding="sinusoidal", norm="layernorm", activation="relu2", bias=False, tie_embeddings=True
-    ),
-    "qk-norm, rope": dict(
-        pos_encoding="rope", norm="rmsnorm", activation="relu2", bias=False, tie_embeddings=False, qk_norm=True
-    ),
-    "qk-norm, learned": dict(pos_encoding="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=True),
-    "value embeddings, soft cap": dict(
-        pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, value_embeddings=1, logit_softcap=2.0
-    ),
-    "u-net skips": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, unet_skips=True),
-    "smear": dict(pos_encoding="rope", norm="rmsnorm", activation="relu2", qk_norm=True, smear=True),
-}
-
-
-def tiny_model(seed: int = 0, **fields) -> GPT:
-    torch.manual_seed(seed)
-    config = ModelConfig(embed_dim=32, n_heads=4, num_layers=2, seq_len=40, tgt_vocab_size=VOCAB, dropout=0.0, **fields)
-    model = GPT(config).eval()
-    with torch.no_grad():  # a bigger spread than the small init, so that differences show
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model
 
 
 def steps_both_ways(model: GPT, prompts: torch.Tensor, steps: int, pad: torch.Tensor | None = None):
@@ -51,7 +23,7 @@ def steps_both_ways(model: GPT, prompts: torch.Tensor, steps: int, pad: torch.Te
     B = prompts.size(0)
     caches = [model.new_kv_cache(B, pad=pad) for _ in range(2)]
     decode = DecodeStep(model)
-    tokens = torch.randint(1, VOCAB, (steps, B), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(1, DECODE_VOCAB, (steps, B), generator=torch.Generator().manual_seed(5))
     forward_logits, step_logits = [], []
     with torch.inference_mode():
         for cache in caches:
@@ -62,14 +34,14 @@ def steps_both_ways(model: GPT, prompts: torch.Tensor, steps: int, pad: torch.Te
     return torch.stack(forward_logits), torch.stack(step_logits), caches
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 def test_the_step_equals_the_forward_pass_for_every_variant(variant):
-    model = tiny_model(**VARIANTS[variant])
-    prompts = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
+    model = perturbed_gpt(**DECODE_VARIANTS[variant])
+    prompts = torch.randint(1, DECODE_VOCAB, (3, 6), generator=torch.Generator().manual_seed(1))
 
     want, got, (forward_cache, step_cache) = steps_both_ways(model, prompts, steps=30)
 
-    assert got.shape == (30, 3, VOCAB)
+    assert got.shape == (30, 3, DECODE_VOCAB)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert step_cache.length == forward_cache.length == 36
     torch.testing.assert_close(step_cache.keys, forward_cache.keys, rtol=0, atol=1e-5)
@@ -78,8 +50,8 @@ def test_the_step_equals_the_forward_pass_for_every_variant(variant):
 
 @pytest.mark.parametrize("variant", ["gpt2", "cpu-10min", "qk-norm, rope"])
 def test_left_padded_rows_get_their_own_positions_and_mask(variant):
-    model = tiny_model(**VARIANTS[variant])
-    prompts = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    model = perturbed_gpt(**DECODE_VARIANTS[variant])
+    prompts = torch.randint(1, DECODE_VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
     pad = torch.tensor([0, 4, 6])  # rows of 7, 3 and 1 real tokens
 
     want, got, _ = steps_both_ways(model, prompts, steps=20, pad=pad)
@@ -87,13 +59,14 @@ def test_left_padded_rows_get_their_own_positions_and_mask(variant):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("eager_decoding")
 @pytest.mark.parametrize("layout", ["plain", "transposed", "plain_split", "transposed_split"])
 def test_every_layout_of_a_model_ready_for_generation_gives_the_same_logits(layout):
-    model = ready_for_generation(tiny_model(**VARIANTS["gpt2"]))
+    model = ready_for_generation(perturbed_gpt(**DECODE_VARIANTS["gpt2"]))
     for module in model.modules():
         if isinstance(module, MatVecLinear):
             module.set_layout(layout, splits=2)
-    prompts = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    prompts = torch.randint(1, DECODE_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
 
     want, got, _ = steps_both_ways(model, prompts, steps=10)
 
@@ -101,15 +74,15 @@ def test_every_layout_of_a_model_ready_for_generation_gives_the_same_logits(layo
 
 
 def test_int8_and_lora_layers_compute_their_own_products():
-    int8 = ready_for_generation(tiny_model(**VARIANTS["cpu-10min"]), torch.qint8)
-    adapted = tiny_model(**VARIANTS["gpt2"])
+    int8 = ready_for_generation(perturbed_gpt(**DECODE_VARIANTS["cpu-10min"]), torch.qint8)
+    adapted = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
     apply_lora(adapted, rank=4, alpha=8, targets="both")
     with torch.no_grad():
         for name, param in adapted.named_parameters():
             if name.endswith("lora_B"):
                 param.normal_(std=0.1)  # a trained update, not the zero it starts at
     adapted.eval()
-    prompts = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    prompts = torch.randint(1, DECODE_VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
 
     for model in (int8, adapted):
         want, got, _ = steps_both_ways(model, prompts, steps=10)
@@ -126,9 +99,9 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 def test_the_step_runs_fewer_operations_than_the_forward_pass(variant):
-    model = tiny_model(**VARIANTS[variant])
+    model = perturbed_gpt(**DECODE_VARIANTS[variant])
     ids = torch.tensor([3])
     counts = []
     decode = DecodeStep(model)
@@ -142,7 +115,7 @@ def test_the_step_runs_fewer_operations_than_the_forward_pass(variant):
 
 
 def test_a_model_in_training_mode_or_a_full_cache_is_refused():
-    model = tiny_model(**VARIANTS["gpt2"])
+    model = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
     with pytest.raises(ValueError, match="eval mode"):
         DecodeStep(model.train())
     model.eval()

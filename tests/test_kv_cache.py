@@ -88,6 +88,7 @@ def test_a_bf16_model_keeps_a_bf16_cache_that_agrees_with_its_full_forward():
     torch.testing.assert_close(torch.stack(steps, 1).float(), full[:, 8:].float(), rtol=0, atol=0.05)
 
 
+@pytest.mark.usefixtures("eager_decoding")
 def test_ready_for_generation_changes_the_weights_layout_not_the_results(recorded):
     model = tiny_model(seq_len=64, pos_encoding="learned")
     reference = copy.deepcopy(model)

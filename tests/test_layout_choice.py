@@ -13,6 +13,8 @@ from gptlab.models import GPT, layout_choice
 from gptlab.models.layout_choice import choose_layouts, forget_layout_choices
 from gptlab.models.matvec import MatVecLinear, layouts_for, use_matvec_linears
 
+pytestmark = pytest.mark.usefixtures("eager_decoding")  # layouts are for DecodeStep (conftest.py)
+
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"{n}-threads")
 def threads(request, monkeypatch):

@@ -21,10 +21,10 @@ from gptlab.errors import GptlabError
 from gptlab.generation.sampling import banned_ids, sample_next
 from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
-from gptlab.models.decode_step import DecodeStep
 from gptlab.models.int8 import use_int8_linears
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import use_matvec_linears
+from gptlab.models.native_step import decode_step, decodes_natively
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.chat import CHAT_TOKENS, has_chat_template
 
@@ -75,9 +75,10 @@ def generate_token_ids(
 
     cache = model.new_kv_cache(B, max_len=min(seq_len, longest + cfg.max_new_tokens), pad=pad)
     logits = _last_logits(model, tokens[:, :longest], cache)  # (B, V)
-    # One token a row: the forward pass in fewer operations (models/decode_step.py); in training
-    # mode (dropout), or for another kind of model, the forward pass itself.
-    one_token = DecodeStep(model) if isinstance(model, GPT) and not model.training else None
+    # One token a row: the forward pass in fewer operations (models/decode_step.py), or in one call
+    # to C where it can (models/native_step.py); in training mode (dropout), or for another kind of
+    # model, the forward pass itself.
+    one_token = decode_step(model) if isinstance(model, GPT) and not model.training else None
     end = longest  # slots filled in `tokens`
     for step in range(cfg.max_new_tokens):
         if banned is not None:
@@ -242,7 +243,9 @@ def generate(
 def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """`model` in eval mode with its weights in `dtype`, laid out for decoding one token at a time.
 
-    On CPU in float32, each nn.Linear becomes a MatVecLinear (gptlab.models.matvec) on the same
+    On CPU in float32, a GPT that the decoding step in C takes (gptlab.models.native_step, built
+    here the first time) keeps nn.Linear's (out, in) weights, which that step reads fastest. Any
+    other model's nn.Linear layers become MatVecLinears (gptlab.models.matvec) on the same
     parameters, and each matrix shape gets the way of computing one row's product that measured
     fastest on this machine (gptlab.models.layout_choice; a few milliseconds per shape, once per
     process). The results equal nn.Linear's up to float rounding. bf16 kernels prefer the usual
@@ -265,7 +268,7 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
         for name, child in parent.named_children():
             if isinstance(child, nn.Dropout) and child.p == 0:
                 setattr(parent, name, nn.Identity())
-    if dtype == torch.float32 and on_cpu:
+    if dtype == torch.float32 and on_cpu and not decodes_natively(model):
         use_matvec_linears(model)
         choose_layouts(model)
     return model

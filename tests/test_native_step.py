@@ -1,0 +1,144 @@
+"""The decoding step in C computes what GPT.forward computes for one token after a KV cache, for
+every model variant it takes, in either weight layout and on one or two threads; it hands every
+other case to DecodeStep, and without a compiler nothing changes."""
+
+import pytest
+import torch
+from torch import nn
+
+from gptlab.config import SampleConfig
+from gptlab.errors import GptlabError
+from gptlab.generation import generate_token_ids, ready_for_generation
+from gptlab.models import native_step
+from gptlab.models.decode_step import DecodeStep
+from gptlab.models.int8 import use_int8_linears
+from gptlab.models.matvec import MatVecLinear, use_matvec_linears
+from gptlab.models.native_step import NativeDecodeStep, decode_step, native_library, unsupported
+
+from helpers import DECODE_VARIANTS, DECODE_VOCAB, perturbed_gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+NATIVE = [name for name in DECODE_VARIANTS if unsupported(perturbed_gpt(**DECODE_VARIANTS[name])) is None]
+OTHERS = [name for name in DECODE_VARIANTS if name not in NATIVE]
+
+
+@pytest.fixture(scope="module")
+def library():
+    built = native_library()
+    if built is None:
+        pytest.skip("no C compiler here: the native step is not built")
+    return built
+
+
+def native_against_forward(model, steps: int = 12, prompt_len: int = 5) -> None:
+    """Feed the same tokens through GPT.forward and through a NativeDecodeStep after the same
+    prompt; the logits and the caches must agree."""
+    ids = torch.randint(1, DECODE_VOCAB, (steps + prompt_len,), generator=torch.Generator().manual_seed(3))
+    caches = [model.new_kv_cache(1) for _ in range(2)]
+    step = decode_step(model)
+    assert isinstance(step, NativeDecodeStep)
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids[None, :prompt_len], kv_cache=cache)
+        for token in ids[prompt_len:]:
+            expected = model(token.view(1, 1), kv_cache=caches[0], last_only=True)[0][:, -1]
+            torch.testing.assert_close(step(token.view(1), caches[1]), expected, rtol=1e-5, atol=1e-5)
+    assert caches[0].length == caches[1].length
+    torch.testing.assert_close(caches[1].keys, caches[0].keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].values, caches[0].values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", NATIVE)
+def test_the_native_step_equals_the_forward_pass(library, variant):
+    native_against_forward(perturbed_gpt(**DECODE_VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("layout", ["plain", "transposed"])
+def test_either_memory_order_of_the_weights_gives_the_same_logits(library, layout):
+    """MatVecLinear's layouts keep the weights (out, in) or (in, out) in memory; the tied table too."""
+    model = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
+    use_matvec_linears(model)
+    for module in model.modules():
+        if isinstance(module, MatVecLinear):
+            module.set_layout(layout, 1)
+    assert model.wte.weight.is_contiguous() == (layout == "plain")  # the head shares the table
+    native_against_forward(model)
+
+
+def test_two_threads_share_the_large_products(library):
+    """Products over PARALLEL_MIN_WEIGHTS weights are split across threads: same logits."""
+    model = perturbed_gpt(embed_dim=128, **DECODE_VARIANTS["cpu-10min"])  # fc: 128 x 512 weights
+    torch.set_num_threads(2)
+    try:
+        native_against_forward(model)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("variant", OTHERS)
+def test_models_it_does_not_take_decode_with_decode_step(library, variant):
+    model = perturbed_gpt(**DECODE_VARIANTS[variant])
+    assert unsupported(model) is not None
+    assert type(decode_step(model)) is DecodeStep
+    with pytest.raises(ValueError, match="does not take this model"):
+        NativeDecodeStep(model, library)
+
+
+def test_int8_and_training_mode_are_left_to_decode_step(library):
+    model = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
+    assert "training mode" in unsupported(model.train())
+    use_int8_linears(model.eval())
+    assert "int8" in unsupported(model)
+
+
+def test_a_batch_and_padded_rows_go_to_decode_step(library):
+    model = perturbed_gpt(**DECODE_VARIANTS["cpu-10min"])
+    step = decode_step(model)
+    pad = torch.tensor([0, 2])
+    prompts = torch.randint(1, DECODE_VOCAB, (2, 4), generator=torch.Generator().manual_seed(1))
+    caches = [model.new_kv_cache(2, pad=pad) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompts, kv_cache=cache)
+        torch.testing.assert_close(step(prompts[:, -1], caches[0]), DecodeStep(model)(prompts[:, -1], caches[1]))
+
+
+def test_a_full_context_is_refused_in_one_line(library):
+    model = perturbed_gpt(**DECODE_VARIANTS["cpu-10min"])
+    cache = model.new_kv_cache(1)
+    cache.length = model.config.seq_len
+    with pytest.raises(GptlabError, match="seq_len=40"):
+        decode_step(model)(torch.tensor([1]), cache)
+
+
+def test_generation_gives_the_same_tokens_with_and_without_it(library, monkeypatch):
+    """ready_for_generation keeps nn.Linear's weights for the native step, and measures layouts without it."""
+    cfg = SampleConfig(max_new_tokens=30, temperature=0.0)
+
+    def tokens():
+        model = ready_for_generation(perturbed_gpt(**DECODE_VARIANTS["cpu-10min"]))
+        linears = [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
+        return [ids[0] for ids in generate_token_ids(model, [[1, 2, 3]], cfg, pad_id=0)], linears
+
+    native, native_linears = tokens()
+    monkeypatch.setattr(native_step, "native_library", lambda: None)
+    eager, eager_linears = tokens()
+    assert eager == native
+    assert set(native_linears) == {nn.Linear} and set(eager_linears) == {MatVecLinear}
+
+
+def test_without_a_working_compiler_there_is_no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    native_library.cache_clear()
+    try:
+        assert native_library() is None
+        assert type(decode_step(perturbed_gpt(**DECODE_VARIANTS["gpt2"]))) is DecodeStep
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-written left behind
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv("GPTLAB_NATIVE", "0")
+        native_library.cache_clear()
+        assert native_library() is None
+    finally:
+        native_library.cache_clear()
