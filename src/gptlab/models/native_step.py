@@ -214,7 +214,7 @@ class NativeDecodeStep:
 
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the token ids (B,) that follow each row's cached slots, as DecodeStep's."""
-        if ids.size(0) != 1 or cache.pad is not None or cache.keys.dtype != torch.float32:
+        if len(ids) != 1 or cache.pad is not None or cache.keys.dtype != torch.float32:
             return self.fallback(ids, cache)
         if cache is not self.bound:
             self._bind(cache)
@@ -223,8 +223,9 @@ class NativeDecodeStep:
             self.model.check_positions(slot, 1)
             cache.start(1)
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
-        position, cos, sin = (None if t is None else t[0] + slot * t[1] for t in (self.positions, self.cos, self.sin))
-        self.step(self.struct_ref, int(ids[0]), slot, position, cos, sin, logits.data_ptr())
+        rows = self.positions, self.cos, self.sin  # this slot's row of each table, or None
+        position, cos, sin = (table and table[0] + slot * table[1] for table in rows)
+        self.step(self.struct_ref, ids.item(), slot, position, cos, sin, logits.data_ptr())
         cache.advance(1)
         return logits
 
