@@ -4,8 +4,9 @@
  * model each costs a few microseconds of dispatch, as much as the products that read the weights.
  * Here the same step is one call: every norm, product, attention and activation is a plain loop
  * over float arrays the model and its KV cache already hold. The products, which read every weight
- * once, are split across threads with OpenMP when the compiler has it (and the matrix is large
- * enough to repay the hand-off); everything else runs on the calling thread.
+ * once, and attention, which reads the whole cache, are split across threads with OpenMP when the
+ * compiler has it and the work is large enough to repay the hand-off; the rest runs on the calling
+ * thread.
  *
  * The structs mirror the ctypes Structures of native_step.py field for field.
  */
@@ -310,8 +311,9 @@ void gptlab_decode_step(const Model *m, int64_t token, int64_t slot, const float
     }
     normalize(&m->norm_f, x, x_norm, C);
     product(&m->head, x_norm, logits, m->threads);
-    if (m->softcap > 0) /* cap tanh(l / cap) = cap (2 / (1 + e^(-2 l / cap)) - 1) */
+    if (m->softcap > 0) { /* cap tanh(l / cap) = cap (2 / (1 + e^(-2 l / cap)) - 1) */
 #pragma omp simd
         for (int64_t i = 0; i < m->head.n_out; i++)
             logits[i] = m->softcap * (2.0f / (1.0f + fast_exp(-2.0f * logits[i] / m->softcap)) - 1.0f);
+    }
 }

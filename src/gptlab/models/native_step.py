@@ -7,7 +7,7 @@ model's own parameters and KV cache (no copies: pointers to their memory), so th
 besides the products. It is built with the machine's C compiler the first time it is needed
 (about a second; -O3 -march=native, OpenMP where the compiler has it) into ~/.cache/gptlab/native/
 ($XDG_CACHE_HOME when set) and loaded with ctypes. Without a compiler, or with GPTLAB_NATIVE=0,
-nothing changes: `native_step` returns None and DecodeStep decodes.
+nothing changes: `native_library()` returns None and DecodeStep decodes.
 
 NativeDecodeStep takes the models DecodeStep takes in their common form: float32 on a CPU, plain
 or MatVecLinear products in either memory order, LayerNorm or RMSNorm, GELU, ReLU² or SwiGLU,
@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -142,8 +143,8 @@ class NativeDecodeStep:
         self.model, self.fallback, self.step = model, DecodeStep(model), library.gptlab_decode_step
         config = model.config
         C, hs = config.embed_dim, config.head_dim
-        fc_out = model.blocks[0].mlp.fc.out_features
-        self.scratch = torch.empty(3 * C + C + C + C + fc_out, dtype=torch.float32)  # x, x_norm, y, qkv, h
+        sizes = [C, C, C, 3 * C, model.blocks[0].mlp.fc.out_features]  # x, x_norm, y, qkv, h (native_step.c)
+        self.scratch = torch.empty(sum(sizes), dtype=torch.float32)
         self.layers = (_Layer * config.num_layers)(
             *(
                 _Layer(
@@ -158,7 +159,7 @@ class NativeDecodeStep:
             )
         )
         table = model.wte.weight
-        x, x_norm, y, qkv, h = self.scratch.split([C, C, C, 3 * C, fc_out])
+        x, x_norm, y, qkv, h = self.scratch.split(sizes)
         self.scores: torch.Tensor | None = None  # (nh * max_len,), made for the first cache
         self.struct = _Model(
             n_layers=config.num_layers,
@@ -245,8 +246,22 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptlab" / "native"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+def _compiler() -> list[str] | None:
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return None if found is None else [found]
+
+
+def _processor() -> str:
+    """What -march=native compiles for: a library built on one processor may not run on another
+    (a home directory shared between machines), so the cache keys on it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))]
+        return "".join(lines[:2])  # the first processor's
+    except OSError:
+        return platform.processor()
 
 
 @cache
@@ -259,9 +274,8 @@ def native_library() -> ctypes.CDLL | None:
     # Tried in order: the first set of flags this compiler accepts builds the library.
     for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         all_flags = ["-O3", "-shared", "-fPIC", "-std=c99", *flags]
-        key = hashlib.sha256(
-            SOURCE.read_bytes() + " ".join([compiler, *all_flags, platform.machine()]).encode()
-        ).hexdigest()[:16]
+        build = " ".join([*compiler, *all_flags, platform.machine(), _processor()])
+        key = hashlib.sha256(SOURCE.read_bytes() + build.encode()).hexdigest()[:16]
         built = _cache_dir() / f"native_step-{key}.so"
         if not built.exists() and not _build(compiler, all_flags, built):
             continue
@@ -276,13 +290,13 @@ def native_library() -> ctypes.CDLL | None:
     return None
 
 
-def _build(compiler: str, flags: list[str], target: Path) -> bool:
+def _build(compiler: list[str], flags: list[str], target: Path) -> bool:
     """Compile native_step.c into `target`, written whole or not at all; False if the build fails."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            command = [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"]
+            command = [*compiler, *flags, str(SOURCE), "-o", str(built), "-lm"]
             if subprocess.run(command, capture_output=True, timeout=120).returncode != 0:
                 return False
             os.replace(built, target)
