@@ -67,11 +67,12 @@ def test_either_memory_order_of_the_weights_gives_the_same_logits(library, layou
 
 
 def test_two_threads_share_the_large_products(library):
-    """Products over PARALLEL_MIN_WEIGHTS weights are split across threads: same logits."""
+    """Products over PARALLEL_MIN_WEIGHTS weights, and attention once a layer's cache holds
+    PARALLEL_MIN_ATTENTION values, are split across threads: same logits."""
     model = perturbed_gpt(embed_dim=128, **DECODE_VARIANTS["cpu-10min"])  # fc: 128 x 512 weights
     torch.set_num_threads(2)
     try:
-        native_against_forward(model)
+        native_against_forward(model, steps=30)  # slots up to 34: 4 heads x 35 slots x 32 > 4,096 values
     finally:
         torch.set_num_threads(1)
 
