@@ -9,10 +9,11 @@ from torch import nn
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.generation import generate_token_ids, ready_for_generation
-from gptlab.models import native_step
+from gptlab.models import native_layout, native_step
 from gptlab.models.decode_step import DecodeStep
 from gptlab.models.int8 import use_int8_linears
 from gptlab.models.matvec import MatVecLinear, use_matvec_linears
+from gptlab.models.native_layout import choose_memory_orders
 from gptlab.models.native_step import NativeDecodeStep, decode_step, native_library, unsupported
 
 from helpers import DECODE_VARIANTS, DECODE_VOCAB, perturbed_gpt
@@ -143,3 +144,36 @@ def test_without_a_working_compiler_there_is_no_library(monkeypatch, tmp_path):
         assert native_library() is None
     finally:
         native_library.cache_clear()
+
+
+def test_memory_orders_chosen_by_measurement_keep_the_results(library):
+    model = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
+    ids = torch.randint(1, DECODE_VOCAB, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids)[0]
+        orders = choose_memory_orders(model, max_total_s=60)
+        after = model(ids)[0]
+    assert set(orders.values()) <= {"(out, in)", "(in, out)"}
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    native_against_forward(model)
+
+
+def test_a_shape_is_flipped_only_when_whole_steps_get_faster(library, monkeypatch):
+    """Steps are "faster" exactly when the MLP's first matrix is stored (in, out): only it flips."""
+    model = perturbed_gpt(**DECODE_VARIANTS["cpu-10min"])
+    fc = model.blocks[0].mlp.fc
+
+    def seconds(model, steps=native_layout.STEPS, rounds=native_layout.ROUNDS):
+        return 0.001 if fc.weight.is_contiguous() else 0.0005
+
+    monkeypatch.setattr(native_layout, "seconds_per_step", seconds)
+    orders = choose_memory_orders(model)
+    assert orders.pop((fc.in_features, fc.out_features)) == "(in, out)"
+    assert set(orders.values()) == {"(out, in)"}
+    assert all(not block.mlp.fc.weight.is_contiguous() for block in model.blocks)  # every matrix of that shape
+
+
+def test_a_model_too_slow_to_time_keeps_its_weights(library, monkeypatch):
+    model = perturbed_gpt(**DECODE_VARIANTS["cpu-10min"])
+    monkeypatch.setattr(native_layout, "seconds_per_step", lambda *a, **k: native_layout.MAX_STEP_S * 2)
+    assert set(choose_memory_orders(model).values()) == {"(out, in)"}

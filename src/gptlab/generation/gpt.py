@@ -24,6 +24,7 @@ from gptlab.models import GPT, KVCache
 from gptlab.models.int8 import use_int8_linears
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import use_matvec_linears
+from gptlab.models.native_layout import choose_memory_orders
 from gptlab.models.native_step import decode_step, decodes_natively
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.chat import CHAT_TOKENS, has_chat_template
@@ -244,8 +245,9 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
     """`model` in eval mode with its weights in `dtype`, laid out for decoding one token at a time.
 
     On CPU in float32, a GPT that the decoding step in C takes (gptlab.models.native_step, built
-    here the first time) keeps nn.Linear's (out, in) weights, which that step reads fastest. Any
-    other model's nn.Linear layers become MatVecLinears (gptlab.models.matvec) on the same
+    here the first time) keeps nn.Linear layers, each matrix shape stored in the memory order in
+    which whole native steps measured fastest (gptlab.models.native_layout; under half a second,
+    and not at all for a model whose steps are too slow to time). Any other model's nn.Linear layers become MatVecLinears (gptlab.models.matvec) on the same
     parameters, and each matrix shape gets the way of computing one row's product that measured
     fastest on this machine (gptlab.models.layout_choice; a few milliseconds per shape, once per
     process). The results equal nn.Linear's up to float rounding. bf16 kernels prefer the usual
@@ -268,9 +270,12 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
         for name, child in parent.named_children():
             if isinstance(child, nn.Dropout) and child.p == 0:
                 setattr(parent, name, nn.Identity())
-    if dtype == torch.float32 and on_cpu and not decodes_natively(model):
-        use_matvec_linears(model)
-        choose_layouts(model)
+    if dtype == torch.float32 and on_cpu:
+        if decodes_natively(model):
+            choose_memory_orders(model)
+        else:
+            use_matvec_linears(model)
+            choose_layouts(model)
     return model
 
 
