@@ -48,7 +48,7 @@ from gptlab.models.decode_step import product
 from gptlab.models.int8 import Int8Linear
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import LAYOUTS
-from gptlab.models.native_step import NativeDecodeStep, decode_step
+from gptlab.models.native_step import decodes_natively
 
 POSITIONS = 1024
 GPT2_VOCAB = 50257
@@ -261,7 +261,7 @@ def main() -> None:
             # What `gptlab generate --dtype` does to a loaded model; HF's generate takes the model as it is.
             ours = ready_for_generation(copy.deepcopy(ours_fp32), weights_dtype(dtype_name, device))
             runs = {"ours": lambda ours=ours: run_ours(ours, prompt, n)}
-            native = isinstance(decode_step(ours), NativeDecodeStep)
+            native = decodes_natively(ours)
             eager_model = ours
             if native:  # the same weights, made ready and decoded as without the native step: what it gains
                 with without_native_step():

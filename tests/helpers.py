@@ -88,10 +88,7 @@ DECODE_VARIANTS = {  # every kind of GPT a decoding step must compute
 def perturbed_gpt(seed: int = 0, **fields) -> GPT:
     """A 2 × 32 GPT over DECODE_VOCAB ids with a context of 40, its weights spread wider than at
     initialisation, in eval mode: for comparing ways of computing a decoding step."""
-    torch.manual_seed(seed)
-    values = dict(embed_dim=32, n_heads=4, num_layers=2, seq_len=40, tgt_vocab_size=DECODE_VOCAB, dropout=0.0)
-    config = ModelConfig(**(values | fields))
-    model = GPT(config).eval()
+    model = tiny_gpt(seed, **(dict(num_layers=2, seq_len=40, tgt_vocab_size=DECODE_VOCAB) | fields))
     with torch.no_grad():  # a bigger spread than the small init, so that differences show
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gptlab.models.gpt import GPT
-from gptlab.models.native_step import NativeDecodeStep, native_library
+from gptlab.models.native_step import NativeDecodeStep, native_library, step_linears
 
 STEPS = 16  # steps a timing pass decodes (its cache stays short: the products dominate)
 ROUNDS = 3  # passes per order; the fastest counts
@@ -31,10 +31,8 @@ MAX_STEP_S = 0.004  # a step slower than this is not timed at all
 def matrices_by_shape(model: GPT) -> dict[tuple[int, int], list[nn.Linear]]:
     """The linear layers the native step reads, grouped by (in, out) shape; the head last."""
     groups: dict[tuple[int, int], list[nn.Linear]] = {}
-    for block in model.blocks:
-        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
-            groups.setdefault((linear.in_features, linear.out_features), []).append(linear)
-    groups.setdefault((model.lm_head.in_features, model.lm_head.out_features), []).append(model.lm_head)
+    for linear in step_linears(model):
+        groups.setdefault((linear.in_features, linear.out_features), []).append(linear)
     return groups
 
 

@@ -105,6 +105,21 @@ def _norm(norm: nn.Module) -> _Norm:
     return _Norm(_pointer(norm.weight), _pointer(getattr(norm, "bias", None)), eps, int(type(norm) is nn.RMSNorm))
 
 
+def step_linears(model: GPT) -> list[nn.Module]:
+    """The linear layers a decoding step reads: each block's q|k|v, projection and MLP's two, then the head."""
+    blocks = model.blocks
+    return [*(m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)), model.lm_head]
+
+
+def _rows(table: torch.Tensor | None) -> tuple[int, int, torch.Tensor] | None:
+    """(address, bytes a row, the tensor kept alive) of a (positions, ·) table, made contiguous:
+    a position's row is then found by arithmetic."""
+    if table is None:
+        return None
+    table = table.contiguous()
+    return table.data_ptr(), table.stride(0) * table.element_size(), table
+
+
 def unsupported(model: nn.Module) -> str | None:
     """Why NativeDecodeStep cannot compute `model`'s steps, or None when it can."""
     if not isinstance(model, GPT):
@@ -116,8 +131,7 @@ def unsupported(model: nn.Module) -> str | None:
         return "the smear, U-net skips and value embeddings are computed by DecodeStep only"
     if config.activation not in ACTIVATIONS:
         return f"activation {config.activation}"
-    linears = [model.lm_head, *(m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj))]
-    for linear in linears:
+    for linear in step_linears(model):
         if type(linear) not in (nn.Linear, MatVecLinear):
             return f"{type(linear).__name__} layers (int8, LoRA) are computed by DecodeStep only"
         if not (linear.weight.is_contiguous() or linear.weight.t().is_contiguous()):
@@ -182,23 +196,14 @@ class NativeDecodeStep:
             qkv=qkv.data_ptr(),
             h=h.data_ptr(),
         )
-        # A position's vector or RoPE angles: the row `slot` of a contiguous table, found by arithmetic.
-        self.positions = self._table(model.wpe.weight if isinstance(model.wpe, LearnedPositions) else None)
-        if isinstance(model.wpe, SinusoidalPositions):
-            self.positions = self._table(model.wpe.table)
-        rotary = model.rotary
-        self.cos = self._table(rotary.cos) if rotary is not None else None
-        self.sin = self._table(rotary.sin) if rotary is not None else None
+        # A slot's position vector or RoPE angles: its row of one of these tables.
+        wpe, rotary = model.wpe, model.rotary
+        table = wpe.weight if isinstance(wpe, LearnedPositions) else None if wpe is None else wpe.table  # sinusoidal
+        self.positions = _rows(table)
+        self.cos, self.sin = (None, None) if rotary is None else (_rows(rotary.cos), _rows(rotary.sin))
         self.struct_ref = ctypes.byref(self.struct)
         self.bound: KVCache | None = None
         self.vocab, self.seq_len = model.lm_head.out_features, config.seq_len
-
-    def _table(self, table: torch.Tensor | None) -> tuple[int, int, torch.Tensor] | None:
-        """(address, bytes a row, the tensor kept alive) of a (positions, ·) table, made contiguous."""
-        if table is None:
-            return None
-        table = table.contiguous()
-        return table.data_ptr(), table.stride(0) * table.element_size(), table
 
     def _bind(self, cache: KVCache) -> None:
         """Point every layer at `cache`'s keys and values (one row: (L, 1, nh, max_len, hs))."""
