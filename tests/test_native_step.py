@@ -2,6 +2,8 @@
 every model variant it takes, in either weight layout and on one or two threads; it hands every
 other case to DecodeStep, and without a compiler nothing changes."""
 
+import ctypes
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,8 @@ from gptlab.errors import GptlabError
 from gptlab.generation import generate_token_ids, ready_for_generation
 from gptlab.models import native_layout, native_step
 from gptlab.models.decode_step import DecodeStep
-from gptlab.models.int8 import use_int8_linears
+from gptlab.models.int8 import Int8Linear, int8_supported, use_int8_linears
+from gptlab.models.lora import apply_lora
 from gptlab.models.matvec import MatVecLinear, use_matvec_linears
 from gptlab.models.native_layout import choose_memory_orders
 from gptlab.models.native_step import NativeDecodeStep, decode_step, native_library, unsupported
@@ -22,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 NATIVE = [name for name in DECODE_VARIANTS if unsupported(perturbed_gpt(**DECODE_VARIANTS[name])) is None]
 OTHERS = [name for name in DECODE_VARIANTS if name not in NATIVE]
+needs_int8 = pytest.mark.skipif(not int8_supported(), reason="this torch has no fbgemm kernels")
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +91,61 @@ def test_models_it_does_not_take_decode_with_decode_step(library, variant):
         NativeDecodeStep(model, library)
 
 
-def test_int8_and_training_mode_are_left_to_decode_step(library):
+def test_lora_layers_and_training_mode_are_left_to_decode_step(library):
     model = perturbed_gpt(**DECODE_VARIANTS["gpt2"])
     assert "training mode" in unsupported(model.train())
-    use_int8_linears(model.eval())
-    assert "int8" in unsupported(model)
+    apply_lora(model.eval(), rank=2, alpha=4, targets="both")
+    assert "LoRA" in unsupported(model)
+
+
+@needs_int8
+@pytest.mark.parametrize("variant", NATIVE)
+def test_int8_weights_decode_natively_as_the_int8_forward_pass(library, variant):
+    """Int8Linear's products (fbgemm) in the prompt, native_step.c's in the steps: the same integer
+    sums, so the same logits up to float rounding."""
+    model = perturbed_gpt(**DECODE_VARIANTS[variant])
+    use_int8_linears(model)
+    native_against_forward(model)
+
+
+@needs_int8
+def test_int8_products_on_two_threads(library):
+    model = perturbed_gpt(embed_dim=256, **DECODE_VARIANTS["llama-like"])  # fc: 256 x 1024 > PARALLEL_MIN_INT8_WEIGHTS
+    use_int8_linears(model)
+    torch.set_num_threads(2)
+    try:
+        native_against_forward(model, steps=4)
+    finally:
+        torch.set_num_threads(1)
+
+
+def near_ties(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n inputs whose quantized values (x / max|x| in steps of 2/127, plus 64) fall on or within
+    two floats of a tie between two integers, where a rounding rule shows; the largest is +-1."""
+    halves = torch.randint(-64, 64, (n,), generator=generator).double() + 0.5
+    x = (halves * 2 / 127).float()
+    for _ in range(2):  # nudge each value by up to two floats either way
+        nudge = torch.randint(-1, 2, (n,), generator=generator)
+        x = torch.where(nudge != 0, torch.nextafter(x, nudge.float() * 2), x)
+    x[torch.randint(0, n, (1,), generator=generator)] = 1.0
+    return x
+
+
+@needs_int8
+@pytest.mark.parametrize("n_in", [64, 67, 130])  # a whole vector width, and tails after it
+def test_int8_products_quantize_their_inputs_as_fbgemm_does(library, n_in):
+    """One rounding of an input differently would move its output by about 1e-2 of a term; float
+    rounding moves it by 1e-6. Outputs not in fours and biases included."""
+    generator = torch.Generator().manual_seed(n_in)
+    for n_out, bias in [(5, True), (64, False), (130, True)]:
+        torch.manual_seed(n_out)
+        linear = Int8Linear(nn.Linear(n_in, n_out, bias=bias))
+        matrix, quantized = native_step._matrix(linear), torch.empty(n_in, dtype=torch.uint8)
+        for scale in (0.25, 3.0, -1.0):  # exact ties (a power of two), and rounded divisions
+            x = near_ties(n_in, generator) * scale
+            got = torch.empty(n_out)
+            library.gptlab_product(ctypes.byref(matrix), x.data_ptr(), got.data_ptr(), quantized.data_ptr(), 1)
+            torch.testing.assert_close(got, linear(x[None])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_batch_and_padded_rows_go_to_decode_step(library):

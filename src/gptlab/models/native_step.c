@@ -16,6 +16,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512VNNI__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) || defined(__clang__)
 #define ALWAYS_INLINE __attribute__((always_inline))
@@ -27,14 +30,21 @@ enum { ACT_GELU_TANH = 0, ACT_RELU2 = 1, ACT_SWIGLU = 2 };
 
 /* Below this many weights a product runs on one thread: waking the others costs more. */
 #define PARALLEL_MIN_WEIGHTS (1 << 15)
+/* An int8 product reads a quarter of the bytes: it is split from four times as many weights. */
+#define PARALLEL_MIN_INT8_WEIGHTS (1 << 17)
 /* Attention splits its heads across threads from this many cached values a layer (heads x slots x hs). */
 #define PARALLEL_MIN_ATTENTION (1 << 12)
 
 typedef struct {
-    const float *weight; /* n_out x n_in values */
+    const float *weight; /* n_out x n_in values (NULL for int8 weights) */
     const float *bias;   /* n_out values, or NULL */
     int64_t n_in, n_out;
     int64_t in_major;    /* 0: stored (out, in), as nn.Linear stores it; 1: stored (in, out) */
+    /* An Int8Linear's (gptlab/models/int8.py), or NULL: int8 weights (out, in); per output, the
+     * input's quantization step times the weights' scale, and the sum of the int8 weights. */
+    const int8_t *qweight;
+    const float *multipliers;
+    const int32_t *qweight_sums;
 } Matrix;
 
 typedef struct {
@@ -59,12 +69,14 @@ typedef struct {
     Norm norm_f;
     Matrix head;
     const Layer *layers;
-    /* scratch: x, x_norm and y (dim each), qkv (3 dim), h (fc's outputs), scores (heads x max_len) */
+    /* scratch: x, x_norm and y (dim each), qkv (3 dim), h (fc's outputs), scores (heads x max_len);
+     * xq: an int8 product's quantized input (as many bytes as the widest input) */
     float *x, *x_norm, *y, *qkv, *h, *scores;
+    uint8_t *xq;
 } Model;
 
 /* y = W x + b, in W's memory order. */
-static void product(const Matrix *m, const float *x, float *y, int64_t threads)
+static void float_product(const Matrix *m, const float *x, float *y, int64_t threads)
 {
     const int64_t n_in = m->n_in, n_out = m->n_out;
     const float *w = m->weight, *b = m->bias;
@@ -122,6 +134,107 @@ static void product(const Matrix *m, const float *x, float *y, int64_t threads)
                 y[o] += x[i] * r[o];
         }
     }
+}
+
+/* Int8 weights. Int8Linear (int8.py) gives fbgemm each input row divided by its largest magnitude,
+ * with two marker inputs, +1 and -1, whose weights are 0: the range is [-1, 1] exactly, for which
+ * fbgemm's 7-bit parameters are a step of 2/127 and a zero point of 64. It rounds the fused
+ * multiply-add x / step + 64 (by the step's inverse) to the nearest integer, ties to even: 0..128.
+ * Done the same way here, the integer sums are fbgemm's exactly, so a prompt read by Int8Linear and
+ * the tokens decoded here agree to float rounding (tests/test_native_step.py checks it on ties). */
+#define INT8_ZERO_POINT 64
+
+/* xq = x quantized as above; returns the row's largest magnitude (its scale). */
+static float quantize_row(const float *x, int64_t n, uint8_t *xq)
+{
+    float top = 0;
+    for (int64_t i = 0; i < n; i++)
+        top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+    top = top < 1e-30f ? 1e-30f : top;
+    const float inverse = 1.0f / (2.0f / 127.0f);
+    for (int64_t i = 0; i < n; i++) /* x[i] / top as PyTorch divides: rounded once */
+        xq[i] = (uint8_t)rintf(fmaf(x[i] / top, inverse, (float)INT8_ZERO_POINT));
+    return top;
+}
+
+#ifdef __AVX2__
+static inline int32_t sum_lanes(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+/* sums[r] = xq . w[r] for four rows of n int8 weights: xq is loaded once for the four.
+ * Vector forms: AVX-512 VNNI multiplies and sums 64 byte pairs an instruction; AVX2 pairs bytes
+ * into 16-bit sums (at most 2 x 128 x 127, so none saturates) and those into 32-bit ones. */
+static inline void dot4_int8(const uint8_t *xq, const int8_t *const w[4], int64_t n, int32_t sums[4])
+{
+    int64_t i = 0;
+    for (int r = 0; r < 4; r++)
+        sums[r] = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (; i + 64 <= n; i += 64) {
+        const __m512i v = _mm512_loadu_si512(xq + i);
+        for (int r = 0; r < 4; r++)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_loadu_si512(w[r] + i));
+    }
+    for (int r = 0; r < 4; r++)
+        sums[r] = _mm512_reduce_add_epi32(acc[r]);
+#elif defined(__AVX2__)
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (; i + 32 <= n; i += 32) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(xq + i));
+        for (int r = 0; r < 4; r++) {
+            const __m256i pairs = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i *)(w[r] + i)));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        sums[r] = sum_lanes(acc[r]);
+#endif
+    for (; i < n; i++)
+        for (int r = 0; r < 4; r++)
+            sums[r] += (int32_t)xq[i] * w[r][i];
+}
+
+/* y = W x + b with W int8 (Int8Linear's): x quantized into xq, integer sums, each output scaled back. */
+static void int8_product(const Matrix *m, const float *x, float *y, uint8_t *xq, int64_t threads)
+{
+    const int64_t n_in = m->n_in, n_out = m->n_out;
+    const float top = quantize_row(x, n_in, xq);
+    const int nt = n_in * n_out >= PARALLEL_MIN_INT8_WEIGHTS ? (int)threads : 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t o = 0; o < n_out; o += 4) {
+        const int64_t count = n_out - o < 4 ? n_out - o : 4; /* the last group may repeat its first row */
+        const int8_t *rows[4];
+        int32_t sums[4];
+        for (int r = 0; r < 4; r++)
+            rows[r] = m->qweight + (o + (r < count ? r : 0)) * n_in;
+        dot4_int8(xq, rows, n_in, sums);
+        for (int64_t r = 0; r < count; r++) {
+            const float v = (float)(sums[r] - INT8_ZERO_POINT * m->qweight_sums[o + r]) * m->multipliers[o + r];
+            y[o + r] = m->bias ? m->bias[o + r] + v * top : v * top;
+        }
+    }
+}
+
+static void product(const Matrix *m, const float *x, float *y, uint8_t *xq, int64_t threads)
+{
+    if (m->qweight)
+        int8_product(m, x, y, xq, threads);
+    else
+        float_product(m, x, y, threads);
+}
+
+/* One product alone, for tests/test_native_step.py: y = W x + b for one row. */
+void gptlab_product(const Matrix *m, const float *x, float *y, uint8_t *xq, int64_t threads)
+{
+    product(m, x, y, xq, threads);
 }
 
 /* out = norm(x) over n values: LayerNorm or RMSNorm, with the gain and bias where present. */
@@ -274,7 +387,7 @@ void gptlab_decode_step(const Model *m, int64_t token, int64_t slot, const float
     for (int64_t l = 0; l < m->n_layers; l++) {
         const Layer *layer = &m->layers[l];
         normalize(&layer->norm_1, x, x_norm, C);
-        product(&layer->qkv, x_norm, qkv, m->threads);
+        product(&layer->qkv, x_norm, qkv, m->xq, m->threads);
         for (int64_t head = 0; head < nh; head++) {
             float *q = qkv + head * hs, *k = qkv + C + head * hs, *v = qkv + 2 * C + head * hs;
             if (m->qk_norm_eps >= 0) {
@@ -299,18 +412,18 @@ void gptlab_decode_step(const Model *m, int64_t token, int64_t slot, const float
             attend(qkv + head * hs, layer->keys + cached, layer->values + cached, slot, hs,
                    m->scores + head * m->max_len, y + head * hs);
         }
-        product(&layer->proj, y, x_norm, m->threads); /* x_norm is free again: it holds proj's output */
+        product(&layer->proj, y, x_norm, m->xq, m->threads); /* x_norm is free again: it holds proj's output */
         for (int64_t c = 0; c < C; c++)
             x[c] += x_norm[c];
         normalize(&layer->norm_2, x, x_norm, C);
-        product(&layer->fc, x_norm, h, m->threads);
+        product(&layer->fc, x_norm, h, m->xq, m->threads);
         activate(h, layer->fc.n_out, m->activation);
-        product(&layer->mlp_proj, h, y, m->threads);
+        product(&layer->mlp_proj, h, y, m->xq, m->threads);
         for (int64_t c = 0; c < C; c++)
             x[c] += y[c];
     }
     normalize(&m->norm_f, x, x_norm, C);
-    product(&m->head, x_norm, logits, m->threads);
+    product(&m->head, x_norm, logits, m->xq, m->threads);
     if (m->softcap > 0) { /* cap tanh(l / cap) = cap (2 / (1 + e^(-2 l / cap)) - 1) */
 #pragma omp simd
         for (int64_t i = 0; i < m->head.n_out; i++)

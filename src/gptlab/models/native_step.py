@@ -10,10 +10,12 @@ besides the products. It is built with the machine's C compiler the first time i
 nothing changes: `native_library()` returns None and DecodeStep decodes.
 
 NativeDecodeStep takes the models DecodeStep takes in their common form: float32 on a CPU, plain
-or MatVecLinear products in either memory order, LayerNorm or RMSNorm, GELU, ReLU² or SwiGLU,
-learned, sinusoidal or rotary positions, QK-norm, a soft cap. It computes one unpadded row; any
-other call (a batch, left-padded rows) goes to the DecodeStep it holds. Its logits equal
-DecodeStep's up to float rounding (tests/test_native_step.py).
+or MatVecLinear products in either memory order or Int8Linear's int8 weights (`--dtype int8`,
+quantized exactly as fbgemm quantizes them for Int8Linear, with integer sums on AVX-512 VNNI or
+AVX2), LayerNorm or RMSNorm, GELU, ReLU² or SwiGLU, learned, sinusoidal or rotary positions,
+QK-norm, a soft cap. It computes one unpadded row; any other call (a batch, left-padded rows) goes
+to the DecodeStep it holds. Its logits equal DecodeStep's up to float rounding
+(tests/test_native_step.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 from gptlab.models.blocks import LearnedPositions, SinusoidalPositions
 from gptlab.models.decode_step import DecodeStep
 from gptlab.models.gpt import GPT
+from gptlab.models.int8 import Int8Linear
 from gptlab.models.kv_cache import KVCache
 from gptlab.models.matvec import MatVecLinear
 
@@ -49,6 +52,9 @@ class _Matrix(ctypes.Structure):
         ("n_in", ctypes.c_int64),
         ("n_out", ctypes.c_int64),
         ("in_major", ctypes.c_int64),
+        ("qweight", ctypes.c_void_p),
+        ("multipliers", ctypes.c_void_p),
+        ("qweight_sums", ctypes.c_void_p),
     ]
 
 
@@ -86,7 +92,7 @@ class _Model(ctypes.Structure):
         ("norm_f", _Norm),
         ("head", _Matrix),
         ("layers", ctypes.POINTER(_Layer)),
-        *((name, ctypes.c_void_p) for name in ("x", "x_norm", "y", "qkv", "h", "scores")),
+        *((name, ctypes.c_void_p) for name in ("x", "x_norm", "y", "qkv", "h", "scores", "xq")),
     ]
 
 
@@ -95,9 +101,12 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 
 def _matrix(linear: nn.Module) -> _Matrix:
+    shape = linear.in_features, linear.out_features
+    if isinstance(linear, Int8Linear):  # its int8 copy of the weights, always (out, in)
+        int8 = (_pointer(t) for t in (linear.qweight, linear.multipliers, linear.qweight_sums))
+        return _Matrix(None, _pointer(linear.bias), *shape, 0, *int8)
     w = linear.weight  # (out, in), stored either way round (unsupported() checked that it is one of the two)
-    in_major = not w.is_contiguous()
-    return _Matrix(w.data_ptr(), _pointer(linear.bias), linear.in_features, linear.out_features, int(in_major))
+    return _Matrix(w.data_ptr(), _pointer(linear.bias), *shape, int(not w.is_contiguous()))
 
 
 def _norm(norm: nn.Module) -> _Norm:
@@ -132,9 +141,9 @@ def unsupported(model: nn.Module) -> str | None:
     if config.activation not in ACTIVATIONS:
         return f"activation {config.activation}"
     for linear in step_linears(model):
-        if type(linear) not in (nn.Linear, MatVecLinear):
-            return f"{type(linear).__name__} layers (int8, LoRA) are computed by DecodeStep only"
-        if not (linear.weight.is_contiguous() or linear.weight.t().is_contiguous()):
+        if type(linear) not in (nn.Linear, MatVecLinear, Int8Linear):
+            return f"{type(linear).__name__} layers (LoRA) are computed by DecodeStep only"
+        if type(linear) is not Int8Linear and not (linear.weight.is_contiguous() or linear.weight.t().is_contiguous()):
             return "a weight stored neither (out, in) nor (in, out)"
     for param in [*model.parameters(), *model.buffers()]:
         if param.device.type != "cpu" or param.dtype != torch.float32:
@@ -159,6 +168,7 @@ class NativeDecodeStep:
         C, hs = config.embed_dim, config.head_dim
         sizes = [C, C, C, 3 * C, model.blocks[0].mlp.fc.out_features]  # x, x_norm, y, qkv, h (native_step.c)
         self.scratch = torch.empty(sum(sizes), dtype=torch.float32)
+        self.quantized_input = torch.empty(max(m.in_features for m in step_linears(model)), dtype=torch.uint8)
         self.layers = (_Layer * config.num_layers)(
             *(
                 _Layer(
@@ -195,6 +205,7 @@ class NativeDecodeStep:
             y=y.data_ptr(),
             qkv=qkv.data_ptr(),
             h=h.data_ptr(),
+            xq=self.quantized_input.data_ptr(),
         )
         # A slot's position vector or RoPE angles: its row of one of these tables.
         wpe, rotary = model.wpe, model.rotary
@@ -291,6 +302,8 @@ def native_library() -> ctypes.CDLL | None:
         library.gptlab_decode_step.restype = None
         library.gptlab_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64]
         library.gptlab_decode_step.argtypes += [ctypes.c_void_p] * 4
+        library.gptlab_product.restype = None
+        library.gptlab_product.argtypes = [ctypes.POINTER(_Matrix), *[ctypes.c_void_p] * 3, ctypes.c_int64]
         return library
     return None
 
