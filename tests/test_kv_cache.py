@@ -47,7 +47,8 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 @pytest.fixture
 def recorded(monkeypatch) -> list[torch.Tensor]:
-    """Spy on the generation engine: the logits it samples each step's tokens from, (B, V) each."""
+    """Spy on the generation engine: the logits it samples each step's tokens from, (B, V) each.
+    Greedy choices made inside the C step (which never show their logits) are turned off."""
     recorded = []
 
     def recording_sample_next(logits, *args):
@@ -55,6 +56,7 @@ def recorded(monkeypatch) -> list[torch.Tensor]:
         return sample_next(logits, *args)
 
     monkeypatch.setattr(generation_gpt, "sample_next", recording_sample_next)
+    monkeypatch.setattr(generation_gpt, "NativeDecodeStep", type("NoStepChoosesGreedily", (), {}))
     return recorded
 
 

@@ -168,18 +168,42 @@ def test_a_full_context_is_refused_in_one_line(library):
         decode_step(model)(torch.tensor([1]), cache)
 
 
-def test_generation_gives_the_same_tokens_with_and_without_it(library, monkeypatch):
-    """ready_for_generation keeps nn.Linear's weights for the native step, and measures layouts without it."""
-    cfg = SampleConfig(max_new_tokens=30, temperature=0.0)
+def test_the_greedy_choice_is_the_largest_logit_not_banned(library):
+    model = perturbed_gpt(**DECODE_VARIANTS["llama-like"])
+    step, caches = decode_step(model), [model.new_kv_cache(1) for _ in range(3)]
+    ids = torch.randint(1, DECODE_VOCAB, (12,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        logits = torch.cat([step(token, caches[0]) for token in ids.view(-1, 1)])  # (12, V)
+        banned = torch.zeros(DECODE_VOCAB, dtype=torch.bool)
+        banned[logits.argmax(dim=-1)] = True  # every step's first choice: the second must be found
+        for token, row in zip(ids.view(-1, 1), logits):
+            assert step.greedy(token, caches[1]).item() == row.argmax().item()
+            chosen = step.greedy(token, caches[2], banned).item()
+            assert chosen == row.masked_fill(banned, float("-inf")).argmax().item() and not banned[chosen]
+    batches = [model.new_kv_cache(2, pad=torch.tensor([0, 2])) for _ in range(2)]  # one row padded: DecodeStep
+    with torch.inference_mode():
+        for batch in batches:
+            model(ids[None, :4].expand(2, 4), kv_cache=batch)
+        want = DecodeStep(model)(ids[4:6], batches[0]).masked_fill(banned, float("-inf")).max(dim=-1).indices
+        assert step.greedy(ids[4:6], batches[1], banned).tolist() == want.tolist()
 
-    def tokens():
+
+def test_generation_gives_the_same_tokens_with_and_without_it(library, monkeypatch):
+    """ready_for_generation keeps nn.Linear's weights for the native step, and measures layouts
+    without it. Greedy, with banned ids, past the context (a window restart after 40 tokens)."""
+    cfg = SampleConfig(max_new_tokens=60, temperature=0.0)
+
+    def tokens(banned=None):
         model = ready_for_generation(perturbed_gpt(**DECODE_VARIANTS["cpu-10min"]))
         linears = [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
-        return [ids[0] for ids in generate_token_ids(model, [[1, 2, 3]], cfg, pad_id=0)], linears
+        return [ids[0] for ids in generate_token_ids(model, [[1, 2, 3]], cfg, pad_id=0, banned=banned)], linears
 
-    native, native_linears = tokens()
+    banned = torch.zeros(DECODE_VOCAB, dtype=torch.bool)
+    banned[tokens()[0][:3]] = True  # the first choices: banned, the text must change
+    native, native_linears = tokens(banned)
+    assert not banned[native].any()
     monkeypatch.setattr(native_step, "native_library", lambda: None)
-    eager, eager_linears = tokens()
+    eager, eager_linears = tokens(banned)
     assert eager == native
     assert set(native_linears) == {nn.Linear} and set(eager_linears) == {MatVecLinear}
 

@@ -18,14 +18,14 @@ from torch import nn
 
 from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.generation.sampling import banned_ids, sample_next
+from gptlab.generation.sampling import banned_ids, is_greedy, sample_next
 from gptlab.generation.text_stream import TextStream
 from gptlab.models import GPT, KVCache
 from gptlab.models.int8 import use_int8_linears
 from gptlab.models.layout_choice import choose_layouts
 from gptlab.models.matvec import use_matvec_linears
 from gptlab.models.native_layout import choose_memory_orders
-from gptlab.models.native_step import decode_step, decodes_natively
+from gptlab.models.native_step import NativeDecodeStep, decode_step, decodes_natively
 from gptlab.tokenizers.base import Tokenizer
 from gptlab.tokenizers.chat import CHAT_TOKENS, has_chat_template
 
@@ -64,42 +64,51 @@ def generate_token_ids(
     device = next(model.parameters()).device
     B, longest = len(prompts), max(len(ids) for ids in prompts)
     pad = torch.tensor([longest - len(ids) for ids in prompts], device=device)  # (B,)
-    # Every slot's token, prompt and generated: the source of a re-prefill.
-    tokens = torch.full((B, longest + cfg.max_new_tokens), pad_id, dtype=torch.long)  # (B, total)
-    for row, ids in enumerate(prompts):
-        tokens[row, longest - len(ids) : longest] = torch.as_tensor(ids)
-    tokens = tokens.to(device)
+    # Every row's tokens, prompt and generated: the source of a re-prefill. Python lists: a step
+    # appends to them for less than a tensor write costs.
+    texts = [[pad_id] * (longest - len(ids)) + list(ids) for ids in prompts]
+    padded = torch.tensor(texts, device=device)  # (B, longest)
     seen = None  # (B, V) bool: which ids each row's text holds, for the repetition penalty
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.config.tgt_vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, tokens[:, :longest], True)  # <PAD> marked too: harmless, never wanted
+        seen.scatter_(1, padded, True)  # <PAD> marked too: harmless, never wanted
 
     cache = model.new_kv_cache(B, max_len=min(seq_len, longest + cfg.max_new_tokens), pad=pad)
-    logits = _last_logits(model, tokens[:, :longest], cache)  # (B, V)
+    logits = _last_logits(model, padded, cache)  # (B, V)
     # One token a row: the forward pass in fewer operations (models/decode_step.py), or in one call
     # to C where it can (models/native_step.py); in training mode (dropout), or for another kind of
     # model, the forward pass itself.
     one_token = decode_step(model) if isinstance(model, GPT) and not model.training else None
-    end = longest  # slots filled in `tokens`
+    # Greedy without a repetition penalty needs only each step's largest logit: the C step finds it
+    # as it writes them, which spares PyTorch's operations on the logits (a tenth of a small model's step).
+    picks_in_step = isinstance(one_token, NativeDecodeStep) and is_greedy(cfg) and seen is None
+    next_ids = None  # (B,) when the step chose them; else they are sampled from `logits`
+    end = longest  # tokens in each of `texts`
     for step in range(cfg.max_new_tokens):
-        if banned is not None:
-            logits = logits.masked_fill(banned, float("-inf"))
-        next_ids = sample_next(logits, cfg, seen, generator)  # (B,), still on the device
-        tokens[:, end] = next_ids
-        end += 1
+        if next_ids is None:
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
+            next_ids = sample_next(logits, cfg, seen, generator)  # (B,), still on the device
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)
-        yield next_ids.tolist()  # the step's only host-device sync
+        picked = next_ids.tolist()  # the step's only host-device sync
+        for text, token in zip(texts, picked):
+            text.append(token)
+        end += 1
+        yield picked
         if step + 1 == cfg.max_new_tokens:
             return
         if cache.length < cache.max_len:  # max_len < seq_len only if the text never outgrows it
-            if one_token is not None:
-                logits = one_token(next_ids, cache)
+            if picks_in_step:
+                next_ids = one_token.greedy(next_ids, cache, banned)
+            elif one_token is not None:
+                logits, next_ids = one_token(next_ids, cache), None
             else:
-                logits = _last_logits(model, next_ids[:, None], cache)
+                logits, next_ids = _last_logits(model, next_ids[:, None], cache), None
         else:
             cache.reset(pad=(pad - (end - keep)).clamp(min=0))  # rows' padding left in the window
-            logits = _last_logits(model, tokens[:, end - keep : end], cache)
+            window = torch.tensor([text[-keep:] for text in texts], device=device)
+            logits, next_ids = _last_logits(model, window, cache), None
 
 
 def window_keep(cfg: SampleConfig, seq_len: int) -> int:

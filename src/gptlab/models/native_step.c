@@ -373,11 +373,31 @@ static void activate(float *h, int64_t n_fc, int64_t activation)
     }
 }
 
+/* The index of the largest logit, banned ones (banned: one byte an id, or NULL) counted as -inf,
+ * as PyTorch's max finds it: the first of equal maxima, or the first NaN. */
+static int64_t best_logit(const float *logits, int64_t n, const uint8_t *banned)
+{
+    int64_t best = 0;
+    float top = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = banned && banned[i] ? -INFINITY : logits[i];
+        if (isnan(v))
+            return i;
+        if (v > top) {
+            top = v;
+            best = i;
+        }
+    }
+    return best;
+}
+
 /* Logits of `token` at cache slot `slot` (also its position); its keys and values fill that slot.
  * position: its learned or sinusoidal vector (dim values), or NULL; cos_row, sin_row: its RoPE
- * angles (head_dim / 2 values each), or NULL. */
+ * angles (head_dim / 2 values each), or NULL. best: where to write the greedy choice (the largest
+ * logit not banned, as best_logit), or NULL. */
 void gptlab_decode_step(const Model *m, int64_t token, int64_t slot, const float *position,
-                        const float *cos_row, const float *sin_row, float *logits)
+                        const float *cos_row, const float *sin_row, float *logits, const uint8_t *banned,
+                        int64_t *best)
 {
     const int64_t C = m->dim, nh = m->n_heads, hs = m->head_dim;
     float *x = m->x, *x_norm = m->x_norm, *y = m->y, *qkv = m->qkv, *h = m->h;
@@ -429,4 +449,6 @@ void gptlab_decode_step(const Model *m, int64_t token, int64_t slot, const float
         for (int64_t i = 0; i < m->head.n_out; i++)
             logits[i] = m->softcap * (2.0f / (1.0f + fast_exp(-2.0f * logits[i] / m->softcap)) - 1.0f);
     }
+    if (best)
+        *best = best_logit(logits, m->head.n_out, banned);
 }

@@ -215,6 +215,7 @@ class NativeDecodeStep:
         self.struct_ref = ctypes.byref(self.struct)
         self.bound: KVCache | None = None
         self.vocab, self.seq_len = model.lm_head.out_features, config.seq_len
+        self.bans = torch.Size([self.vocab]), torch.bool  # the banned ids the C step reads: one byte an id
 
     def _bind(self, cache: KVCache) -> None:
         """Point every layer at `cache`'s keys and values (one row: (L, 1, nh, max_len, hs))."""
@@ -229,10 +230,12 @@ class NativeDecodeStep:
             self.struct.scores = self.scores.data_ptr()
         self.bound = cache
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) of the token ids (B,) that follow each row's cached slots, as DecodeStep's."""
-        if len(ids) != 1 or cache.pad is not None or cache.keys.dtype != torch.float32:
-            return self.fallback(ids, cache)
+    def _takes(self, ids: torch.Tensor, cache: KVCache) -> bool:
+        """Whether this call is one the C step computes: one unpadded row, a float32 cache."""
+        return len(ids) == 1 and cache.pad is None and cache.keys.dtype == torch.float32
+
+    def _run(self, ids: torch.Tensor, cache: KVCache, banned: torch.Tensor | None, best: torch.Tensor | None):
+        """The step in C for one row: returns its logits (1, V); the greedy choice into `best` if given."""
         if cache is not self.bound:
             self._bind(cache)
         slot = cache.length
@@ -242,9 +245,25 @@ class NativeDecodeStep:
         logits = torch.empty(1, self.vocab, dtype=torch.float32)
         rows = self.positions, self.cos, self.sin  # this slot's row of each table, or None
         position, cos, sin = (table and table[0] + slot * table[1] for table in rows)
-        self.step(self.struct_ref, ids.item(), slot, position, cos, sin, logits.data_ptr())
+        banned, best = _pointer(banned), _pointer(best)
+        self.step(self.struct_ref, ids.item(), slot, position, cos, sin, logits.data_ptr(), banned, best)
         cache.advance(1)
         return logits
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) of the token ids (B,) that follow each row's cached slots, as DecodeStep's."""
+        return self._run(ids, cache, None, None) if self._takes(ids, cache) else self.fallback(ids, cache)
+
+    def greedy(self, ids: torch.Tensor, cache: KVCache, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """The next id (B,) of each row after `ids`: the largest of __call__'s logits with the
+        `banned` ids (V,) bool excluded. For one row, the C step finds it while the logits are
+        still in the processor's cache, which spares PyTorch's operations on them."""
+        if not self._takes(ids, cache) or (banned is not None and (banned.shape, banned.dtype) != self.bans):
+            logits = self(ids, cache)
+            return (logits if banned is None else logits.masked_fill(banned, float("-inf"))).max(dim=-1).indices
+        best = torch.empty(1, dtype=torch.long)
+        self._run(ids, cache, None if banned is None else banned.contiguous(), best)
+        return best
 
 
 def decodes_natively(model: nn.Module) -> bool:
@@ -301,7 +320,7 @@ def native_library() -> ctypes.CDLL | None:
             continue
         library.gptlab_decode_step.restype = None
         library.gptlab_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64]
-        library.gptlab_decode_step.argtypes += [ctypes.c_void_p] * 4
+        library.gptlab_decode_step.argtypes += [ctypes.c_void_p] * 6
         library.gptlab_product.restype = None
         library.gptlab_product.argtypes = [ctypes.POINTER(_Matrix), *[ctypes.c_void_p] * 3, ctypes.c_int64]
         return library
