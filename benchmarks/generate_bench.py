@@ -183,16 +183,42 @@ def bits_per_byte(model: GPT, dataset, batches: int, batch_size: int = 8) -> flo
     return nats / tokens / math.log(2) / dataset.bytes_per_token
 
 
-def int8_quality(checkpoint: str, val_data: str, batches: int) -> tuple[float, float]:
-    """Validation bits per byte of a trained GPT checkpoint in fp32 and with int8 weights."""
+@torch.inference_mode()
+def stepwise_bits_per_byte(model: GPT, dataset, windows: int) -> float:
+    """Bits per byte over the first `windows` windows as decoding computes them: each window's
+    first token by a forward pass, every next one by the model's decoding step after the KV cache
+    (for one row on a CPU: the C step, with its own products and roundings)."""
+    from gptlab.data import iterate_batches
+
+    step, nats, tokens = native_step.decode_step(model), 0.0, 0
+    for i, (x, y) in enumerate(iterate_batches(dataset, 1, shuffle=False, seed=0, epoch=0)):
+        if i >= windows:
+            break
+        cache = model.new_kv_cache(1)
+        logits = [model(x[:, :1], kv_cache=cache, last_only=True)[0][:, -1]]
+        logits += [step(x[:, t], cache) for t in range(1, x.size(1))]
+        nats += F.cross_entropy(torch.cat(logits), y[0], reduction="sum").item()
+        tokens += y.numel()
+    return nats / tokens / math.log(2) / dataset.bytes_per_token
+
+
+def int8_quality(checkpoint: str, val_data: str, batches: int, windows: int) -> tuple[str, str]:
+    """Validation bits per byte of a trained GPT checkpoint in fp32 and with int8 weights: over
+    `batches` batches of 8 windows by forward passes, and over the first `windows` windows also
+    decoded token by token (where int8's C step rounds inputs after its own float arithmetic)."""
     from gptlab.data import TokenDataset, resolve_data
     from gptlab.training import load_model
 
     model, tokenizer, _ = load_model(checkpoint, "cpu")
     dataset = TokenDataset(resolve_data(val_data, tokenizer, progress=False), model.config.seq_len)
-    fp32 = bits_per_byte(model, dataset, batches)
-    int8 = bits_per_byte(ready_for_generation(model, torch.qint8), dataset, batches)
-    return fp32, int8
+    fp32, fp32_few = bits_per_byte(model, dataset, batches), bits_per_byte(model, dataset, windows, batch_size=1)
+    int8_model = ready_for_generation(model, torch.qint8)
+    int8, int8_few = bits_per_byte(int8_model, dataset, batches), bits_per_byte(int8_model, dataset, windows, 1)
+    decoded = stepwise_bits_per_byte(int8_model, dataset, windows)
+    step = "C step" if decodes_natively(int8_model) else "DecodeStep"
+    change = f"bpb {fp32:.4f} -> {int8:.4f} ({(int8 / fp32 - 1) * 100:+.2f}%)"
+    few = f"fp32 {fp32_few:.4f}, int8 forward {int8_few:.4f}, int8 decoded by the {step} {decoded:.4f}"
+    return change, f"{change}; first {windows} windows: {few}"
 
 
 def layout_table(model: GPT) -> str:
@@ -230,6 +256,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained GPT .pth: int8's change in validation bits per byte")
     parser.add_argument("--val_data", default="data/shakespeare/val.txt", help="validation text for --checkpoint")
     parser.add_argument("--val_batches", type=int, default=40, help="batches of 8 windows for the bits per byte")
+    parser.add_argument("--val_windows", type=int, default=16, help="windows also decoded token by token in int8")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -238,9 +265,8 @@ def main() -> None:
 
     quality = "-"
     if args.checkpoint and "int8" in args.dtypes:
-        fp32_bpb, int8_bpb = int8_quality(args.checkpoint, args.val_data, args.val_batches)
-        quality = f"bpb {fp32_bpb:.4f} -> {int8_bpb:.4f} ({(int8_bpb / fp32_bpb - 1) * 100:+.2f}%)"
-        print(f"int8 quality on {args.checkpoint}, {args.val_data}: {quality}\n")
+        quality, details = int8_quality(args.checkpoint, args.val_data, args.val_batches, args.val_windows)
+        print(f"int8 quality on {args.checkpoint}, {args.val_data}: {details}\n")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
         f"{torch.get_num_threads()} thread(s); batch 1, 1-token prompt, greedy, n_positions {POSITIONS}\n"

@@ -13,12 +13,17 @@ other rows of its batch, and a prompt read in one pass would not give what decod
 token gives. Int8Linear makes the quantization per row: each row is divided by its largest
 magnitude, and two extra inputs with the values +1 and -1 (whose weights are 0) pin every
 row's range to exactly [-1, 1]. The product is then scaled back row by row. A row's result is
-the same alone or in any batch, and the KV cache's step-by-step logits equal a full forward's.
+the same alone or in any batch. Decoding with the KV cache gives a full forward's logits while
+every input rounds the same way in both; but each input is rounded to 7 bits, and a step computes
+its norms and attention in other shapes than a full forward, so a last-bit difference can move a
+value across a rounding boundary and the logits by up to ~0.4 from there on. Over 255-token
+windows of a trained 4 x 256 model, a third (the C step) to a half (DecodeStep) of the steps
+differed so from the full forward, with the same bits per byte (BENCHMARKS.md, int8 in the C step).
 
 Decoding one row, the C step (native_step.c) computes these products itself, from a plain int8
-copy of the weights (a quarter of float32's memory more), rounding its inputs as fbgemm does: the
-prompt read here and the tokens decoded there agree to float rounding; 2 to 8 times the speed of
-fbgemm in DecodeStep at batch 1 on our Xeon (BENCHMARKS.md).
+copy of the weights (a quarter of float32's memory more), rounding each input exactly as fbgemm
+does (tests/test_native_step.py): its products equal Int8Linear's to float rounding for the same
+input; 2 to 8 times the speed of fbgemm in DecodeStep at batch 1 on our Xeon (BENCHMARKS.md).
 """
 
 from __future__ import annotations
