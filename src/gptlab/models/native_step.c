@@ -140,8 +140,8 @@ static void float_product(const Matrix *m, const float *x, float *y, int64_t thr
  * with two marker inputs, +1 and -1, whose weights are 0: the range is [-1, 1] exactly, for which
  * fbgemm's 7-bit parameters are a step of 2/127 and a zero point of 64. It rounds the fused
  * multiply-add x / step + 64 (by the step's inverse) to the nearest integer, ties to even: 0..128.
- * Done the same way here, the integer sums are fbgemm's exactly, so a prompt read by Int8Linear and
- * the tokens decoded here agree to float rounding (tests/test_native_step.py checks it on ties). */
+ * Done the same way here, the integer sums are fbgemm's exactly: for the same input, a product here
+ * equals Int8Linear's to float rounding (tests/test_native_step.py checks it on ties). */
 #define INT8_ZERO_POINT 64
 
 /* xq = x quantized as above; returns the row's largest magnitude (its scale). */

@@ -15,7 +15,8 @@ quantized exactly as fbgemm quantizes them for Int8Linear, with integer sums on 
 AVX2), LayerNorm or RMSNorm, GELU, ReLU² or SwiGLU, learned, sinusoidal or rotary positions,
 QK-norm, a soft cap. It computes one unpadded row; any other call (a batch, left-padded rows) goes
 to the DecodeStep it holds. Its logits equal DecodeStep's up to float rounding
-(tests/test_native_step.py).
+(tests/test_native_step.py; in int8, while every input rounds to the same 7 bits: models/int8.py).
+For greedy decoding it also picks the token (NativeDecodeStep.greedy).
 """
 
 from __future__ import annotations
