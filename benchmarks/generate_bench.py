@@ -313,9 +313,7 @@ def main() -> None:
             # Same weights, greedy: the paths agree unless float rounding flips a near-tie.
             same = quality if hf is None else f"{sum(a == b for a, b in zip(ours_tokens, timed['hf'][1]))}/{n}"
             floor = linear_floor_tokens_per_s(eager_model)  # PyTorch's products in the layouts measured fastest
-            eager = "-"
-            if native:
-                eager = f"{n / timed['eager'][0]:,.0f}"
+            eager = f"{n / timed['eager'][0]:,.0f}" if native else "-"
             hf_cell = f"{hf_tok_s:,.0f}" if hf_tok_s else "-"
             ratio = f"{hf_tok_s and n / ours_s / hf_tok_s:.2f}x" if hf_tok_s else "-"
             print(

@@ -83,7 +83,6 @@ def generate_token_ids(
     # as it writes them, which spares PyTorch's operations on the logits (a tenth of a small model's step).
     picks_in_step = isinstance(one_token, NativeDecodeStep) and is_greedy(cfg) and seen is None
     next_ids = None  # (B,) when the step chose them; else they are sampled from `logits`
-    end = longest  # tokens in each of `texts`
     for step in range(cfg.max_new_tokens):
         if next_ids is None:
             if banned is not None:
@@ -94,7 +93,6 @@ def generate_token_ids(
         picked = next_ids.tolist()  # the step's only host-device sync
         for text, token in zip(texts, picked):
             text.append(token)
-        end += 1
         yield picked
         if step + 1 == cfg.max_new_tokens:
             return
@@ -106,7 +104,8 @@ def generate_token_ids(
             else:
                 logits, next_ids = _last_logits(model, next_ids[:, None], cache), None
         else:
-            cache.reset(pad=(pad - (end - keep)).clamp(min=0))  # rows' padding left in the window
+            dropped = len(texts[0]) - keep  # every row's text is as long: prompts were padded to one length
+            cache.reset(pad=(pad - dropped).clamp(min=0))  # rows' padding left in the window
             window = torch.tensor([text[-keep:] for text in texts], device=device)
             logits, next_ids = _last_logits(model, window, cache), None
 
@@ -256,11 +255,11 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
     On CPU in float32, a GPT that the decoding step in C takes (gptlab.models.native_step, built
     here the first time) keeps nn.Linear layers, each matrix shape stored in the memory order in
     which whole native steps measured fastest (gptlab.models.native_layout; under half a second,
-    and not at all for a model whose steps are too slow to time). Any other model's nn.Linear layers become MatVecLinears (gptlab.models.matvec) on the same
-    parameters, and each matrix shape gets the way of computing one row's product that measured
-    fastest on this machine (gptlab.models.layout_choice; a few milliseconds per shape, once per
-    process). The results equal nn.Linear's up to float rounding. bf16 kernels prefer the usual
-    layout. torch.qint8 (`--dtype int8`, a GPT on CPU) replaces each nn.Linear by an Int8Linear
+    and not at all for a model whose steps are too slow to time). Any other model's nn.Linear
+    layers become MatVecLinears (gptlab.models.matvec) on the same parameters, and each matrix
+    shape gets the way of computing one row's product that measured fastest on this machine
+    (gptlab.models.layout_choice; a few milliseconds per shape, once per process). The results
+    equal nn.Linear's up to float rounding. bf16 kernels prefer the usual layout. torch.qint8 (`--dtype int8`, a GPT on CPU) replaces each nn.Linear by an Int8Linear
     (gptlab.models.int8): int8 weights, inputs quantized per row, decoded by the C step where it
     takes the model; that model is for generation only. Dropout layers with p = 0 are removed (one
     call less each per layer and token).
