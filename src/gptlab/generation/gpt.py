@@ -259,10 +259,11 @@ def ready_for_generation(model: nn.Module, dtype: torch.dtype = torch.float32) -
     layers become MatVecLinears (gptlab.models.matvec) on the same parameters, and each matrix
     shape gets the way of computing one row's product that measured fastest on this machine
     (gptlab.models.layout_choice; a few milliseconds per shape, once per process). The results
-    equal nn.Linear's up to float rounding. bf16 kernels prefer the usual layout. torch.qint8 (`--dtype int8`, a GPT on CPU) replaces each nn.Linear by an Int8Linear
-    (gptlab.models.int8): int8 weights, inputs quantized per row, decoded by the C step where it
-    takes the model; that model is for generation only. Dropout layers with p = 0 are removed (one
-    call less each per layer and token).
+    equal nn.Linear's up to float rounding. bf16 kernels prefer the usual layout. torch.qint8
+    (`--dtype int8`, a GPT on CPU) replaces each nn.Linear by an Int8Linear (gptlab.models.int8):
+    int8 weights, inputs quantized per row, decoded by the C step where it takes the model; that
+    model is for generation only. Dropout layers with p = 0 are removed (one call less each per
+    layer and token).
     The model is changed in place; in float types it still trains and saves as before.
     """
     on_cpu = next(model.parameters()).device.type == "cpu"
